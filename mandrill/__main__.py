@@ -1,0 +1,5 @@
+"""``python -m mandrill``."""
+
+from mandrill.cli import main
+
+raise SystemExit(main())

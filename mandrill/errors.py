@@ -1,0 +1,31 @@
+"""The exceptions mandrill raises, named by meaning so that callers can catch them."""
+
+from __future__ import annotations
+
+
+class MandrillError(Exception):
+    """Base of every error mandrill raises on purpose."""
+
+
+class ConfigError(MandrillError):
+    """A flag, environment variable or config file value is invalid (exit code 2)."""
+
+
+class InvalidMessage(MandrillError):
+    """A message payload cannot be processed; ``reason`` says why, in one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RestartFailed(MandrillError):
+    """A host restart did not succeed; the message is nacked so that it is redelivered."""
+
+
+class SourceError(MandrillError):
+    """The message source is gone past its retries, or refuses us for good (403, 404)."""
+
+
+class LedgerError(MandrillError):
+    """The ledger cannot be reached or written."""

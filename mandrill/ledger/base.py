@@ -1,0 +1,103 @@
+"""What a ledger is: the record of every message and every restart decision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from anyio.abc import TaskStatus
+
+from mandrill.message import Delivery, Message
+from mandrill.policy import Decision, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A decision on one message; ``restart_id`` names the ledger row to finish."""
+
+    decision: Decision
+    restart_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    hostname: str
+    message_id: str
+    decided_at: float
+    finished_at: float | None
+    outcome: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class SavedMessage:
+    """A message as first saved, for replay; ``status`` is ``received`` or ``dead_letter``."""
+
+    message_id: str
+    data: bytes
+    attributes: dict[str, str]
+    hostname: str | None
+    first_seen: float
+    status: str
+    reason: str
+
+
+class Ledger(Protocol):
+    """The source of truth for what was restarted, shared by every daemon on a subscription.
+
+    Writes are batched by :meth:`run`, which must be running (in the service's task group)
+    for the other coroutines to complete. Every method raises
+    :class:`~mandrill.errors.LedgerError` when the ledger cannot be reached.
+    """
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        """Commit queued writes in batches until cancelled, then flush what is queued."""
+        ...
+
+    async def save(self, message: Message, now: float) -> None:
+        """Record a message (history and replay); a redelivery counts its deliveries."""
+        ...
+
+    async def claim(
+        self, message: Message, now: float, min_interval: float, stale_after: float
+    ) -> Claim:
+        """Decide atomically (across daemons) whether this message restarts its host."""
+        ...
+
+    async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
+        """Record a decision taken before the claim (a safety control's skip)."""
+        ...
+
+    async def finish(self, restart_id: int, now: float, outcome: Outcome, detail: str) -> None:
+        """Record how a claimed restart ended."""
+        ...
+
+    async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:
+        """Keep a delivery that will never be processed, with the reason."""
+        ...
+
+    async def history(
+        self, *, hostname: str | None = None, since: float | None = None, limit: int = 100
+    ) -> list[HistoryRow]:
+        """Latest decisions first."""
+        ...
+
+    async def saved_messages(
+        self,
+        *,
+        hostname: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        status: str | None = None,
+    ) -> list[SavedMessage]:
+        """Messages as saved, oldest first, for replay."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """Messages and decisions by outcome, for summaries and tests."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+__all__ = ["Claim", "HistoryRow", "Ledger", "SavedMessage"]

@@ -1,0 +1,73 @@
+"""SQLite: the embedded default ledger (one file, or ``:memory:``)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from mandrill.errors import LedgerError
+from mandrill.ledger import sql
+from mandrill.ledger.batch import Op
+from mandrill.ledger.store import SQLLedger
+
+T = TypeVar("T")
+
+#: A write waits this long for another process's lock before the batch fails.
+BUSY_TIMEOUT_MS = 5000
+
+DIALECT = sql.Dialect(
+    name="sqlite",
+    placeholder="?",
+    blob_type="BLOB",
+    id_column="INTEGER PRIMARY KEY AUTOINCREMENT",
+    # BEGIN IMMEDIATE already locks the whole database for the batch.
+    lock_host=lambda cur, host: None,
+)
+
+
+class SQLiteDatabase:
+    def __init__(self, path: str) -> None:
+        # Used from anyio's worker threads, one at a time (the Batcher's limiter).
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if path != ":memory:":
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        for statement in sql.schema(DIALECT):
+            self._conn.execute(statement)
+
+    def run_batch(self, ops: list[Op[Any]]) -> None:
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                cur.execute("SAVEPOINT op")
+                try:
+                    op.result = op.fn(cur)
+                except Exception as exc:
+                    cur.execute("ROLLBACK TO op")
+                    op.error = LedgerError(f"ledger write failed: {exc}")
+                cur.execute("RELEASE op")
+            cur.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            raise
+
+    def run_query(self, fn: Callable[[Any], T]) -> T:
+        return fn(self._conn.cursor())
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+async def open_sqlite_ledger(path: str, *, outage_limit: float = float("inf")) -> SQLLedger:
+    """Open (and create) a SQLite ledger; raises :class:`LedgerError` if it cannot."""
+    try:
+        db = await anyio.to_thread.run_sync(SQLiteDatabase, path)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"cannot open SQLite ledger {path!r}: {exc}") from exc
+    return SQLLedger(db, DIALECT, outage_limit=outage_limit)

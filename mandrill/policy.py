@@ -1,0 +1,134 @@
+"""The decisions, as pure functions: restart or skip, and how to settle a delivery.
+
+Nothing here does I/O or reads a clock; callers pass in what the ledger knows and the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """What the ledger records for one restart decision of one message."""
+
+    RESTARTING = "restarting"  # claimed, restart under way
+    RESTARTED = "restarted"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # shutdown cancelled the restart; the message was nacked
+    SKIPPED = "skipped"
+    DRY_RUN = "dry_run"
+
+
+#: Outcomes after which a redelivered message is a duplicate and is acked without a restart.
+FINAL_OUTCOMES = frozenset({Outcome.RESTARTED, Outcome.SKIPPED, Outcome.DRY_RUN})
+
+
+class Verdict(StrEnum):
+    RESTART = "restart"
+    SKIP = "skip"  # the host must not be restarted now (interval rule, safety control)
+    DUPLICATE = "duplicate"  # this message was already decided
+    BUSY = "busy"  # another worker (maybe another daemon) is restarting for this message now
+
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """What the ledger knows before deciding on one message."""
+
+    #: ``(outcome, decided_at)`` of this message's earlier decisions.
+    message_decisions: Sequence[tuple[Outcome, float]] = ()
+    #: When the host was last restarted, or a live claim on it began (epoch seconds).
+    host_last_restart: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reason: str
+    #: Earlier failed restarts of this message (for the poison-message limit).
+    failures: int = 0
+
+
+def decide_restart(prior: Prior, now: float, min_interval: float, stale_after: float) -> Decision:
+    """Restart, skip, or recognise a duplicate.
+
+    A ``RESTARTING`` claim older than ``stale_after`` seconds belongs to a daemon that died
+    mid-restart and no longer counts as live.
+    """
+    failures = 0
+    for outcome, decided_at in prior.message_decisions:
+        if outcome in FINAL_OUTCOMES:
+            return Decision(Verdict.DUPLICATE, f"already {outcome.value}", failures)
+        if outcome is Outcome.RESTARTING and now - decided_at < stale_after:
+            return Decision(Verdict.BUSY, "a restart for this message is under way", failures)
+        if outcome is Outcome.FAILED:
+            failures += 1
+    last = prior.host_last_restart
+    if last is not None and now - last < min_interval:
+        ago = format_duration(now - last)
+        return Decision(Verdict.SKIP, f"host restarted {ago} ago", failures)
+    return Decision(Verdict.RESTART, "", failures)
+
+
+class Settlement(StrEnum):
+    ACK = "ack"
+    NACK = "nack"
+    DEAD_LETTER = "dead_letter"
+
+
+class Result(StrEnum):
+    """How the work on one delivery ended."""
+
+    RESTARTED = "restarted"
+    SKIPPED = "skipped"
+    DUPLICATE = "duplicate"
+    BUSY = "busy"
+    RESTART_FAILED = "restart_failed"
+    INVALID = "invalid"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"
+    DRY_RUN = "dry_run"
+
+
+def settlement_for(result: Result, failures: int, max_attempts: int) -> Settlement:
+    """Ack what is done, nack what may succeed later, dead-letter what never will.
+
+    ``failures`` counts failed restarts of this message including the current one.
+    """
+    if result is Result.INVALID:
+        return Settlement.DEAD_LETTER
+    if result is Result.RESTART_FAILED:
+        return Settlement.DEAD_LETTER if failures >= max_attempts else Settlement.NACK
+    if result in (Result.BUSY, Result.LEDGER_UNAVAILABLE):
+        return Settlement.NACK
+    return Settlement.ACK
+
+
+def leases_due(
+    leases: Sequence[tuple[str, float, float]], now: float, margin: float, max_lease: float
+) -> tuple[list[str], list[str]]:
+    """Split held leases ``(ack_id, expires_at, held_since)`` into (extend, give up).
+
+    A lease is due when it expires within ``margin``; one held longer than ``max_lease`` is
+    not extended any more, so the source will redeliver it.
+    """
+    extend: list[str] = []
+    give_up: list[str] = []
+    for ack_id, expires_at, held_since in leases:
+        if expires_at - now > margin:
+            continue
+        (give_up if now - held_since >= max_lease else extend).append(ack_id)
+    return extend, give_up
+
+
+def format_duration(seconds: float) -> str:
+    """``90061`` → ``'1d 1h 1m 1s'``; for humans, in logs and skip reasons."""
+    whole = int(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        count, whole = divmod(whole, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    if whole or not parts:
+        parts.append(f"{whole}s")
+    return " ".join(parts)

@@ -1,0 +1,44 @@
+"""What a message source is: pull deliveries, settle them by ack id, dead-letter bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from mandrill.message import Delivery
+
+
+class Source(Protocol):
+    """A subscription to pull from, with Pub/Sub's settlement semantics.
+
+    Implementations chunk requests to their transport's size limits themselves and retry
+    transient failures; they raise :class:`~mandrill.errors.SourceError` once a failure
+    is permanent or retries are exhausted. They never drop an ack id silently.
+    """
+
+    #: Seconds a pulled delivery stays leased before the source redelivers it.
+    ack_deadline: float
+
+    async def pull(self, max_messages: int) -> Sequence[Delivery]:
+        """Wait for up to ``max_messages`` deliveries; may return ``[]`` after a long poll."""
+        ...
+
+    async def acknowledge(self, ack_ids: Sequence[str]) -> None:
+        """Settle deliveries as done."""
+        ...
+
+    async def modify_ack_deadline(self, ack_ids: Sequence[str], seconds: int) -> None:
+        """Extend the lease of deliveries to ``seconds`` from now; 0 nacks them."""
+        ...
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Send a delivery that will never succeed to the dead-letter topic, if any."""
+        ...
+
+
+class Topic(Protocol):
+    """Somewhere to publish messages (the talk's publisher, replay, the dead-letter topic)."""
+
+    async def publish(self, messages: Sequence[tuple[bytes, Mapping[str, str]]]) -> list[str]:
+        """Publish ``(data, attributes)`` pairs; returns their message ids."""
+        ...
