@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,8 +55,10 @@ class Ledger(Protocol):
         """Commit queued writes in batches until cancelled, then flush what is queued."""
         ...
 
-    async def save(self, message: Message, now: float) -> None:
-        """Record a message (history and replay); a redelivery counts its deliveries."""
+    def save(self, message: Message, now: float) -> Awaitable[None]:
+        """Queue a message's record (history and replay); await the result to learn if it
+        was committed. Queued at call time, so it commits in the same batch as a claim made
+        right after it. A redelivery counts its deliveries."""
         ...
 
     async def claim(

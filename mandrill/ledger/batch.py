@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
@@ -24,15 +24,31 @@ FINAL_FLUSH_SECONDS = 5.0
 
 
 class Op(Generic[T]):
-    """One queued operation: a function of a cursor, its result or error, and when it is done."""
+    """One queued operation: a function of a cursor, its result or error, and when it is done.
 
-    __slots__ = ("done", "error", "fn", "result")
+    Awaiting an op waits for its batch and returns its result or raises its error.
+    ``key`` names the lock the op takes that other processes also take (``host:…``,
+    ``message:…``; empty for none): a database whose batches lock rows or hosts runs a
+    batch's ops in key order, so that two processes never wait for each other.
+    """
 
-    def __init__(self, fn: Callable[[Any], T]) -> None:
+    __slots__ = ("done", "error", "fn", "key", "result")
+
+    def __init__(self, fn: Callable[[Any], T], key: str = "") -> None:
         self.fn = fn
+        self.key = key
         self.result: T | None = None
         self.error: BaseException | None = None
         self.done = anyio.Event()
+
+    async def wait(self) -> T:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.wait().__await__()
 
 
 class Database(Protocol):
@@ -67,21 +83,25 @@ class Batcher:
         self._queue: list[Op[Any]] = []
         self._wakeup = anyio.Event()
         self._failing_since: float | None = None
+        self._closed = False
         # One connection, used by one thread at a time.
         self.limiter = anyio.CapacityLimiter(1)
 
-    async def submit(self, fn: Callable[[Any], T]) -> T:
-        """Queue ``fn`` for the next batch and wait for its result.
+    def submit(self, fn: Callable[[Any], T], *, key: str = "") -> Op[T]:
+        """Queue ``fn`` for the next batch; await the returned op for its result.
 
-        If the caller is cancelled the op still runs with its batch; raises ``LedgerError``.
+        The op runs with its batch even if nobody awaits it; awaiting raises ``LedgerError``.
+        ``key`` is the lock ``fn`` takes (see :class:`Op`).
         """
-        op: Op[T] = Op(fn)
+        op: Op[T] = Op(fn, key)
+        if self._closed:
+            # Nobody would ever flush it: fail now rather than leave the caller waiting.
+            op.error = LedgerError("ledger closed: its writer is not running any more")
+            op.done.set()
+            return op
         self._queue.append(op)
         self._wakeup.set()
-        await op.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result  # type: ignore[return-value]
+        return op
 
     async def query(self, fn: Callable[[Any], T]) -> T:
         """Run a read outside the batches (history, replay); no :meth:`run` needed."""
@@ -90,10 +110,15 @@ class Batcher:
         except LedgerError:
             raise
         except Exception as exc:
-            raise LedgerError(f"ledger query failed: {exc}") from exc
+            raise LedgerError(f"ledger query failed: {_one_line(exc)}") from exc
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Commit batches until cancelled; then flush what is queued, shielded and bounded."""
+        """Commit batches until cancelled; then flush what is queued, shielded and bounded.
+
+        Raises ``LedgerError`` when batches have failed for longer than ``outage_limit``.
+        Ops submitted after it returns fail at once with ``LedgerError``.
+        """
+        self._closed = False
         task_status.started()
         try:
             while True:
@@ -104,14 +129,17 @@ class Batcher:
         finally:
             with anyio.move_on_after(FINAL_FLUSH_SECONDS, shield=True):
                 while self._queue:
-                    await self._flush()
+                    await self._flush(final=True)
+            self._closed = True
             for op in self._queue:
                 op.error = LedgerError("ledger closed before this write was committed")
                 op.done.set()
+            self._queue.clear()
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, final: bool = False) -> None:
         batch = self._queue[: self._max_batch]
         del self._queue[: self._max_batch]
+        requeued = False
         try:
             await anyio.to_thread.run_sync(self._db.run_batch, batch, limiter=self.limiter)
         except Exception as exc:
@@ -119,12 +147,22 @@ class Batcher:
             for op in batch:
                 if op.error is None:
                     op.error = error
-            self._note_failure(error)
+            # Not in the final flush: raising there would skip telling the ops still queued.
+            if not final:
+                self._note_failure(error)
+        except BaseException:
+            # Cancelled before the batch reached its thread (once there it cannot be
+            # cancelled), so nothing was written: back to the queue for the final flush,
+            # rather than done with neither result nor error, which reads as success.
+            self._queue[:0] = batch
+            requeued = True
+            raise
         else:
             self._failing_since = None
         finally:
-            for op in batch:
-                op.done.set()
+            if not requeued:
+                for op in batch:
+                    op.done.set()
 
     def _note_failure(self, error: LedgerError) -> None:
         now = anyio.current_time()

@@ -49,7 +49,8 @@ class SQLiteDatabase:
                     op.result = op.fn(cur)
                 except Exception as exc:
                     cur.execute("ROLLBACK TO op")
-                    op.error = LedgerError(f"ledger write failed: {exc}")
+                    reason = " ".join(str(exc).split()) or type(exc).__name__
+                    op.error = LedgerError(f"ledger write failed: {reason}")
                 cur.execute("RELEASE op")
             cur.execute("COMMIT")
         except BaseException:

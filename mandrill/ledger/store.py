@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import anyio
-
 from anyio.abc import TaskStatus
 
 from mandrill.ledger import sql
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
-from mandrill.ledger.batch import Batcher, Database
+from mandrill.ledger.batch import Batcher, Database, Op
 from mandrill.message import Delivery, Message
 from mandrill.policy import Outcome
 
@@ -33,16 +32,19 @@ class SQLLedger:
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         await self._batcher.run(task_status=task_status)
 
-    async def save(self, message: Message, now: float) -> None:
+    def save(self, message: Message, now: float) -> Op[None]:
         d = self._dialect
-        await self._batcher.submit(lambda cur: sql.save(cur, d, message, now))
+        return self._batcher.submit(
+            lambda cur: sql.save(cur, d, message, now), key=f"message:{message.message_id}"
+        )
 
     async def claim(
         self, message: Message, now: float, min_interval: float, stale_after: float
     ) -> Claim:
         d = self._dialect
         return await self._batcher.submit(
-            lambda cur: sql.claim(cur, d, message, now, min_interval, stale_after)
+            lambda cur: sql.claim(cur, d, message, now, min_interval, stale_after),
+            key=f"host:{message.hostname}",
         )
 
     async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
@@ -57,7 +59,10 @@ class SQLLedger:
 
     async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:
         d = self._dialect
-        await self._batcher.submit(lambda cur: sql.dead_letter(cur, d, delivery, now, reason))
+        await self._batcher.submit(
+            lambda cur: sql.dead_letter(cur, d, delivery, now, reason),
+            key=f"message:{delivery.message_id}",
+        )
 
     async def history(
         self, *, hostname: str | None = None, since: float | None = None, limit: int = 100

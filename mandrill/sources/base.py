@@ -18,6 +18,8 @@ class Source(Protocol):
 
     #: Seconds a pulled delivery stays leased before the source redelivers it.
     ack_deadline: float
+    #: True when :meth:`dead_letter` keeps the delivery somewhere (a dead-letter topic).
+    keeps_dead_letters: bool
 
     async def pull(self, max_messages: int) -> Sequence[Delivery]:
         """Wait for up to ``max_messages`` deliveries; may return ``[]`` after a long poll."""

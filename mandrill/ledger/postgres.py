@@ -1,0 +1,244 @@
+"""PostgreSQL: the ledger a fleet of daemons on one subscription shares (``postgresql://``).
+
+psycopg's *synchronous* connection is used from anyio worker threads, one call at a time
+(the :class:`~mandrill.ledger.batch.Batcher`'s limiter): that works the same on asyncio and
+trio, where psycopg's async API is asyncio-only.
+
+Correctness across daemons rests on two things:
+
+* **Per-host serialisation.** :func:`lock_host` takes a transaction-scoped advisory lock
+  named after the host before a claim reads the host's restarts; the lock is released only
+  by the commit that makes the claim's ``restarting`` row visible, so a second daemon
+  deciding on the same host waits and then sees it (READ COMMITTED takes a new snapshot per
+  statement, so the statements after the lock see what committed while it waited).
+* **No deadlocks between batches.** A batch is one transaction that may take several locks:
+  host locks (claims) and ``messages`` row locks (the upserts of saves and dead letters,
+  which two daemons do when Pub/Sub redelivers a message to the other one). Two daemons
+  whose batches took the same locks in opposite orders (A then B, B then A) would deadlock;
+  PostgreSQL would notice only after ``deadlock_timeout`` and abort one op. So
+  :meth:`PostgresDatabase.run_batch` runs a batch's ops sorted by :attr:`Op.key
+  <mandrill.ledger.batch.Op.key>`, the lock each op takes (``host:…``, ``message:…``):
+  every transaction then acquires its locks in one global order, and a wait-for cycle
+  cannot form. Reordering is safe because the ops of one batch were all pending at once:
+  none was submitted after another one's result was known, so any order is one that
+  could have happened. (Committing per claim would also avoid the cycle, but would cost a
+  commit per message and would still leave the saves' row locks unordered.)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+
+from mandrill.errors import LedgerError
+from mandrill.ledger import sql
+from mandrill.ledger.batch import Op
+from mandrill.ledger.store import SQLLedger
+
+T = TypeVar("T")
+
+#: libpq settings used unless the URL gives its own. Keepalives make a query on a dead
+#: server fail within about a minute: the worker thread running it cannot be cancelled,
+#: so without them a vanished server could hold up shutdown for the kernel's ~2 hours.
+DEFAULT_PARAMS = {
+    "connect_timeout": "10",
+    "application_name": "mandrill",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+#: Unquoted identifiers only: ``search_path`` lower-cases what ``CREATE SCHEMA`` would not.
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+#: Advisory lock key prefix for hosts, so as not to collide with other applications' keys.
+_HOST_LOCK_PREFIX = "mandrill:host:"
+#: Serialises schema creation: concurrent ``CREATE TABLE IF NOT EXISTS`` of the same table
+#: can fail in PostgreSQL (a unique violation in the catalogue) when daemons start at once.
+_SCHEMA_LOCK = "mandrill:schema"
+
+
+def lock_host(cur: sql.Cursor, hostname: str) -> None:
+    """Block until this transaction holds the host's lock (released at commit or rollback)."""
+    cur.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_HOST_LOCK_PREFIX + hostname,)
+    )
+
+
+DIALECT = sql.Dialect(
+    name="postgresql",
+    placeholder="%s",
+    blob_type="BYTEA",
+    id_column="BIGSERIAL PRIMARY KEY",
+    lock_host=lock_host,
+)
+
+
+def connection_params(url: str) -> tuple[dict[str, Any], str | None]:
+    """Split a ``postgresql://`` URL into libpq parameters and the ``schema`` it names.
+
+    ``schema`` is mandrill's own query parameter (libpq rejects it); it becomes the
+    connection's ``search_path``, overriding one set in ``options``. Any other libpq
+    parameter is passed through. Raises ``ValueError`` for a bad schema name and
+    :class:`psycopg.ProgrammingError` for a URL libpq cannot parse.
+    """
+    # The other parameters go to libpq exactly as written: decoding and re-encoding them
+    # would change them (libpq reads ``+`` as a plus, urllib as a space), and a urlsplit
+    # round trip turns ``postgresql:///db`` into ``postgresql:/db``.
+    base, _, query = url.partition("?")
+    schemas: list[str] = []
+    rest: list[str] = []
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if unquote(key) == "schema":
+            schemas.append(unquote(value))
+        else:
+            rest.append(item)
+    params: dict[str, Any] = conninfo_to_dict("?".join([base, "&".join(rest)]) if rest else base)
+    for key, value in DEFAULT_PARAMS.items():
+        params.setdefault(key, value)
+    if not schemas:
+        return params, None
+    schema = schemas[-1]
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(
+            f"schema {schema!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*, ≤ 63)"
+        )
+    # libpq applies ``-c`` options in order, so the last search_path wins.
+    params["options"] = " ".join(filter(None, [params.get("options"), f"-csearch_path={schema}"]))
+    return params, schema
+
+
+class PostgresDatabase:
+    """A :class:`~mandrill.ledger.batch.Database` over one psycopg connection.
+
+    Every method blocks on the network and must run in a worker thread, one call at a time;
+    none can be cancelled part-way. A batch or query that fails because the connection broke
+    (server restarted, backend terminated) raises; the next call connects afresh, so an
+    outage costs the batches that ran into it and ends with the first one after it.
+    """
+
+    def __init__(self, url: str) -> None:
+        """Connect and create the schema if needed; raises :class:`psycopg.Error` (or
+        ``ValueError`` for a bad ``schema``) if it cannot."""
+        self._params, self._schema = connection_params(url)
+        self._conn: psycopg.Connection[TupleRow] | None = None
+        self._closed = False
+        try:
+            self._create_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def run_batch(self, ops: list[Op[Any]]) -> None:
+        conn = self._connection()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("BEGIN")
+                # Lock order: see the module docstring. sorted() is stable, so ops on one
+                # key keep the order they were queued in.
+                for op in sorted(ops, key=_lock_key):
+                    cur.execute("SAVEPOINT op")
+                    try:
+                        op.result = op.fn(cur)
+                    except Exception as exc:
+                        if conn.closed:
+                            raise  # the connection is gone: the whole batch failed
+                        cur.execute("ROLLBACK TO SAVEPOINT op")
+                        op.error = LedgerError(f"ledger write failed: {_one_line(exc)}")
+                    cur.execute("RELEASE SAVEPOINT op")
+                cur.execute("COMMIT")
+        except BaseException:
+            # The server rolls back what was not committed when the connection closes; a
+            # fresh connection for the next batch is simpler than working out whether this
+            # one is still usable (a COMMIT whose answer was lost, a broken socket).
+            self._discard()
+            raise
+
+    def run_query(self, fn: Callable[[Any], T]) -> T:
+        # Autocommit: each statement of a read is its own transaction, so no snapshot or
+        # lock outlives the call.
+        with self._connection().cursor() as cur:
+            return fn(cur)
+
+    def close(self) -> None:
+        self._closed = True
+        self._discard()
+
+    def _connection(self) -> psycopg.Connection[TupleRow]:
+        if self._closed:
+            raise LedgerError("ledger is closed")
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        self._discard()
+        self._conn = psycopg.connect(**self._params, autocommit=True)
+        return self._conn
+
+    def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _create_schema(self) -> None:
+        conn = self._connection()
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_SCHEMA_LOCK,))
+            if self._schema is not None:
+                cur.execute(
+                    pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                        pgsql.Identifier(self._schema)
+                    )
+                )
+            for statement in sql.schema(DIALECT):
+                cur.execute(statement)
+
+
+async def open_postgres_ledger(
+    url: str, *, outage_limit: float = math.inf, max_batch: int = 2000
+) -> SQLLedger:
+    """Connect to a PostgreSQL ledger, creating its tables (and schema) if missing.
+
+    ``url`` is a libpq URL, ``postgresql://user:password@host:port/dbname?param=value``;
+    every libpq parameter is accepted (``options=-csearch_path%3Dname`` among them, for a
+    schema that already exists). mandrill adds ``schema=name``: use (and create) that
+    schema, a lower-case identifier; several daemons, or tests, can thus share a database
+    without sharing a ledger. Defaults: ``connect_timeout=10``, ``application_name=mandrill``
+    and TCP keepalives (see :data:`DEFAULT_PARAMS`).
+
+    Blocks a worker thread for up to ``connect_timeout`` and is not cancellable sooner.
+    Raises :class:`LedgerError` (one line, no password) if it cannot connect or create the
+    schema.
+    """
+    try:
+        db = await anyio.to_thread.run_sync(PostgresDatabase, url)
+    except (psycopg.Error, ValueError) as exc:
+        raise LedgerError(
+            f"cannot open PostgreSQL ledger {_redact(url)}: {_one_line(exc)}"
+        ) from exc
+    return SQLLedger(db, DIALECT, max_batch=max_batch, outage_limit=outage_limit)
+
+
+def _lock_key(op: Op[Any]) -> str:
+    return op.key
+
+
+def _redact(url: str) -> str:
+    password = urlsplit(url).password
+    return url if password is None else url.replace(f":{password}@", ":***@", 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+__all__ = ["DIALECT", "PostgresDatabase", "connection_params", "lock_host", "open_postgres_ledger"]

@@ -1,0 +1,1 @@
+"""Observability: counters, logging, metrics export, debugging aids."""

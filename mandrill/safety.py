@@ -1,0 +1,250 @@
+"""Safety controls checked before any restart: which hosts, on which days and hours, how many.
+
+Pure functions over plain data (h11-style): no I/O and no clock reads; callers pass the time
+as an aware ``datetime``. The ``parse_*`` functions turn flag values into those data and
+raise ``ValueError`` with a one-line message for a bad spec. A check returns ``None`` when
+a restart may go ahead, else a one-line reason to record with the skip.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from mandrill.message import Message
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_FULL_WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_MINUTES_PER_DAY = 24 * 60
+_CLOCK = re.compile(r"^(\d{1,2}):(\d{2})$")
+
+
+# --- hosts -------------------------------------------------------------------------------
+
+
+def parse_patterns(spec: str | Iterable[str]) -> tuple[str, ...]:
+    """Host globs from ``"web-*,db-?"`` or from a list of such strings (a flag given twice).
+
+    Patterns are fnmatch globs (``*``, ``?``, ``[seq]``), matched case-insensitively against
+    a message's hostname and its instance name. Raises ``ValueError`` for an empty pattern.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    patterns: list[str] = []
+    for item in items:
+        for raw in item.split(","):
+            pattern = raw.strip().lower()
+            if not pattern:
+                raise ValueError(f"empty host pattern in {item!r}")
+            if any(char.isspace() for char in pattern):
+                raise ValueError(f"host pattern {raw.strip()!r} contains whitespace")
+            patterns.append(pattern)
+    return tuple(patterns)
+
+
+def matching_pattern(patterns: Iterable[str], message: Message) -> str | None:
+    """The first of ``patterns`` that matches the message's hostname or instance name."""
+    names = (message.hostname.lower(), message.instance_name.lower())
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(name, pattern.lower()) for name in names):
+            return pattern
+    return None
+
+
+def host_skip_reason(
+    message: Message, exclude: Iterable[str] = (), only: Iterable[str] = ()
+) -> str | None:
+    """Why the host may not be restarted: excluded (which wins), or not among ``only``."""
+    excluded_by = matching_pattern(exclude, message)
+    if excluded_by is not None:
+        return f"host excluded by pattern {excluded_by!r}"
+    only = tuple(only)
+    if only and matching_pattern(only, message) is None:
+        return f"host matches none of the allowed patterns ({', '.join(only)})"
+    return None
+
+
+# --- time windows ------------------------------------------------------------------------
+
+
+def parse_weekdays(spec: str) -> frozenset[int]:
+    """Weekdays (0 = Monday) from ``"mon-fri"``, ``"mon,wed"``, ``"sat-mon"`` (wraps), …
+
+    Names are three-letter or full English names, case-insensitive. Raises ``ValueError``.
+    """
+    days: set[int] = set()
+    for raw in spec.split(","):
+        item = raw.strip().lower()
+        if not item:
+            raise ValueError(f"empty weekday in {spec!r}")
+        first, dash, last = item.partition("-")
+        start = _weekday(first.strip(), spec)
+        end = _weekday(last.strip(), spec) if dash else start
+        days.update((start + offset) % 7 for offset in range((end - start) % 7 + 1))
+    return frozenset(days)
+
+
+def _weekday(name: str, spec: str) -> int:
+    for names in (WEEKDAYS, _FULL_WEEKDAYS):
+        if name in names:
+            return names.index(name)
+    raise ValueError(f"unknown weekday {name!r} in {spec!r}; use mon, tue, … sun")
+
+
+def format_weekdays(days: Iterable[int]) -> str:
+    """``"mon,wed,fri"``: the days in week order."""
+    return ",".join(WEEKDAYS[day] for day in sorted(days))
+
+
+@dataclass(frozen=True, slots=True)
+class HoursWindow:
+    """``[start, end)`` in minutes since midnight; ``start > end`` wraps past midnight."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.start < _MINUTES_PER_DAY and 0 <= self.end <= _MINUTES_PER_DAY):
+            raise ValueError(f"hours window {self.start}-{self.end} is out of range")
+        if self.start == self.end:
+            raise ValueError(f"hours window {self} is empty; omit it to allow all day")
+
+    def __contains__(self, minute: int) -> bool:
+        if self.start < self.end:
+            return self.start <= minute < self.end
+        return minute >= self.start or minute < self.end
+
+    def __str__(self) -> str:
+        return f"{_clock(self.start)}-{_clock(self.end)}"
+
+
+def _clock(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def parse_hours(spec: str) -> tuple[HoursWindow, ...]:
+    """Hour windows from ``"09:00-17:00"`` or ``"22:00-06:00,12:00-13:00"``.
+
+    A window includes its start and excludes its end; ``24:00`` may end one, and a window
+    whose end is earlier than its start wraps past midnight. Raises ``ValueError`` for a bad
+    time or an empty window (start equal to end).
+    """
+    windows = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        start, dash, end = item.partition("-")
+        if not dash:
+            raise ValueError(f"hours window {item!r} in {spec!r} is not HH:MM-HH:MM")
+        start_minute = _minute(start.strip(), spec, end_of_day=False)
+        end_minute = _minute(end.strip(), spec, end_of_day=True)
+        windows.append(HoursWindow(start_minute, end_minute))
+    return tuple(windows)
+
+
+def _minute(text: str, spec: str, *, end_of_day: bool) -> int:
+    match = _CLOCK.match(text)
+    if match is None:
+        raise ValueError(f"time {text!r} in {spec!r} is not HH:MM")
+    hours, minutes = int(match[1]), int(match[2])
+    if end_of_day and (hours, minutes) == (24, 0):
+        return _MINUTES_PER_DAY
+    if hours > 23 or minutes > 59:
+        raise ValueError(f"time {text!r} in {spec!r} is not a time of day")
+    return hours * 60 + minutes
+
+
+def parse_timezone(name: str) -> tzinfo:
+    """The IANA zone ``name`` (``"Europe/Paris"``, ``"UTC"``). Reads the zone database once;
+    raises ``ValueError`` for an unknown name."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """When restarts are allowed: on ``weekdays`` (all if ``None``) during ``hours`` (all
+    day if empty), in the zone ``tz``.
+
+    Like chaoskube, each check uses the weekday of the moment checked: with ``fri`` and
+    ``22:00-06:00``, Saturday 01:00 is outside the window.
+    """
+
+    weekdays: frozenset[int] | None = None
+    hours: tuple[HoursWindow, ...] = ()
+    tz: tzinfo = field(default_factory=lambda: ZoneInfo("UTC"))
+
+    def skip_reason(self, now: datetime) -> str | None:
+        """Why ``now`` (aware) is outside the window; ``ValueError`` if ``now`` is naive."""
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError("the time checked against a window must be timezone-aware")
+        local = now.astimezone(self.tz)
+        zone = str(self.tz)
+        if self.weekdays is not None and local.weekday() not in self.weekdays:
+            allowed = format_weekdays(self.weekdays)
+            return f"outside allowed days ({allowed} {zone}): it is {WEEKDAYS[local.weekday()]}"
+        minute = local.hour * 60 + local.minute
+        if self.hours and not any(minute in window for window in self.hours):
+            allowed = ",".join(map(str, self.hours))
+            return f"outside allowed hours ({allowed} {zone}): it is {local:%H:%M}"
+        return None
+
+
+# --- fleet rate limit --------------------------------------------------------------------
+
+
+def rate_limited(restarts_in_window: int, limit: int | None) -> bool:
+    """True if ``restarts_in_window`` restarts already use up ``limit`` (``None``: no limit)."""
+    return limit is not None and restarts_in_window >= limit
+
+
+# --- all together ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SafetyControls:
+    """Every safety control, as configured once at start-up.
+
+    ``dry_run`` is carried, not checked: the worker decides as usual and records a dry-run
+    outcome instead of restarting. ``rate_limit`` restarts per ``rate_window`` seconds
+    across the fleet (``None``: unlimited) is checked by the worker with the ledger's count,
+    through :meth:`rate_limit_reason`.
+    """
+
+    exclude: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
+    window: TimeWindow | None = None
+    dry_run: bool = False
+    rate_limit: int | None = None
+    rate_window: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.rate_limit is not None and self.rate_limit < 0:
+            raise ValueError(f"rate limit must be >= 0, not {self.rate_limit}")
+        if not self.rate_window > 0:
+            raise ValueError(f"rate window must be > 0 seconds, not {self.rate_window}")
+
+    def skip_reason(self, message: Message, now: datetime) -> str | None:
+        """Why this message's host must not be restarted at ``now`` (aware), or ``None``.
+
+        Host patterns first, then the time window. Raises ``ValueError`` for a naive ``now``
+        when a window is set.
+        """
+        reason = host_skip_reason(message, self.exclude, self.only)
+        if reason is None and self.window is not None:
+            reason = self.window.skip_reason(now)
+        return reason
+
+    def rate_limit_reason(self, restarts_in_window: int) -> str | None:
+        """Why the fleet may not restart another host now, given the ledger's count of
+        restarts in the last ``rate_window`` seconds, or ``None``."""
+        if not rate_limited(restarts_in_window, self.rate_limit):
+            return None
+        return (
+            f"fleet rate limit: {restarts_in_window} restarts in the last "
+            f"{self.rate_window:g}s (limit {self.rate_limit})"
+        )

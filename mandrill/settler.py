@@ -1,0 +1,104 @@
+"""Settlement in batches: acks and nacks are queued by workers and sent by one task.
+
+Nothing queued is ever dropped: a failed request is retried by the source, and a source
+that gives up raises, which stops the service (whose shutdown flushes again).
+"""
+
+from __future__ import annotations
+
+
+import anyio
+from anyio.abc import TaskStatus
+
+from mandrill.holdings import Holdings
+from mandrill.message import Delivery
+from mandrill.obs.counters import Counters
+from mandrill.sources.base import Source
+
+#: Most ack ids sent per request by the settler (sources chunk further if they must).
+MAX_BATCH = 1000
+#: How long a settlement may wait for batch-mates; bounds publish → settle latency.
+MAX_DELAY = 0.01
+
+
+class Settler:
+    def __init__(
+        self,
+        source: Source,
+        holdings: Holdings,
+        counters: Counters,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_delay: float = MAX_DELAY,
+    ) -> None:
+        self._source = source
+        self._holdings = holdings
+        self._counters = counters
+        self._max_batch = max_batch
+        self._max_delay = max_delay
+        self._acks: list[str] = []
+        self._nacks: list[str] = []
+        self._pending = anyio.Event()
+        self._full = anyio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self._acks) + len(self._nacks)
+
+    def ack(self, delivery: Delivery) -> None:
+        """Queue an ack (never blocks)."""
+        self._holdings.release(delivery.ack_id)
+        self._acks.append(delivery.ack_id)
+        self._counters.acked += 1
+        self._queued()
+
+    def nack(self, delivery: Delivery) -> None:
+        """Queue a nack: the source redelivers the message at once (never blocks)."""
+        self._holdings.release(delivery.ack_id)
+        self._nacks.append(delivery.ack_id)
+        self._counters.nacked += 1
+        self._queued()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Send queued settlements until cancelled, then flush (shielded, caller-bounded).
+
+        Raises :class:`~mandrill.errors.SourceError` if the source gives up.
+        """
+        task_status.started()
+        try:
+            while True:
+                await self._pending.wait()
+                with anyio.move_on_after(self._max_delay):
+                    await self._full.wait()
+                await self.flush()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything queued now. Bounded only by the source's own retries: callers
+        at shutdown wrap it in ``move_on_after``."""
+        self._pending = anyio.Event()
+        self._full = anyio.Event()
+        while self._acks or self._nacks:
+            acks, self._acks = self._acks[: self._max_batch], self._acks[self._max_batch :]
+            nacks, self._nacks = self._nacks[: self._max_batch], self._nacks[self._max_batch :]
+            try:
+                if acks:
+                    await self._source.acknowledge(acks)
+                    acks = []
+                if nacks:
+                    await self._source.modify_ack_deadline(nacks, 0)
+                    nacks = []
+            finally:
+                # Put back whatever was not sent (cancelled or failed): never drop an ack id.
+                self._acks[:0] = acks
+                self._nacks[:0] = nacks
+
+    def _queued(self) -> None:
+        self._pending.set()
+        if self.pending >= self._max_batch:
+            self._full.set()
+
+
+__all__ = ["MAX_BATCH", "MAX_DELAY", "Settler"]

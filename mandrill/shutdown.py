@@ -1,0 +1,57 @@
+"""Shutdown requests: from signals, from ``--count`` being reached, or from a test."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import anyio
+from anyio.abc import TaskStatus
+
+log = logging.getLogger(__name__)
+
+#: Signals that stop the daemon gracefully; any other keeps its default behaviour.
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Shutdown:
+    """Two stages: ``requested`` starts the graceful stop, ``forced`` skips the grace."""
+
+    def __init__(self) -> None:
+        self.requested = anyio.Event()
+        self.forced = anyio.Event()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        if not self.requested.is_set():
+            self.reason = reason
+            self.requested.set()
+
+    def force(self, reason: str) -> None:
+        self.request(reason)
+        self.forced.set()
+
+
+async def watch_signals(
+    shutdown: Shutdown, grace: float, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Turn SIGINT/SIGTERM/SIGHUP into shutdown requests; the second one forces.
+
+    Installing our own SIGINT handler makes both backends behave alike: trio would
+    otherwise raise ``KeyboardInterrupt`` wherever the program is, asyncio cancel the
+    main task. Ready (handlers installed) when ``task_status.started()`` is reported.
+    """
+    with anyio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not shutdown.requested.is_set():
+                log.warning(
+                    "%s received: stopping (grace %.1fs); send it again to stop at once",
+                    name,
+                    grace,
+                )
+                shutdown.request(name)
+            else:
+                log.warning("%s received again: cancelling in-flight work now", name)
+                shutdown.force(name)

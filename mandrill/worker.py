@@ -1,0 +1,242 @@
+"""One delivery, start to finish: parse, save ∥ decide → restart, then settle.
+
+A message's own failure stops here: it is logged once with the message id, counted, and
+the message is nacked or dead-lettered. Only cancellation and the service's own failures
+(the source giving up) leave :meth:`Worker.handle`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import anyio
+
+from mandrill.errors import InvalidMessage, LedgerError, RestartFailed
+from mandrill.ledger.base import Ledger
+from mandrill.message import DEFAULT_DOMAIN, Delivery, Message, parse_delivery
+from mandrill.obs.counters import Counters
+from mandrill.policy import Outcome, Result, Settlement, Verdict, settlement_for
+from mandrill.restarters.base import Restarter
+from mandrill.settler import Settler
+from mandrill.sources.base import Source
+
+log = logging.getLogger(__name__)
+
+#: How long a cancelled worker may spend recording that its restart was cancelled.
+CANCEL_RECORD_SECONDS = 2.0
+DAY = 86400.0
+
+
+@dataclass
+class WorkerSettings:
+    domain: str = DEFAULT_DOMAIN
+    min_restart_interval: float = 7 * DAY
+    #: A restart claim older than this belongs to a daemon that died mid-restart.
+    stale_claim_after: float = 3600.0
+    #: Failed restarts of one message after which it is dead-lettered.
+    max_attempts: int = 5
+    dry_run: bool = False
+    max_concurrent_restarts: int | None = None
+    skip_checks: list[Callable[[Message, datetime], str | None]] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        source: Source,
+        ledger: Ledger,
+        restarter: Restarter,
+        settler: Settler,
+        counters: Counters,
+        settings: WorkerSettings,
+        wall_clock: Callable[[], float] = time.time,
+        on_decision: Callable[[Message, str, str], None] | None = None,
+    ) -> None:
+        self._source = source
+        self._ledger = ledger
+        self._restarter = restarter
+        self._settler = settler
+        self._counters = counters
+        self.settings = settings
+        self._wall_clock = wall_clock
+        self._on_decision = on_decision
+        limit = settings.max_concurrent_restarts
+        self._restart_slots = anyio.CapacityLimiter(limit) if limit else None
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Work on one delivery and settle it. Raises only cancellation and ``SourceError``."""
+        self._counters.received += 1
+        try:
+            message = parse_delivery(delivery, self.settings.domain)
+        except InvalidMessage as exc:
+            log.warning(
+                "invalid message %s: %s",
+                delivery.message_id,
+                exc.reason,
+                extra={"message_id": delivery.message_id},
+            )
+            await self._dead_letter(delivery, f"invalid: {exc.reason}")
+            return
+        try:
+            result, failures = await self._work(message)
+        except Exception:
+            # A bug in handling one message must not stop the others.
+            self._counters.errors += 1
+            log.exception(
+                "unexpected error handling message %s; nacking it",
+                message.message_id,
+                extra=_context(message),
+            )
+            self._settler.nack(delivery)
+            return
+        settlement = settlement_for(result, failures, self.settings.max_attempts)
+        if settlement is Settlement.ACK:
+            self._settler.ack(delivery)
+            self._counters.completed += 1
+        elif settlement is Settlement.NACK:
+            self._settler.nack(delivery)
+        else:
+            await self._dead_letter(delivery, f"restart failed {failures} times")
+
+    async def _work(self, message: Message) -> tuple[Result, int]:
+        now = self._wall_clock()
+        # Queued now, so the save commits in the same batch as the claim below.
+        saved = self._ledger.save(message, now)
+        try:
+            return await self._decide_and_restart(message, now)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await saved
+                except LedgerError as exc:
+                    # The talk's rule: a failed save is logged, not retried.
+                    self._counters.save_failed += 1
+                    log.error("could not save message %s: %s", message.message_id, exc,
+                              extra=_context(message))
+
+    async def _decide_and_restart(self, message: Message, now: float) -> tuple[Result, int]:
+        settings = self.settings
+        when = datetime.fromtimestamp(now, UTC)
+        for check in settings.skip_checks:
+            reason = check(message, when)
+            if reason is not None:
+                return await self._skip_before_claim(message, now, reason), 0
+        try:
+            claim = await self._ledger.claim(
+                message, now, settings.min_restart_interval, settings.stale_claim_after
+            )
+        except LedgerError as exc:
+            self._counters.ledger_unavailable += 1
+            log.warning("cannot decide on message %s, nacking it: %s", message.message_id, exc,
+                        extra=_context(message))
+            return Result.LEDGER_UNAVAILABLE, 0
+        decision = claim.decision
+        if decision.verdict is Verdict.DUPLICATE:
+            self._counters.duplicates += 1
+            log.info("duplicate message %s (%s)", message.message_id, decision.reason,
+                     extra=_context(message))
+            return Result.DUPLICATE, decision.failures
+        if decision.verdict is Verdict.BUSY:
+            return Result.BUSY, decision.failures
+        if decision.verdict is Verdict.SKIP:
+            self._note_skip(message, decision.reason)
+            return Result.SKIPPED, decision.failures
+        assert claim.restart_id is not None
+        return await self._restart(message, claim.restart_id, decision.failures)
+
+    async def _restart(self, message: Message, restart_id: int, failures: int) -> tuple[Result, int]:
+        if self.settings.dry_run:
+            await self._finish(restart_id, Outcome.DRY_RUN, "dry run: would restart")
+            self._counters.dry_run += 1
+            self._notify(message, "dry_run", "would restart")
+            log.info("DRY RUN: would restart %s", message.hostname, extra=_context(message))
+            return Result.DRY_RUN, failures
+        try:
+            if self._restart_slots is None:
+                detail = await self._restarter.restart(message)
+            else:
+                async with self._restart_slots:
+                    detail = await self._restarter.restart(message)
+        except RestartFailed as exc:
+            return await self._restart_failed(message, restart_id, failures, str(exc))
+        except anyio.get_cancelled_exc_class():
+            with anyio.move_on_after(CANCEL_RECORD_SECONDS, shield=True):
+                await self._finish(restart_id, Outcome.CANCELLED, "cancelled by shutdown")
+            raise
+        except Exception as exc:
+            log.exception("restarter raised unexpectedly for %s", message.hostname,
+                          extra=_context(message))
+            return await self._restart_failed(message, restart_id, failures, f"bug: {exc!r}")
+        await self._finish(restart_id, Outcome.RESTARTED, detail)
+        self._counters.restarted += 1
+        self._notify(message, "restarted", detail)
+        log.info("restarted %s (%s)", message.hostname, detail, extra=_context(message))
+        return Result.RESTARTED, failures
+
+    async def _restart_failed(
+        self, message: Message, restart_id: int, failures: int, detail: str
+    ) -> tuple[Result, int]:
+        await self._finish(restart_id, Outcome.FAILED, detail)
+        self._counters.restart_failed += 1
+        self._notify(message, "failed", detail)
+        log.warning("restart of %s failed (attempt %d): %s", message.hostname, failures + 1,
+                    detail, extra=_context(message))
+        return Result.RESTART_FAILED, failures + 1
+
+    async def _skip_before_claim(self, message: Message, now: float, reason: str) -> Result:
+        try:
+            await self._ledger.record(message, now, Outcome.SKIPPED, reason)
+        except LedgerError as exc:
+            self._counters.ledger_unavailable += 1
+            log.warning("cannot record skip of %s, nacking it: %s", message.message_id, exc,
+                        extra=_context(message))
+            return Result.LEDGER_UNAVAILABLE
+        self._note_skip(message, reason)
+        return Result.SKIPPED
+
+    def _note_skip(self, message: Message, reason: str) -> None:
+        self._counters.skipped += 1
+        self._counters.skip_reasons[reason.split(" ", 1)[0]] += 1
+        self._notify(message, "skipped", reason)
+        log.info("skipped %s: %s", message.hostname, reason, extra=_context(message))
+
+    async def _finish(self, restart_id: int, outcome: Outcome, detail: str) -> None:
+        try:
+            await self._ledger.finish(restart_id, self._wall_clock(), outcome, detail)
+        except LedgerError as exc:
+            # The decision row stays 'restarting' and goes stale; the restart itself stands.
+            log.error("could not record outcome %s of restart %d: %s", outcome, restart_id, exc)
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Keep the delivery (ledger and dead-letter topic), then ack it.
+
+        If neither could keep it, it is nacked instead: nothing is lost.
+        """
+        kept = False
+        try:
+            await self._ledger.dead_letter(delivery, self._wall_clock(), reason)
+            kept = True
+        except LedgerError as exc:
+            log.error("could not record dead letter %s: %s", delivery.message_id, exc,
+                      extra={"message_id": delivery.message_id})
+        await self._source.dead_letter(delivery, reason)
+        if not kept and not self._source.keeps_dead_letters:
+            self._settler.nack(delivery)
+            return
+        self._counters.dead_lettered += 1
+        self._counters.dead_letter_reasons[reason.split(":", 1)[0]] += 1
+        self._counters.completed += 1
+        self._settler.ack(delivery)
+
+    def _notify(self, message: Message, outcome: str, detail: str) -> None:
+        if self._on_decision is not None:
+            self._on_decision(message, outcome, detail)
+
+
+def _context(message: Message) -> dict[str, str]:
+    return {"message_id": message.message_id, "host": message.hostname}
