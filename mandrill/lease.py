@@ -33,7 +33,7 @@ class LeaseKeeper:
         self._holdings = holdings
         self._counters = counters
         self.max_lease = max_lease
-        self.extension = max(1, min(MAX_EXTENSION, int(source.ack_deadline)))
+        self.extension = min(MAX_EXTENSION, source.ack_deadline)
         # Tick often enough that a lease is extended at least twice before it could expire.
         self.interval = max(0.05, source.ack_deadline / 4)
         self.margin = source.ack_deadline / 2

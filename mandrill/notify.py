@@ -190,6 +190,7 @@ class Notifier:
                 task_status.started()
         finally:
             self._running = False
+            self._send.close()
             self._receive.close()
 
     async def _sender(self, limiter: anyio.CapacityLimiter) -> None:

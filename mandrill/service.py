@@ -98,21 +98,39 @@ async def serve(
         settings=worker_settings,
         on_decision=on_decision,
     )
+    # The ledger writer and the settler must outlive the workers, whose cancellation
+    # handlers still record and settle: they ignore outside cancellation and are stopped
+    # explicitly once the final settlement is done.
+    last_to_stop: list[anyio.CancelScope] = []
+
+    async def until_stopped(service: Service, *, task_status: TaskStatus[None]) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            last_to_stop.append(scope)
+            await service(task_status=task_status)
+
     async with anyio.create_task_group() as root:
         if settings.handle_signals:
             await root.start(watch_signals, shutdown, settings.grace, name="signal watcher")
-        await root.start(parts.ledger.run, name="ledger writer")
-        await root.start(settler.run, name="settler")
+        await root.start(until_stopped, parts.ledger.run, name="ledger writer")
+        await root.start(until_stopped, settler.run, name="settler")
         await root.start(keeper.run, name="lease keeper")
         for service in parts.services:
             await root.start(service)
         task_status.started(shutdown)
+        log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
         try:
             await _process(settings, parts, worker, settler, holdings, counters, shutdown, root)
         finally:
             await _settle_held(holdings, settler, settings.settle_timeout)
+            for scope in last_to_stop:
+                scope.cancel()
             root.cancel_scope.cancel()
-    log.info("stopped (%s): %s", shutdown.reason or "done", counters.summary())
+    log.info(
+        "stopped (%s): %s; unsettled %d",
+        shutdown.reason or "done",
+        counters.summary(),
+        settler.pending,
+    )
     return counters
 
 

@@ -42,6 +42,8 @@ class WorkerSettings:
     dry_run: bool = False
     max_concurrent_restarts: int | None = None
     skip_checks: list[Callable[[Message, datetime], str | None]] = field(default_factory=list)
+    #: Wall-clock time for the ledger and the interval rule (injectable for tests).
+    wall_clock: Callable[[], float] = time.time
 
 
 class Worker:
@@ -54,7 +56,6 @@ class Worker:
         settler: Settler,
         counters: Counters,
         settings: WorkerSettings,
-        wall_clock: Callable[[], float] = time.time,
         on_decision: Callable[[Message, str, str], None] | None = None,
     ) -> None:
         self._source = source
@@ -63,7 +64,7 @@ class Worker:
         self._settler = settler
         self._counters = counters
         self.settings = settings
-        self._wall_clock = wall_clock
+        self._wall_clock = settings.wall_clock
         self._on_decision = on_decision
         limit = settings.max_concurrent_restarts
         self._restart_slots = anyio.CapacityLimiter(limit) if limit else None

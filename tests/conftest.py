@@ -24,3 +24,12 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
 @pytest.fixture
 def backend_name(anyio_backend: tuple[str, dict[str, Any]]) -> str:
     return anyio_backend[0]
+
+
+def clocked_backend(param: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    name, options = param
+    if name == "trio":
+        import trio.testing
+
+        return name, {**options, "clock": trio.testing.MockClock(autojump_threshold=0)}
+    return name, dict(options)

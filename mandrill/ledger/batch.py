@@ -29,7 +29,7 @@ class Op(Generic[T]):
     Awaiting an op waits for its batch and returns its result or raises its error.
     ``key`` names the lock the op takes that other processes also take (``host:…``,
     ``message:…``; empty for none): a database whose batches lock rows or hosts runs a
-    batch's ops in key order, so that two processes never wait for each other.
+    batch's ops in key order, so that processes never wait for each other in a cycle.
     """
 
     __slots__ = ("done", "error", "fn", "key", "result")

@@ -59,7 +59,7 @@ DEFAULT_PARAMS = {
 }
 
 #: Unquoted identifiers only: ``search_path`` lower-cases what ``CREATE SCHEMA`` would not.
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 #: Advisory lock key prefix for hosts, so as not to collide with other applications' keys.
 _HOST_LOCK_PREFIX = "mandrill:host:"
@@ -110,7 +110,7 @@ def connection_params(url: str) -> tuple[dict[str, Any], str | None]:
     if not schemas:
         return params, None
     schema = schemas[-1]
-    if not _SCHEMA_NAME.match(schema):
+    if not _SCHEMA_NAME.fullmatch(schema):
         raise ValueError(
             f"schema {schema!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*, ≤ 63)"
         )

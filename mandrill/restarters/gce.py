@@ -101,7 +101,8 @@ class GceRestarter:
     else the application default credentials); tests inject ``token`` instead.
 
     Use it as an async context manager: entering opens the HTTP session on the bridge's
-    asyncio loop, leaving closes it (shielded). Leave before the bridge closes.
+    asyncio loop (and reads ``service_file``: ``OSError`` or ``ValueError`` if it cannot be
+    read or parsed), leaving closes it (shielded). Leave before the bridge closes.
     """
 
     def __init__(
@@ -139,9 +140,13 @@ class GceRestarter:
             # restarter needs.
             from gcloud.aio.auth import Token
 
-            self._token = Token(
-                service_file=self._service_file, session=self._session, scopes=[COMPUTE_SCOPE]
-            )
+            try:
+                self._token = Token(
+                    service_file=self._service_file, session=self._session, scopes=[COMPUTE_SCOPE]
+                )
+            except BaseException:
+                await self.__aexit__(None, None, None)
+                raise
         return self
 
     async def __aexit__(

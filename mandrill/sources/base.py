@@ -29,8 +29,10 @@ class Source(Protocol):
         """Settle deliveries as done."""
         ...
 
-    async def modify_ack_deadline(self, ack_ids: Sequence[str], seconds: int) -> None:
-        """Extend the lease of deliveries to ``seconds`` from now; 0 nacks them."""
+    async def modify_ack_deadline(self, ack_ids: Sequence[str], seconds: float) -> None:
+        """Extend the lease of deliveries to ``seconds`` from now; 0 nacks them.
+
+        Transports that take whole seconds round up."""
         ...
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:

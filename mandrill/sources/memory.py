@@ -122,7 +122,7 @@ class MemoryBroker:
                 self.stats.acked += 1
         await anyio.lowlevel.checkpoint()
 
-    async def modify_ack_deadline(self, ack_ids: Sequence[str], seconds: int) -> None:
+    async def modify_ack_deadline(self, ack_ids: Sequence[str], seconds: float) -> None:
         now = anyio.current_time()
         for ack_id in ack_ids:
             lease = self._leases.get(ack_id)

@@ -1,0 +1,28 @@
+"""Ledger tests; below, the messages and times they share."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from mandrill.message import Delivery, Message, encode_payload, parse_delivery
+
+T0 = 1_800_000_000.0
+HOUR = 3600.0
+WEEK = 7 * 86400.0
+STALE = 600.0
+PUBLISHED = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def delivery(message_id: str, instance: str = "web-1", data: bytes | None = None) -> Delivery:
+    return Delivery(
+        ack_id=f"ack-{message_id}",
+        message_id=message_id,
+        data=encode_payload(instance) if data is None else data,
+        attributes={"origin": "test"},
+        publish_time=PUBLISHED,
+        delivery_attempt=1,
+    )
+
+
+def message(message_id: str, instance: str = "web-1") -> Message:
+    return parse_delivery(delivery(message_id, instance))

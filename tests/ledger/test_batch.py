@@ -1,0 +1,190 @@
+"""The Batcher, over an in-process fake database that fails on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import pytest
+
+from mandrill.errors import LedgerError
+from mandrill.ledger.batch import Batcher, Op
+
+T = TypeVar("T")
+
+
+class FakeDatabase:
+    """Runs ops as plain functions of ``None``; ``failing`` makes whole batches fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.failing = False
+        self.closed = False
+
+    def run_batch(self, ops: list[Op[Any]]) -> None:
+        if self.failing:
+            raise ConnectionError("server closed the connection\nunexpectedly")
+        for op in ops:
+            try:
+                op.result = op.fn(None)
+            except Exception as exc:
+                op.error = LedgerError(f"ledger write failed: {exc}")
+        self.batches.append([op.key for op in ops])
+
+    def run_query(self, fn: Callable[[Any], T]) -> T:
+        if self.failing:
+            raise ConnectionError("server closed the connection")
+        return fn(None)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def returns(value: T) -> Callable[[Any], T]:
+    return lambda _: value
+
+
+def fails(_: Any) -> None:
+    raise ValueError("bad op")
+
+
+async def test_ops_queued_together_share_one_batch() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db)
+    ops = [batcher.submit(returns(i * 10), key=f"k{i}") for i in range(5)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        assert [await op for op in ops] == [0, 10, 20, 30, 40]
+        tg.cancel_scope.cancel()
+    assert db.batches == [["k0", "k1", "k2", "k3", "k4"]]
+
+
+async def test_batches_are_capped_at_max_batch() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db, max_batch=2)
+    ops = [batcher.submit(lambda _: None) for _ in range(5)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        for op in ops:
+            await op
+        tg.cancel_scope.cancel()
+    assert [len(batch) for batch in db.batches] == [2, 2, 1]
+
+
+async def test_an_op_error_reaches_only_its_caller() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db)
+    good, bad = batcher.submit(lambda _: "ok"), batcher.submit(fails)
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        with pytest.raises(LedgerError, match="bad op"):
+            await bad
+        assert await good == "ok"
+        tg.cancel_scope.cancel()
+
+
+async def test_failed_batch_fails_its_ops_and_the_next_one_recovers() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db)
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        db.failing = True
+        with pytest.raises(
+            LedgerError, match=r"^ledger write failed: server closed the connection unexpectedly$"
+        ):
+            await batcher.submit(lambda _: None)
+        db.failing = False
+        assert await batcher.submit(lambda _: 1) == 1
+        tg.cancel_scope.cancel()
+
+
+async def test_outage_longer_than_the_limit_stops_run() -> None:
+    db = FakeDatabase()
+    db.failing = True
+    batcher = Batcher(db, outage_limit=0.2)
+    failed_ops = 0
+    with pytest.RaisesGroup(pytest.RaisesExc(LedgerError, match="ledger unavailable for")):
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.run)
+            with anyio.fail_after(5):
+                while True:
+                    with pytest.raises(LedgerError, match="ledger write failed"):
+                        await batcher.submit(lambda _: None)
+                    failed_ops += 1
+                    await anyio.sleep(0.05)
+    assert failed_ops >= 3
+    # The writer is gone: a late write fails at once instead of waiting forever.
+    with pytest.raises(LedgerError, match="ledger closed"):
+        await batcher.submit(lambda _: None)
+
+
+async def test_outage_shorter_than_the_limit_is_survived() -> None:
+    db = FakeDatabase()
+    db.failing = True
+    batcher = Batcher(db, outage_limit=1.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        start = anyio.current_time()
+        while anyio.current_time() - start < 0.2:
+            with pytest.raises(LedgerError):
+                await batcher.submit(lambda _: None)
+            await anyio.sleep(0.05)
+        db.failing = False
+        assert await batcher.submit(lambda _: "back") == "back"
+        # A success resets the outage clock: failing again starts a new outage.
+        db.failing = True
+        await anyio.sleep(0.9)
+        with pytest.raises(LedgerError):
+            await batcher.submit(lambda _: None)
+        tg.cancel_scope.cancel()
+
+
+async def test_cancelled_run_flushes_what_is_queued() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db)
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        queued = [batcher.submit(returns(i)) for i in range(3)]
+        tg.cancel_scope.cancel()  # before the writer has had a chance to run
+    assert [await op for op in queued] == [0, 1, 2]
+    with pytest.raises(LedgerError, match="ledger closed"):
+        await batcher.submit(lambda _: None)
+
+
+async def test_final_flush_during_an_outage_fails_every_queued_op() -> None:
+    db = FakeDatabase()
+    db.failing = True
+    batcher = Batcher(db, max_batch=1, outage_limit=0)
+    ops = [batcher.submit(lambda _: None) for _ in range(4)]
+    with pytest.RaisesGroup(LedgerError):
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.run)
+    # The second failure ended the outage allowance; the ops still queued were not left
+    # waiting.
+    with anyio.fail_after(1):
+        for op in ops:
+            with pytest.raises(LedgerError):
+                await op
+
+
+async def test_a_cancelled_caller_does_not_cancel_its_write() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db)
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            op = batcher.submit(lambda _: "written")
+            await op  # cancelled here
+        await tg.start(batcher.run)
+        assert await op == "written"
+        tg.cancel_scope.cancel()
+
+
+async def test_query_runs_without_the_writer_and_wraps_errors() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db)
+    assert await batcher.query(lambda _: [1, 2]) == [1, 2]
+    db.failing = True
+    with pytest.raises(LedgerError, match=r"^ledger query failed: server closed the connection$"):
+        await batcher.query(lambda _: None)

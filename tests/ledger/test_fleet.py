@@ -1,0 +1,187 @@
+"""Fleet mode: several daemons (ledger instances, each with its own connection) on one
+PostgreSQL ledger."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import psycopg
+import pytest
+
+from mandrill.errors import LedgerError
+from mandrill.ledger import SQLLedger
+from mandrill.ledger.base import Claim
+from mandrill.ledger.postgres import connection_params, open_postgres_ledger
+from mandrill.message import Message
+from mandrill.policy import Verdict
+from tests.ledger import STALE, T0, WEEK, message
+
+pytestmark = pytest.mark.postgres
+
+HOSTS = 50
+MESSAGES_PER_HOST = 4
+
+
+@asynccontextmanager
+async def running(url: str, *, max_batch: int = 2000) -> AsyncIterator[SQLLedger]:
+    """A ledger with its writer running, like one daemon's."""
+    ledger = await open_postgres_ledger(url, max_batch=max_batch)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(ledger.run)
+            yield ledger
+            tg.cancel_scope.cancel()
+    finally:
+        await ledger.aclose()
+
+
+async def test_each_host_restarts_once_across_daemons(postgres_url: str) -> None:
+    # Every message reaches both daemons (Pub/Sub redelivers to whichever pulls), in a
+    # random order, spread over many small batches (transactions) in both daemons at once.
+    messages = [message(f"m{h}-{k}", f"host-{h}") for h in range(HOSTS) for k in range(4)]
+    rng = random.Random(1)
+    results: list[tuple[str, Claim]] = []
+    async with running(postgres_url, max_batch=7) as a, running(postgres_url, max_batch=5) as b:
+        jobs = [(ledger, m) for m in messages for ledger in (a, b)]
+        rng.shuffle(jobs)
+
+        async def claim(ledger: SQLLedger, msg_index: int, delay: float) -> None:
+            await anyio.sleep(delay)
+            msg = messages[msg_index]
+            results.append((msg.hostname, await ledger.claim(msg, T0 + delay, WEEK, STALE)))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for ledger, msg in jobs:
+                    tg.start_soon(claim, ledger, messages.index(msg), rng.random() * 0.2)
+
+        history = await a.history(limit=10_000)
+
+    assert len(results) == len(jobs)
+    restarts = Counter(host for host, c in results if c.decision.verdict is Verdict.RESTART)
+    assert restarts == {f"host-{h}.example.net": 1 for h in range(HOSTS)}
+    verdicts = Counter(c.decision.verdict for _, c in results)
+    assert set(verdicts) <= {Verdict.RESTART, Verdict.SKIP, Verdict.DUPLICATE, Verdict.BUSY}
+    # The ledger agrees: one restarting row per host, every other message skipped once.
+    rows: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for row in history:
+        rows[row.hostname][row.outcome] += 1
+    assert len(rows) == HOSTS
+    for counts in rows.values():
+        assert counts == {"restarting": 1, "skipped": MESSAGES_PER_HOST - 1}
+
+
+async def test_opposite_lock_orders_do_not_deadlock(postgres_url: str) -> None:
+    # Each daemon's batch saves the same messages and claims the same hosts, one daemon in
+    # the reverse order of the other. Run in that order, the two transactions would each
+    # hold a lock the other waits for, until PostgreSQL's deadlock detector failed an op.
+    async def daemon(ledger: SQLLedger, msgs: list[Message]) -> None:
+        saves = []
+        for msg in msgs:
+            saves.append(ledger.save(msg, T0))
+            saves.append(ledger.save(message(f"shared-{msg.instance_name}"), T0))
+        async with anyio.create_task_group() as tg:
+            for msg in msgs:
+                tg.start_soon(ledger.claim, msg, T0, WEEK, STALE)
+            for save in saves:
+                await save
+
+    async with running(postgres_url) as a, running(postgres_url) as b:
+        for round_ in range(4):
+            msgs = [message(f"r{round_}-{h}", f"host-{h}") for h in range(30)]
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(daemon, a, msgs)
+                    tg.start_soon(daemon, b, msgs[::-1])
+        counts = await a.counts()
+
+    assert counts["messages_received"] == 4 * 30 + 30
+    assert counts["restarts_restarting"] == 30
+
+
+async def test_broken_connection_fails_one_batch_then_reconnects(
+    postgres_url: str, postgres_admin_url: str
+) -> None:
+    name = f"victim-{uuid.uuid4().hex[:8]}"
+    async with running(f"{postgres_url}&application_name={name}") as ledger:
+        await ledger.save(message("m1"), T0)
+        await anyio.to_thread.run_sync(terminate_backend, postgres_admin_url, name)
+
+        with pytest.raises(LedgerError, match="terminating connection"):
+            await ledger.save(message("m2"), T0)
+        await ledger.save(message("m3"), T0)
+        claim = await ledger.claim(message("m3"), T0, WEEK, STALE)
+
+        assert claim.decision.verdict is Verdict.RESTART
+        assert [s.message_id for s in await ledger.saved_messages()] == ["m1", "m3"]
+
+        # Reads reconnect the same way.
+        await anyio.to_thread.run_sync(terminate_backend, postgres_admin_url, name)
+        with pytest.raises(LedgerError, match="ledger query failed: terminating connection"):
+            await ledger.counts()
+        assert (await ledger.counts())["messages_received"] == 2
+
+
+def terminate_backend(admin_url: str, application_name: str) -> None:
+    """Kill the named connection (as a server restart would) and wait until it is gone."""
+    query = "FROM pg_stat_activity WHERE application_name = %s"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        killed = admin.execute(
+            f"SELECT count(pg_terminate_backend(pid)) {query}", (application_name,)
+        )
+        assert killed.fetchone() == (1,)
+        deadline = time.monotonic() + 5
+        while admin.execute(f"SELECT pid {query}", (application_name,)).fetchone() is not None:
+            assert time.monotonic() < deadline, "the terminated backend is still there"
+            time.sleep(0.01)
+
+
+async def test_daemons_starting_together_create_the_schema_once(postgres_url: str) -> None:
+    ledgers: list[SQLLedger] = []
+
+    async def start() -> None:
+        ledgers.append(await open_postgres_ledger(postgres_url))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(start)
+    for ledger in ledgers:
+        assert await ledger.counts() == {}
+        await ledger.aclose()
+
+
+async def test_unreachable_server_is_one_line_without_password() -> None:
+    with pytest.raises(LedgerError) as caught:
+        await open_postgres_ledger("postgresql://mandrill:s3cret@127.0.0.1:1/test")
+    text = str(caught.value)
+    assert text.startswith("cannot open PostgreSQL ledger postgresql://mandrill:***@127.0.0.1:1")
+    assert "Connection refused" in text
+    assert "\n" not in text
+    assert "s3cret" not in text
+
+
+async def test_bad_schema_name_is_refused() -> None:
+    with pytest.raises(LedgerError, match="lower-case SQL identifier"):
+        await open_postgres_ledger("postgresql://127.0.0.1/test?schema=Robert'); DROP")
+
+
+def test_url_parameters() -> None:
+    params, schema = connection_params(
+        "postgresql://u@db:5433/ledger?schema=fleet&options=-cstatement_timeout%3D5s"
+        "&connect_timeout=2"
+    )
+    assert schema == "fleet"
+    assert params["options"] == "-cstatement_timeout=5s -csearch_path=fleet"
+    assert (params["host"], params["port"], params["dbname"]) == ("db", "5433", "ledger")
+    assert params["connect_timeout"] == "2"
+    assert params["application_name"] == "mandrill"
+    assert connection_params("postgresql:///ledger")[1] is None
+    # Passed through as written: libpq, unlike urllib, does not read "+" as a space.
+    params, _ = connection_params("postgres://h/db?password=a+b%20c&options=-c%20x%3Dy")
+    assert (params["password"], params["options"]) == ("a+b c", "-c x=y")

@@ -1,0 +1,322 @@
+"""GceRestarter against a small fake Compute API (an aiohttp app on the bridge's loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import pytest
+from aiohttp import web
+
+from mandrill.errors import RestartFailed
+from mandrill.message import Message
+from mandrill.restarters import GceRestarter
+from mandrill.restarters.gce import request_id
+from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
+
+TOKEN = "test-token"
+
+
+@dataclass
+class Request:
+    path: str
+    query: dict[str, str]
+    authorization: str
+    content_length: str | None
+
+
+@dataclass
+class FakeCompute:
+    """Records requests; resets are applied once per requestId, like Compute Engine."""
+
+    waits_until_done: int = 2
+    #: Answer 503 to this many reset requests, after applying the reset.
+    lose_reset_answers: int = 0
+    operation_error: dict[str, Any] | None = None
+    #: Hold every wait request until the client goes away.
+    hold_waits: bool = False
+    requests: list[Request] = field(default_factory=list)
+    resets_applied: list[str] = field(default_factory=list)
+    operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    token_requests: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        prefix = "/compute/v1/projects/{project}/zones/{zone}"
+        app.router.add_post(prefix + "/instances/{instance}/reset", self.reset)
+        app.router.add_post(prefix + "/operations/{operation}/wait", self.wait)
+        app.router.add_post("/token", self.token)
+        return app
+
+    def _record(self, request: web.Request) -> web.Response | None:
+        self.requests.append(
+            Request(
+                request.path,
+                dict(request.query),
+                request.headers.get("Authorization", ""),
+                request.headers.get("Content-Length"),
+            )
+        )
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return error(401, "Request had invalid authentication credentials.")
+        return None
+
+    async def reset(self, request: web.Request) -> web.Response:
+        if (refused := self._record(request)) is not None:
+            return refused
+        if request.match_info["instance"] == "missing":
+            return error(404, "The resource 'instances/missing' was not found")
+        rid = request.query["requestId"]
+        if rid not in self.operations:
+            self.resets_applied.append(request.match_info["instance"])
+            name = f"operation-{len(self.operations) + 1}"
+            self.operations[rid] = {"name": name, "status": "PENDING", "waits": 0}
+        if self.lose_reset_answers:
+            self.lose_reset_answers -= 1
+            return error(503, "Backend error")
+        return web.json_response(public(self.operations[rid]))
+
+    async def wait(self, request: web.Request) -> web.Response:
+        if (refused := self._record(request)) is not None:
+            return refused
+        if self.hold_waits:
+            await asyncio.Event().wait()
+        name = request.match_info["operation"]
+        operation = next(op for op in self.operations.values() if op["name"] == name)
+        operation["waits"] += 1
+        if operation["waits"] >= self.waits_until_done:
+            operation["status"] = "DONE"
+            if self.operation_error is not None:
+                operation["error"] = self.operation_error
+        else:
+            operation["status"] = "RUNNING"
+        return web.json_response(public(operation))
+
+    async def token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+        self.token_requests += 1
+        return web.json_response({"access_token": TOKEN, "expires_in": 3600})
+
+
+def public(operation: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in operation.items() if key != "waits"}
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"code": status, "message": message}}, status=status)
+
+
+class StaticToken:
+    def __init__(self, value: str = TOKEN) -> None:
+        self.value = value
+
+    async def get(self) -> str:
+        return self.value
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
+    # A short shutdown_timeout: held requests are cancelled at cleanup, not waited for.
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
+@pytest.fixture
+async def bridge(backend_name: str) -> AsyncIterator[AsyncioBridge]:
+    async with open_asyncio_bridge(backend_name) as bridge:
+        yield bridge
+
+
+@pytest.fixture
+def compute() -> FakeCompute:
+    return FakeCompute()
+
+
+@pytest.fixture
+async def api_root(bridge: AsyncioBridge, compute: FakeCompute) -> AsyncIterator[str]:
+    runner, port = await bridge.call(_start, compute.app())
+    try:
+        yield f"http://127.0.0.1:{port}/compute/v1"
+    finally:
+        await bridge.call(runner.cleanup)
+
+
+def message(instance: str = "web-1", message_id: str = "m-1", **attributes: str) -> Message:
+    return Message(
+        message_id,
+        instance,
+        f"{instance.lower()}.example.net",
+        datetime(2026, 1, 1, tzinfo=UTC),
+        None,
+        attributes,
+    )
+
+
+def restarter(bridge: AsyncioBridge, api_root: str, **options: Any) -> GceRestarter:
+    defaults: dict[str, Any] = {
+        "project": "my-project",
+        "zone": "europe-west1-b",
+        "api_root": api_root,
+        "token": StaticToken(),
+        "poll_interval": 0,
+        "backoff": 0,
+    }
+    return GceRestarter(bridge, **(defaults | options))
+
+
+async def test_resets_and_waits_until_done(bridge, api_root, compute):
+    async with restarter(bridge, api_root) as gce:
+        assert await gce.restart(message()) == "operation operation-1"
+    zone = "/compute/v1/projects/my-project/zones/europe-west1-b"
+    assert [r.path for r in compute.requests] == [
+        f"{zone}/instances/web-1/reset",
+        f"{zone}/operations/operation-1/wait",
+        f"{zone}/operations/operation-1/wait",
+    ]
+    assert compute.requests[0].query == {"requestId": request_id("m-1")}
+    assert {r.authorization for r in compute.requests} == {f"Bearer {TOKEN}"}
+    assert {r.content_length for r in compute.requests} == {"0"}
+    assert compute.resets_applied == ["web-1"]
+
+
+async def test_a_retried_reset_is_applied_once(bridge, api_root, compute):
+    compute.lose_reset_answers = 2
+    async with restarter(bridge, api_root) as gce:
+        await gce.restart(message())
+        # A redelivery of the same message after it succeeded: Compute Engine recognises it.
+        await gce.restart(message())
+    resets = [r for r in compute.requests if r.path.endswith("/reset")]
+    assert len(resets) == 4
+    assert {r.query["requestId"] for r in resets} == {request_id("m-1")}
+    assert compute.resets_applied == ["web-1"]
+
+
+def test_request_ids_are_stable_uuids_per_message():
+    assert request_id("m-1") == request_id("m-1") != request_id("m-2")
+    # Pinned: a different id for the same message would reset its host again.
+    assert request_id("m-1") == "6514165d-8501-581e-9a66-620c5ef87853"
+
+
+async def test_an_operation_error_fails_the_restart(bridge, api_root, compute):
+    compute.operation_error = {
+        "errors": [{"code": "RESOURCE_NOT_READY", "message": "The instance is being stopped"}]
+    }
+    async with restarter(bridge, api_root) as gce:
+        with pytest.raises(RestartFailed, match=r"operation-1 failed: The instance is being st"):
+            await gce.restart(message())
+
+
+async def test_a_client_error_fails_at_once(bridge, api_root, compute):
+    async with restarter(bridge, api_root) as gce:
+        with pytest.raises(RestartFailed, match=r"^HTTP 404: The resource 'instances/missing'"):
+            await gce.restart(message("missing"))
+    assert len(compute.requests) == 1
+
+
+async def test_a_bad_token_is_refused(bridge, api_root, compute):
+    async with restarter(bridge, api_root, token=StaticToken("wrong")) as gce:
+        with pytest.raises(RestartFailed, match=r"^HTTP 401: Request had invalid auth"):
+            await gce.restart(message())
+    assert compute.requests[0].authorization == "Bearer wrong"
+
+
+async def test_server_errors_are_retried_then_given_up(bridge, api_root, compute):
+    compute.lose_reset_answers = 10
+    async with restarter(bridge, api_root, max_attempts=3) as gce:
+        with pytest.raises(RestartFailed, match=r"^HTTP 503: Backend error \(gave up after 3"):
+            await gce.restart(message())
+    assert len(compute.requests) == 3
+
+
+async def test_connection_errors_are_retried_then_given_up(bridge):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with restarter(bridge, f"http://127.0.0.1:{port}/v1", max_attempts=2) as gce:
+        with pytest.raises(RestartFailed, match=r"gave up after 2 attempts"):
+            await gce.restart(message())
+
+
+async def test_cancellation_during_a_wait_propagates(bridge, api_root, compute):
+    compute.hold_waits = True
+    async with restarter(bridge, api_root) as gce:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(gce.restart, message())
+                # Polled: the fake records requests on the asyncio side of the bridge.
+                while len(compute.requests) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+    assert compute.requests[-1].path.endswith("/operations/operation-1/wait")
+
+
+async def test_attributes_override_project_and_zone(bridge, api_root, compute):
+    async with restarter(bridge, api_root, project=None, zone=None) as gce:
+        await gce.restart(message(project="other-project", zone="us-east1-c"))
+    assert compute.requests[0].path == (
+        "/compute/v1/projects/other-project/zones/us-east1-c/instances/web-1/reset"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "attributes", "error"),
+    [
+        ({"zone": None}, {}, "^no zone: "),
+        ({"project": None}, {}, "^no project: "),
+        ({}, {"zone": "../../x"}, "^refusing zone"),
+        ({}, {"zone": "a/b"}, "^refusing zone"),
+        ({}, {"project": "p/../../x"}, "^refusing project"),
+        ({}, {"project": "x?y=1"}, "^refusing project"),
+    ],
+)
+async def test_missing_or_hostile_targets_send_nothing(
+    bridge, api_root, compute, options, attributes, error
+):
+    async with restarter(bridge, api_root, **options) as gce:
+        with pytest.raises(RestartFailed, match=error):
+            await gce.restart(message(**attributes))
+    assert compute.requests == []
+
+
+async def test_with_a_real_gcloud_token_from_a_service_file(bridge, api_root, compute, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    service_file = tmp_path / "service.json"
+    service_file.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "client_email": "mandrill@my-project.iam.gserviceaccount.com",
+                "private_key": pem,
+                "token_uri": api_root.removesuffix("/compute/v1") + "/token",
+            }
+        )
+    )
+    async with restarter(bridge, api_root, token=None, service_file=str(service_file)) as gce:
+        await gce.restart(message())
+        await gce.restart(message("web-2", "m-2"))
+    assert compute.token_requests == 1
+    assert {r.authorization for r in compute.requests} == {f"Bearer {TOKEN}"}
+    assert compute.resets_applied == ["web-1", "web-2"]
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="not an http"):
+        GceRestarter(None, api_root="ftp://x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_attempts"):
+        GceRestarter(None, max_attempts=0)  # type: ignore[arg-type]

@@ -1,0 +1,100 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mandrill.policy import (
+    Outcome,
+    Prior,
+    Result,
+    Settlement,
+    Verdict,
+    decide_restart,
+    format_duration,
+    leases_due,
+    settlement_for,
+)
+
+DAY = 86400.0
+WEEK = 7 * DAY
+NOW = 1_000_000_000.0
+STALE = 3600.0
+
+
+def decide(prior: Prior, now: float = NOW):
+    return decide_restart(prior, now, WEEK, STALE)
+
+
+def test_a_fresh_host_is_restarted():
+    assert decide(Prior()).verdict is Verdict.RESTART
+
+
+def test_the_seven_day_rule():
+    six_days_ago = Prior(host_last_restart=NOW - 6 * DAY)
+    decision = decide(six_days_ago)
+    assert decision.verdict is Verdict.SKIP
+    assert decision.reason == "host restarted 6d ago"
+    assert decide(Prior(host_last_restart=NOW - WEEK)).verdict is Verdict.RESTART
+
+
+@given(st.floats(min_value=0, max_value=30 * DAY))
+def test_interval_rule_holds_for_any_age(age):
+    verdict = decide(Prior(host_last_restart=NOW - age)).verdict
+    assert (verdict is Verdict.SKIP) == (age < WEEK)
+
+
+def test_a_message_already_decided_is_a_duplicate():
+    for outcome in (Outcome.RESTARTED, Outcome.SKIPPED, Outcome.DRY_RUN):
+        decision = decide(Prior(message_decisions=[(outcome, NOW - 10)]))
+        assert decision.verdict is Verdict.DUPLICATE
+
+
+def test_a_live_claim_is_busy_and_a_stale_one_is_retried():
+    live = Prior(message_decisions=[(Outcome.RESTARTING, NOW - 10)])
+    assert decide(live).verdict is Verdict.BUSY
+    stale = Prior(message_decisions=[(Outcome.RESTARTING, NOW - STALE - 1)])
+    assert decide(stale).verdict is Verdict.RESTART
+
+
+def test_failures_are_counted_and_do_not_block_a_retry():
+    prior = Prior(message_decisions=[(Outcome.FAILED, NOW - 20), (Outcome.FAILED, NOW - 10)])
+    decision = decide(prior)
+    assert decision.verdict is Verdict.RESTART
+    assert decision.failures == 2
+
+
+def test_settlement():
+    assert settlement_for(Result.RESTARTED, 0, 5) is Settlement.ACK
+    assert settlement_for(Result.SKIPPED, 0, 5) is Settlement.ACK
+    assert settlement_for(Result.DUPLICATE, 0, 5) is Settlement.ACK
+    assert settlement_for(Result.DRY_RUN, 0, 5) is Settlement.ACK
+    assert settlement_for(Result.INVALID, 0, 5) is Settlement.DEAD_LETTER
+    assert settlement_for(Result.BUSY, 0, 5) is Settlement.NACK
+    assert settlement_for(Result.LEDGER_UNAVAILABLE, 0, 5) is Settlement.NACK
+    assert settlement_for(Result.RESTART_FAILED, 4, 5) is Settlement.NACK
+    assert settlement_for(Result.RESTART_FAILED, 5, 5) is Settlement.DEAD_LETTER
+
+
+@given(st.sampled_from(list(Result)), st.integers(0, 100), st.integers(1, 100))
+def test_only_restart_failures_and_bad_input_avoid_ack(result, failures, max_attempts):
+    settlement = settlement_for(result, failures, max_attempts)
+    if settlement is not Settlement.ACK:
+        assert result in (
+            Result.RESTART_FAILED, Result.INVALID, Result.BUSY, Result.LEDGER_UNAVAILABLE
+        )
+
+
+def test_leases_due():
+    leases = [
+        ("far", NOW + 100, NOW - 1),
+        ("soon", NOW + 2, NOW - 1),
+        ("expired-by-now", NOW - 1, NOW - 5),
+        ("too-long", NOW + 1, NOW - 7200),
+    ]
+    extend, give_up = leases_due(leases, NOW, margin=5, max_lease=3600)
+    assert extend == ["soon", "expired-by-now"]
+    assert give_up == ["too-long"]
+
+
+def test_format_duration():
+    assert format_duration(0) == "0s"
+    assert format_duration(90061) == "1d 1h 1m 1s"
+    assert format_duration(6 * DAY) == "6d"

@@ -1,0 +1,249 @@
+"""serve() end to end in-process: the real broker, the real SQLite ledger, a scripted
+restarter. Every test runs under asyncio and trio."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from mandrill.errors import SourceError
+from mandrill.ledger import SQLLedger, open_ledger
+from mandrill.message import encode_payload
+from mandrill.obs.counters import Counters
+from mandrill.service import Parts, ServiceSettings, serve
+from mandrill.shutdown import Shutdown
+from mandrill.sources.memory import MemoryBroker
+from mandrill.worker import WorkerSettings
+from tests.support.fakes import (
+    FailingSaves,
+    LosesFirstAcks,
+    ScriptedRestarter,
+    SlowSettlement,
+    payloads,
+)
+
+DAY = 86400.0
+
+
+@pytest.fixture
+async def ledger() -> AsyncIterator[SQLLedger]:
+    ledger = await open_ledger(":memory:")
+    yield ledger
+    await ledger.aclose()
+
+
+async def run(
+    broker: MemoryBroker,
+    ledger: Any,
+    restarter: Any,
+    *,
+    stop_after: int | None,
+    shutdown: Shutdown | None = None,
+    worker: WorkerSettings | None = None,
+    **settings: Any,
+) -> Counters:
+    settings.setdefault("grace", 1.0)
+    with anyio.fail_after(20):
+        return await serve(
+            ServiceSettings(handle_signals=False, stop_after=stop_after, **settings),
+            worker or WorkerSettings(),
+            Parts(broker, ledger, restarter),
+            shutdown=shutdown,
+        )
+
+
+async def test_every_message_is_restarted_and_acked(ledger):
+    broker = MemoryBroker()
+    await broker.publish(payloads(*(f"host-{i}" for i in range(50))))
+    restarter = ScriptedRestarter()
+    counters = await run(broker, ledger, restarter, stop_after=50)
+    assert counters.restarted == counters.acked == 50
+    assert broker.backlog == 0
+    assert sum(restarter.calls.values()) == 50
+    assert (await ledger.counts())["restarts_restarted"] == 50
+
+
+async def test_failed_restart_is_redelivered_then_succeeds(ledger):
+    broker = MemoryBroker()
+    await broker.publish(payloads("flaky"))
+    restarter = ScriptedRestarter(fail_first={"flaky": 1})
+    counters = await run(broker, ledger, restarter, stop_after=1)
+    assert restarter.calls["flaky"] == 2
+    assert (counters.nacked, counters.acked, counters.restarted) == (1, 1, 1)
+    assert broker.stats.redelivered == 1
+    counts = await ledger.counts()
+    assert counts["restarts_failed"] == 1
+    assert counts["restarts_restarted"] == 1
+    assert counts["deliveries_received"] == 2
+
+
+async def test_a_failed_save_is_logged_and_still_acked(ledger):
+    broker = MemoryBroker()
+    await broker.publish(payloads("web-1"))
+    counters = await run(broker, FailingSaves(ledger), ScriptedRestarter(), stop_after=1)
+    assert (counters.save_failed, counters.restarted, counters.acked) == (1, 1, 1)
+    assert broker.backlog == 0
+
+
+async def test_invalid_payloads_are_dead_lettered_and_the_service_goes_on(ledger):
+    broker = MemoryBroker()
+    bad = [b"not json", b"[]", b'{"instance_name": "; rm -rf /"}', b"\xff" * 10]
+    await broker.publish([(data, {}) for data in bad])
+    await broker.publish(payloads("good-1", "good-2"))
+    counters = await run(broker, ledger, ScriptedRestarter(), stop_after=6)
+    assert counters.dead_lettered == 4
+    assert counters.restarted == 2
+    reasons = [dead.reason for dead in broker.dead_letters]
+    assert all(reason.startswith("invalid: ") for reason in reasons)
+    assert any("not a valid host label" in reason for reason in reasons)
+    saved = await ledger.saved_messages(status="dead_letter")
+    assert sorted(m.data for m in saved) == sorted(bad)
+    assert broker.backlog == 0
+
+
+async def test_a_host_is_not_restarted_twice_within_the_interval(ledger):
+    broker = MemoryBroker()
+    await broker.publish(payloads("db-1", "db-1"))
+    restarter = ScriptedRestarter()
+    counters = await run(broker, ledger, restarter, stop_after=2, max_in_flight=1)
+    assert restarter.calls["db-1"] == 1
+    assert (counters.restarted, counters.skipped) == (1, 1)
+    rows = await ledger.history(hostname="db-1.example.net")
+    assert [row.outcome for row in rows] == ["skipped", "restarted"]
+    assert rows[0].detail.startswith("host restarted")
+
+
+async def test_a_host_is_restarted_again_once_the_interval_has_passed(ledger):
+    broker = MemoryBroker()
+    restarter = ScriptedRestarter()
+    clock = {"now": time.time() - 8 * DAY}
+    settings = WorkerSettings(wall_clock=lambda: clock["now"])
+    await broker.publish(payloads("db-1"))
+    await run(broker, ledger, restarter, stop_after=1, worker=settings)
+    clock["now"] += 8 * DAY  # eight days later
+    await broker.publish(payloads("db-1"))
+    counters = await run(broker, ledger, restarter, stop_after=1, worker=settings)
+    assert counters.restarted == 1
+    assert restarter.calls["db-1"] == 2
+
+
+async def test_a_redelivered_message_does_not_restart_its_host_twice(ledger):
+    # The first ack is lost, so the broker redelivers a message that was already done.
+    broker = LosesFirstAcks(1, ack_deadline=0.3, pull_wait=0.05)
+    await broker.publish(payloads("api-1"))
+    restarter = ScriptedRestarter()
+    counters = await run(broker, ledger, restarter, stop_after=2)
+    assert restarter.calls["api-1"] == 1
+    assert counters.duplicates == 1
+    assert broker.backlog == 0
+
+
+async def test_the_lease_keeper_holds_a_slow_message(ledger):
+    broker = MemoryBroker(ack_deadline=0.2, pull_wait=0.05)
+    await broker.publish(payloads("slow-1"))
+    restarter = ScriptedRestarter(latency=1.0)  # five ack deadlines
+    counters = await run(broker, ledger, restarter, stop_after=1)
+    assert broker.stats.redelivered == 0
+    assert broker.stats.expired == 0
+    assert counters.lease_extensions >= 3
+    assert restarter.calls["slow-1"] == 1
+
+
+async def test_a_poison_message_is_dead_lettered_after_max_attempts(ledger):
+    broker = MemoryBroker()
+    await broker.publish(payloads("cursed"))
+    restarter = ScriptedRestarter(always_fail=["cursed"])
+    worker = WorkerSettings(max_attempts=3)
+    counters = await run(broker, ledger, restarter, stop_after=1, worker=worker)
+    assert restarter.calls["cursed"] == 3
+    assert [dead.reason for dead in broker.dead_letters] == ["restart failed 3 times"]
+    assert counters.dead_lettered == 1
+    assert broker.backlog == 0
+
+
+async def test_backpressure_bounds_what_is_pulled(ledger):
+    broker = MemoryBroker()
+    await broker.publish(payloads(*(f"stuck-{i}" for i in range(10))))
+    restarter = ScriptedRestarter(block=[f"stuck-{i}" for i in range(10)])
+    shutdown = Shutdown()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run(broker, ledger, restarter, stop_after=None,
+                                  shutdown=shutdown, max_in_flight=3, grace=0))
+        await restarter.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert broker.stats.delivered == 3
+        shutdown.request("test")
+    assert broker.stats.nacked == 3
+    assert broker.backlog == 10
+
+
+async def test_cancellation_during_a_restart_nacks_the_message(ledger):
+    broker = MemoryBroker(ack_deadline=600)
+    await broker.publish(payloads("hung"))
+    restarter = ScriptedRestarter(block=["hung"])
+    shutdown = Shutdown()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run(broker, ledger, restarter, stop_after=None,
+                                  shutdown=shutdown, grace=0.05))
+        await restarter.started.wait()
+        shutdown.request("test")
+    # Nacked, not left to its 600 s lease: ready for immediate redelivery.
+    assert broker.stats.nacked == 1
+    assert broker.backlog == 1
+    assert (await broker.pull(1))[0].delivery_attempt == 2
+    assert (await ledger.counts())["restarts_cancelled"] == 1
+
+
+async def test_shielded_settlement_completes_while_the_caller_is_cancelled(ledger):
+    # Settlement requests take 50 ms each; the scope around serve() is cancelled while
+    # five messages are held. The shield must still carry their nacks through.
+    broker = SlowSettlement(0.05, ack_deadline=600)
+    hosts = [f"held-{i}" for i in range(5)]
+    await broker.publish(payloads(*hosts))
+    restarter = ScriptedRestarter(block=hosts)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: run(broker, ledger, restarter, stop_after=None))
+            await restarter.started.wait()
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+    assert broker.stats.nacked == 5
+    assert broker.backlog == 5
+    assert (await ledger.counts())["restarts_cancelled"] == 5
+
+
+async def test_a_second_request_forces_the_grace_short(ledger):
+    broker = MemoryBroker(ack_deadline=600)
+    await broker.publish(payloads("hung"))
+    restarter = ScriptedRestarter(block=["hung"])
+    shutdown = Shutdown()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run(broker, ledger, restarter, stop_after=None,
+                                  shutdown=shutdown, grace=3600))
+        await restarter.started.wait()
+        shutdown.request("first")
+        await anyio.wait_all_tasks_blocked()
+        assert broker.stats.nacked == 0  # still within its hour of grace
+        shutdown.force("second")
+    assert broker.stats.nacked == 1
+
+
+class BrokenSource(MemoryBroker):
+    async def pull(self, max_messages: int) -> list:  # type: ignore[override]
+        if self.stats.delivered:
+            raise SourceError("subscription deleted")
+        return await super().pull(max_messages)
+
+
+async def test_a_source_failure_stops_the_service_and_settles_what_is_held(ledger):
+    broker = BrokenSource(ack_deadline=600)
+    await broker.publish([(encode_payload("held"), {})])
+    restarter = ScriptedRestarter(block=["held"])
+    with pytest.raises(ExceptionGroup) as info:
+        await run(broker, ledger, restarter, stop_after=None)
+    assert info.group_contains(SourceError, match="subscription deleted")
+    assert broker.stats.nacked == 1
