@@ -87,7 +87,7 @@ def _run(command: Command, cfg: Any) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130
-    except BaseException as exc:  # noqa: BLE001 - the process boundary: report, exit code
+    except BaseException as exc:  # the process boundary: report, choose the exit code
         return _report(exc)
 
 

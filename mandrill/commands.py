@@ -13,38 +13,27 @@ from mandrill.cli import parse_since, print_json_lines
 from mandrill.config import positive_int
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
-from mandrill.parts import open_parts
-from mandrill.service import ServiceSettings, serve
-from mandrill.worker import WorkerSettings
+from mandrill.parts import open_parts, service_settings, worker_settings
+from mandrill.service import serve
 
 log = logging.getLogger("mandrill")
 
 
-def service_settings(cfg: Any) -> ServiceSettings:
-    return ServiceSettings(
-        max_in_flight=cfg.max_in_flight,
-        grace=cfg.grace,
-        settle_timeout=cfg.settle_timeout,
-        max_lease=cfg.max_lease,
-        stop_after=cfg.count,
-    )
-
-
-def worker_settings(cfg: Any) -> WorkerSettings:
-    return WorkerSettings(
-        domain=cfg.domain,
-        min_restart_interval=cfg.min_restart_interval,
-        max_attempts=cfg.max_attempts,
-    )
-
-
 async def run(cfg: Any) -> int:
+    workers = worker_settings(cfg)
     async with open_parts(cfg) as parts:
         log.info(
             "mandrill running on %s: source %s, ledger %s, restarter %s, up to %d in flight",
             cfg.backend, cfg.source, cfg.ledger, cfg.restarter, cfg.max_in_flight,
         )
-        await serve(service_settings(cfg), worker_settings(cfg), parts)
+        if workers.dry_run:
+            log.warning(
+                "DRY RUN: no host will be restarted; decisions are recorded as dry_run"
+                " (pass --live to restart for real)"
+            )
+        counters = await serve(service_settings(cfg), workers, parts)
+    if workers.dry_run:
+        log.warning("DRY RUN: %d restarts would have happened", counters.dry_run)
     return 0
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mandrill import safety
 from mandrill.errors import ConfigError
 from mandrill.message import DEFAULT_DOMAIN, validate_domain
 
@@ -135,6 +136,23 @@ def _float(value: object) -> float:
     return number
 
 
+def _parse_patterns(value: object) -> tuple[str, ...]:
+    return safety.parse_patterns(value if isinstance(value, list) else str(value))
+
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[object], Any]:
+    def parse_optional(value: object) -> Any:
+        return None if value in (None, "") else parse(str(value))
+
+    return parse_optional
+
+
+def _zone(value: object) -> str:
+    name = str(value).strip()
+    safety.parse_timezone(name)
+    return name
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -212,6 +230,33 @@ SETTINGS: tuple[Setting, ...] = (
        "messages per second the publisher sends (0: as fast as possible)",
        frozenset({"run", "publish"}), "PER_SECOND"),
     _s("publish", boolean, True, "embedded demo: run the talk's publisher in-process", RUN),
+    # -- real restarters and their safety controls --
+    _s("restart_command", optional_text, None,
+       "command restarter: argv template, e.g. 'ssh {hostname} sudo systemctl reboot'", RUN),
+    _s("restart_timeout", duration, 60.0, "command restarter: kill a restart after this", RUN),
+    _s("gce_project", optional_text, None, "gce restarter: project (else the message's)", RUN),
+    _s("gce_zone", optional_text, None, "gce restarter: zone (else the message's)", RUN),
+    _s("gce_api_root", text, "https://compute.googleapis.com/compute/v1",
+       "gce restarter: Compute Engine API root", RUN, "URL"),
+    _s("live", boolean, False,
+       "really restart with a real restarter (command, gce); without it they dry-run", RUN),
+    _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", RUN),
+    _s("exclude", _parse_patterns, (), "never restart hosts matching these globs (comma list)",
+       RUN, "GLOBS"),
+    _s("only", _parse_patterns, (), "restart only hosts matching these globs (comma list)",
+       RUN, "GLOBS"),
+    _s("weekdays", _optional(safety.parse_weekdays), None,
+       "restart only on these days, e.g. mon-fri", RUN, "DAYS"),
+    _s("hours", _optional(safety.parse_hours), (),
+       "restart only in these hours, e.g. 09:00-17:00", RUN, "HH:MM-HH:MM"),
+    _s("timezone", _zone, "UTC", "time zone of --weekdays and --hours", RUN, "ZONE"),
+    _s("max_concurrent_restarts", optional_positive_int, None,
+       "restarts under way at once in this daemon", RUN, "N"),
+    _s("max_restarts", optional_positive_int, None,
+       "fleet rate limit: restarts per --max-restarts-window across all daemons", RUN, "N"),
+    _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN),
+    _s("notify_url", optional_text, None,
+       "POST a JSON document for every restart and skip to this URL", RUN, "URL"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

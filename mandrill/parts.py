@@ -5,20 +5,67 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
 from mandrill.ledger.base import Ledger
+from mandrill.message import Message
+from mandrill.policy import RateLimit
 from mandrill.publisher import publish_chaos
 from mandrill.restarters.base import Restarter
-from mandrill.service import Parts
+from mandrill.safety import SafetyControls, TimeWindow, parse_timezone
+from mandrill.service import Parts, ServiceSettings
 from mandrill.sources.base import Source, Topic
+from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
 from mandrill.sources.memory import MemoryBroker
+from mandrill.worker import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+#: Restarters that touch real hosts: they dry-run unless ``--live`` is given.
+REAL_RESTARTERS = frozenset({"command", "gce"})
+
+
+def is_dry_run(cfg: Any) -> bool:
+    return bool(cfg.dry_run or (cfg.restarter in REAL_RESTARTERS and not cfg.live))
+
+
+def service_settings(cfg: Any) -> ServiceSettings:
+    return ServiceSettings(
+        max_in_flight=cfg.max_in_flight,
+        grace=cfg.grace,
+        settle_timeout=cfg.settle_timeout,
+        max_lease=cfg.max_lease,
+        stop_after=cfg.count,
+    )
+
+
+def worker_settings(cfg: Any) -> WorkerSettings:
+    controls = safety_controls(cfg)
+    return WorkerSettings(
+        domain=cfg.domain,
+        min_restart_interval=cfg.min_restart_interval,
+        max_attempts=cfg.max_attempts,
+        dry_run=is_dry_run(cfg),
+        max_concurrent_restarts=cfg.max_concurrent_restarts,
+        rate_limit=RateLimit(cfg.max_restarts, cfg.max_restarts_window)
+        if cfg.max_restarts
+        else None,
+        skip_checks=[controls.skip_reason] if controls is not None else [],
+    )
+
+
+def safety_controls(cfg: Any) -> SafetyControls | None:
+    window = None
+    if cfg.weekdays is not None or cfg.hours:
+        window = TimeWindow(cfg.weekdays, cfg.hours, parse_timezone(cfg.timezone))
+    if not (cfg.exclude or cfg.only or window):
+        return None
+    return SafetyControls(exclude=cfg.exclude, only=cfg.only, window=window)
 
 
 @contextlib.asynccontextmanager
@@ -30,9 +77,8 @@ async def open_source(cfg: Any) -> AsyncIterator[tuple[Source, Topic | None]]:
         return
     from mandrill.sources.pubsub import open_pubsub_source
 
-    project = require(cfg, "project")
     async with open_pubsub_source(
-        project=project,
+        project=require(cfg, "project"),
         subscription=cfg.subscription,
         backend=cfg.backend,
         dead_letter_topic=cfg.dead_letter_topic,
@@ -41,31 +87,87 @@ async def open_source(cfg: Any) -> AsyncIterator[tuple[Source, Topic | None]]:
         yield source, None
 
 
-def build_restarter(cfg: Any, rng: random.Random) -> Restarter:
+@contextlib.asynccontextmanager
+async def open_restarter(
+    cfg: Any, rng: random.Random, bridge: Callable[[], Any]
+) -> AsyncIterator[Restarter]:
     if cfg.restarter == "simulated":
         from mandrill.restarters.simulated import SimulatedRestarter
 
-        return SimulatedRestarter(cfg.restart_latency, cfg.restart_failure_rate, rng)
-    raise ConfigError(f"--restarter {cfg.restarter} is not available yet")
+        yield SimulatedRestarter(cfg.restart_latency, cfg.restart_failure_rate, rng)
+    elif cfg.restarter == "command":
+        from mandrill.restarters.command import CommandRestarter
+
+        try:
+            template = require(cfg, "restart_command")
+            restarter = CommandRestarter(template, timeout=cfg.restart_timeout)
+        except ValueError as exc:
+            raise ConfigError(f"--restart-command: {exc}") from None
+        yield restarter
+    else:
+        from mandrill.restarters.gce import GceRestarter
+
+        try:
+            gce = GceRestarter(
+                await bridge(),
+                project=cfg.gce_project,
+                zone=cfg.gce_zone,
+                api_root=cfg.gce_api_root,
+                service_file=cfg.service_file,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--gce-api-root: {exc}") from None
+        async with gce:
+            yield gce
 
 
 @contextlib.asynccontextmanager
 async def open_parts(cfg: Any) -> AsyncIterator[Parts]:
-    """Open the source, ledger and restarter ``cfg`` names; close them in reverse order."""
+    """Open the source, ledger, restarter and notifier ``cfg`` names; close them in
+    reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
     rng = random.Random(cfg.seed)
     async with contextlib.AsyncExitStack() as stack:
+        bridges: list[AsyncioBridge] = []
+
+        async def bridge() -> AsyncioBridge:
+            if not bridges:
+                bridges.append(await stack.enter_async_context(open_asyncio_bridge(cfg.backend)))
+            return bridges[0]
+
         ledger: Ledger = await open_ledger(cfg.ledger, outage_limit=cfg.ledger_outage_limit)
         stack.push_async_callback(ledger.aclose)
         source, topic = await stack.enter_async_context(open_source(cfg))
-        publisher = None
+        restarter = await stack.enter_async_context(open_restarter(cfg, rng, bridge))
+        parts = Parts(source, ledger, restarter)
         if topic is not None and cfg.publish:
-            publisher = partial(publish_chaos, topic, count=cfg.count, rate=cfg.rate, rng=rng)
-        yield Parts(source, ledger, build_restarter(cfg, rng), publisher=publisher)
+            parts.publisher = partial(publish_chaos, topic, count=cfg.count, rate=cfg.rate, rng=rng)
+        if cfg.notify_url:
+            add_notifier(parts, cfg.notify_url)
+        yield parts
+
+
+def add_notifier(parts: Parts, url: str) -> None:
+    from mandrill.notify import Notification, Notifier
+
+    try:
+        notifier = Notifier(url)
+    except ValueError as exc:
+        raise ConfigError(f"--notify-url: {exc}") from None
+
+    def on_decision(message: Message, outcome: str, detail: str) -> None:
+        notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))
+
+    parts.services = [*parts.services, notifier.run]
+    parts.on_decision = on_decision
 
 
 def require(cfg: Any, name: str) -> str:
     value = getattr(cfg, name)
     if not value:
         flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} is required with --source {cfg.source}")
+        raise ConfigError(f"{flag} is required with --{_needs(name)}")
     return str(value)
+
+
+def _needs(name: str) -> str:
+    return "restarter command" if name == "restart_command" else "source pubsub"

@@ -40,6 +40,16 @@ class Prior:
     message_decisions: Sequence[tuple[Outcome, float]] = ()
     #: When the host was last restarted, or a live claim on it began (epoch seconds).
     host_last_restart: float | None = None
+    #: Restarts (and live claims) across the fleet within the rate-limit window.
+    fleet_restarts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``restarts`` restarts per ``window`` seconds, across every daemon."""
+
+    restarts: int
+    window: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +60,13 @@ class Decision:
     failures: int = 0
 
 
-def decide_restart(prior: Prior, now: float, min_interval: float, stale_after: float) -> Decision:
+def decide_restart(
+    prior: Prior,
+    now: float,
+    min_interval: float,
+    stale_after: float,
+    rate_limit: RateLimit | None = None,
+) -> Decision:
     """Restart, skip, or recognise a duplicate.
 
     A ``RESTARTING`` claim older than ``stale_after`` seconds belongs to a daemon that died
@@ -68,6 +84,12 @@ def decide_restart(prior: Prior, now: float, min_interval: float, stale_after: f
     if last is not None and now - last < min_interval:
         ago = format_duration(now - last)
         return Decision(Verdict.SKIP, f"host restarted {ago} ago", failures)
+    if rate_limit is not None and prior.fleet_restarts >= rate_limit.restarts:
+        reason = (
+            f"fleet rate limit: {prior.fleet_restarts} restarts in the last"
+            f" {format_duration(rate_limit.window)} (limit {rate_limit.restarts})"
+        )
+        return Decision(Verdict.SKIP, reason, failures)
     return Decision(Verdict.RESTART, "", failures)
 
 

@@ -16,17 +16,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskStatus
+from anyio.abc import ObjectReceiveStream, TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 
 from mandrill.holdings import Holdings
 from mandrill.lease import LeaseKeeper
 from mandrill.ledger.base import Ledger
-from mandrill.message import Delivery
+from mandrill.message import Delivery, Message
 from mandrill.obs.counters import Counters
 from mandrill.restarters.base import Restarter
 from mandrill.settler import Settler
@@ -53,7 +54,7 @@ class ServiceSettings:
 
 
 #: A long-lived task started in the root group, reporting readiness through task_status.
-Service = Callable[..., Awaitable[Any]]
+Service = Callable[..., Coroutine[Any, Any, Any]]
 
 
 @dataclass
@@ -63,8 +64,10 @@ class Parts:
     source: Source
     ledger: Ledger
     restarter: Restarter
-    publisher: Callable[[], Awaitable[Any]] | None = None
+    publisher: Callable[[], Coroutine[Any, Any, Any]] | None = None
     services: Sequence[Service] = field(default_factory=list)
+    #: Called with (message, outcome, detail) for every restart decision (notifications).
+    on_decision: Callable[[Message, str, str], None] | None = None
 
 
 async def serve(
@@ -74,7 +77,6 @@ async def serve(
     *,
     shutdown: Shutdown | None = None,
     counters: Counters | None = None,
-    on_decision: Callable[..., None] | None = None,
     task_status: TaskStatus[Shutdown] = anyio.TASK_STATUS_IGNORED,
 ) -> Counters:
     """Run the daemon until a shutdown request (or ``stop_after``), then stop gracefully.
@@ -96,7 +98,7 @@ async def serve(
         settler=settler,
         counters=counters,
         settings=worker_settings,
-        on_decision=on_decision,
+        on_decision=parts.on_decision,
     )
     # The ledger writer and the settler must outlive the workers, whose cancellation
     # handlers still record and settle: they ignore outside cancellation and are stopped
@@ -175,7 +177,7 @@ async def _process(
 async def _consume(
     source: Source,
     holdings: Holdings,
-    send: ObjectSendStream[Delivery],
+    send: MemoryObjectSendStream[Delivery],
     counters: Counters,
 ) -> None:
     async with send:
@@ -214,9 +216,9 @@ async def _cancel_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _settle_held(holdings: Holdings, settler: Settler, timeout: float) -> None:
+async def _settle_held(holdings: Holdings, settler: Settler, limit: float) -> None:
     """Nack everything still held and flush pending settlements: shielded, bounded."""
-    with anyio.move_on_after(timeout, shield=True) as scope:
+    with anyio.move_on_after(limit, shield=True) as scope:
         held = holdings.release_all()
         for delivery in held:
             settler.nack(delivery)
@@ -229,4 +231,4 @@ async def _settle_held(holdings: Holdings, settler: Settler, timeout: float) -> 
             log.info("nacked %d messages still held at shutdown", len(held))
     if scope.cancelled_caught:
         log.error("final settlement timed out after %.1fs; %d settlements not sent",
-                  timeout, settler.pending)
+                  limit, settler.pending)

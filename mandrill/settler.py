@@ -6,7 +6,6 @@ that gives up raises, which stops the service (whose shutdown flushes again).
 
 from __future__ import annotations
 
-
 import anyio
 from anyio.abc import TaskStatus
 

@@ -19,7 +19,7 @@ from mandrill.errors import InvalidMessage, LedgerError, RestartFailed
 from mandrill.ledger.base import Ledger
 from mandrill.message import DEFAULT_DOMAIN, Delivery, Message, parse_delivery
 from mandrill.obs.counters import Counters
-from mandrill.policy import Outcome, Result, Settlement, Verdict, settlement_for
+from mandrill.policy import Outcome, RateLimit, Result, Settlement, Verdict, settlement_for
 from mandrill.restarters.base import Restarter
 from mandrill.settler import Settler
 from mandrill.sources.base import Source
@@ -41,6 +41,7 @@ class WorkerSettings:
     max_attempts: int = 5
     dry_run: bool = False
     max_concurrent_restarts: int | None = None
+    rate_limit: RateLimit | None = None
     skip_checks: list[Callable[[Message, datetime], str | None]] = field(default_factory=list)
     #: Wall-clock time for the ledger and the interval rule (injectable for tests).
     wall_clock: Callable[[], float] = time.time
@@ -129,7 +130,11 @@ class Worker:
                 return await self._skip_before_claim(message, now, reason), 0
         try:
             claim = await self._ledger.claim(
-                message, now, settings.min_restart_interval, settings.stale_claim_after
+                message,
+                now,
+                settings.min_restart_interval,
+                settings.stale_claim_after,
+                settings.rate_limit,
             )
         except LedgerError as exc:
             self._counters.ledger_unavailable += 1
@@ -150,7 +155,9 @@ class Worker:
         assert claim.restart_id is not None
         return await self._restart(message, claim.restart_id, decision.failures)
 
-    async def _restart(self, message: Message, restart_id: int, failures: int) -> tuple[Result, int]:
+    async def _restart(
+        self, message: Message, restart_id: int, failures: int
+    ) -> tuple[Result, int]:
         if self.settings.dry_run:
             await self._finish(restart_id, Outcome.DRY_RUN, "dry run: would restart")
             self._counters.dry_run += 1

@@ -60,7 +60,9 @@ def test_any_bytes_either_parse_or_raise_invalid_message(data):
     try:
         message = parse_delivery(delivery(data))
     except InvalidMessage as exc:
-        assert exc.reason and "\n" not in exc.reason
+        reason = exc.reason
+        assert reason
+        assert "\n" not in reason
     else:
         assert is_valid_label(message.instance_name)
 

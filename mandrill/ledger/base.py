@@ -9,7 +9,7 @@ from typing import Protocol
 from anyio.abc import TaskStatus
 
 from mandrill.message import Delivery, Message
-from mandrill.policy import Decision, Outcome
+from mandrill.policy import Decision, Outcome, RateLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +62,15 @@ class Ledger(Protocol):
         ...
 
     async def claim(
-        self, message: Message, now: float, min_interval: float, stale_after: float
+        self,
+        message: Message,
+        now: float,
+        min_interval: float,
+        stale_after: float,
+        rate_limit: RateLimit | None = None,
     ) -> Claim:
-        """Decide atomically (across daemons) whether this message restarts its host."""
+        """Decide atomically (across daemons) whether this message restarts its host, under
+        the interval rule and the fleet's ``rate_limit``."""
         ...
 
     async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
 from mandrill.message import Delivery, Message
-from mandrill.policy import Decision, Outcome, Prior, Verdict, decide_restart
+from mandrill.policy import Decision, Outcome, Prior, RateLimit, Verdict, decide_restart
 
 
 class Cursor(Protocol):
@@ -105,9 +105,22 @@ def dead_letter(cur: Cursor, d: Dialect, delivery: Delivery, now: float, reason:
     )
 
 
+#: The lock name that serialises rate-limited decisions across the fleet. It sorts before
+#: every ``host:`` and ``message:`` key, so batches always take it first (no deadlock).
+FLEET_LOCK = "*fleet*"
+
+
 def claim(
-    cur: Cursor, d: Dialect, message: Message, now: float, min_interval: float, stale_after: float
+    cur: Cursor,
+    d: Dialect,
+    message: Message,
+    now: float,
+    min_interval: float,
+    stale_after: float,
+    rate_limit: RateLimit | None = None,
 ) -> Claim:
+    if rate_limit is not None:
+        d.lock_host(cur, FLEET_LOCK)
     d.lock_host(cur, message.hostname)
     cur.execute(
         d.sql("SELECT outcome, decided_at FROM restarts WHERE message_id = ? ORDER BY decided_at"),
@@ -122,7 +135,18 @@ def claim(
         (message.hostname, Outcome.RESTARTED, Outcome.RESTARTING, now - stale_after),
     )
     (last,) = cur.fetchone()
-    decision = decide_restart(Prior(decisions, last), now, min_interval, stale_after)
+    fleet = 0
+    if rate_limit is not None:
+        cur.execute(
+            d.sql(
+                "SELECT COUNT(*) FROM restarts WHERE decided_at > ? AND (outcome = ?"
+                " OR (outcome = ? AND decided_at > ?))"
+            ),
+            (now - rate_limit.window, Outcome.RESTARTED, Outcome.RESTARTING, now - stale_after),
+        )
+        (fleet,) = cur.fetchone()
+    prior = Prior(decisions, last, int(fleet))
+    decision = decide_restart(prior, now, min_interval, stale_after, rate_limit)
     if decision.verdict is Verdict.RESTART:
         return Claim(decision, insert(cur, d, message, now, Outcome.RESTARTING, ""))
     if decision.verdict is Verdict.SKIP:

@@ -11,7 +11,7 @@ from mandrill.ledger import sql
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
 from mandrill.ledger.batch import Batcher, Database, Op
 from mandrill.message import Delivery, Message
-from mandrill.policy import Outcome
+from mandrill.policy import Outcome, RateLimit
 
 
 class SQLLedger:
@@ -39,12 +39,18 @@ class SQLLedger:
         )
 
     async def claim(
-        self, message: Message, now: float, min_interval: float, stale_after: float
+        self,
+        message: Message,
+        now: float,
+        min_interval: float,
+        stale_after: float,
+        rate_limit: RateLimit | None = None,
     ) -> Claim:
         d = self._dialect
+        key = f"host:{message.hostname}"
         return await self._batcher.submit(
-            lambda cur: sql.claim(cur, d, message, now, min_interval, stale_after),
-            key=f"host:{message.hostname}",
+            lambda cur: sql.claim(cur, d, message, now, min_interval, stale_after, rate_limit),
+            key=sql.FLEET_LOCK + key if rate_limit is not None else key,
         )
 
     async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:

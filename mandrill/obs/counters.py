@@ -2,8 +2,50 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+
+#: Publish → settle, seconds: from a fast ack to a message redelivered for an hour.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)
+#: One restarter call, seconds: simulated restarts take milliseconds, real ones minutes.
+RESTART_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Histogram:
+    """A fixed-bucket histogram cheap enough for the hot path: ``observe`` is a bisect and
+    three additions, with no lock (the event loop is its only writer; exporters read it
+    from the same thread). Negative values (wall-clock skew) count as 0.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        if list(bounds) != sorted(set(bounds)) or not bounds:
+            raise ValueError("histogram bounds must be distinct and ascending")
+        self.bounds = tuple(float(bound) for bound in bounds)
+        #: ``counts[i]`` holds values in ``(bounds[i-1], bounds[i]]``; the last one, above all.
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, values <= bound)`` pairs ending with ``(inf, count)``."""
+        total = 0
+        pairs = []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            pairs.append((bound, total))
+        return pairs
 
 
 @dataclass(slots=True)
@@ -24,8 +66,14 @@ class Counters:
     leases_abandoned: int = 0
     #: Messages finished for good (acked or dead-lettered), which ``--count`` counts.
     completed: int = 0
+    #: Failed pull requests (each retry counts), whether or not the source recovered.
+    pull_errors: int = 0
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     skip_reasons: Counter[str] = field(default_factory=Counter)
+    #: Publish time → final settlement (ack or dead-letter), wall-clock seconds.
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    #: Duration of each restarter call that returned or failed (not cancelled ones).
+    restart_duration: Histogram = field(default_factory=lambda: Histogram(RESTART_BUCKETS))
 
     def as_dict(self) -> dict[str, int]:
         return {

@@ -17,15 +17,13 @@ from collections.abc import Mapping, Sequence
 import anyio
 
 from mandrill.errors import RestartFailed
-from mandrill.message import Message, is_valid_label
+from mandrill.message import Message, is_valid_label, validate_domain
 
 #: The names a template may use, as ``{name}``.
 PLACEHOLDERS = frozenset({"hostname", "instance_name"})
 
 #: How much of the end of a failed command's stderr goes into the ledger detail.
 STDERR_TAIL_CHARS = 200
-
-_MAX_HOSTNAME = 253
 
 # One template element, pre-parsed: literal text alternating with placeholder names.
 _Element = tuple[tuple[str, str | None], ...]
@@ -34,8 +32,13 @@ _Element = tuple[tuple[str, str | None], ...]
 def parse_template(template: str | Sequence[str]) -> tuple[str, ...]:
     """Split a command line with :func:`shlex.split` (a sequence is taken as argv already)
     and validate it. Raises ``ValueError`` with a one-line message for an empty command, bad
-    quoting, or a placeholder other than ``{hostname}`` / ``{instance_name}``.
+    quoting, a placeholder other than ``{hostname}`` / ``{instance_name}``, or a placeholder
+    in the program name.
     """
+    return _compile(template)[0]
+
+
+def _compile(template: str | Sequence[str]) -> tuple[tuple[str, ...], tuple[_Element, ...]]:
     if isinstance(template, str):
         try:
             argv = tuple(shlex.split(template))
@@ -45,11 +48,11 @@ def parse_template(template: str | Sequence[str]) -> tuple[str, ...]:
         argv = tuple(template)
     if not argv or not argv[0]:
         raise ValueError("restart command is empty")
-    elements = [_parse_element(element) for element in argv]
+    elements = tuple(_parse_element(element) for element in argv)
     if any(field for _, field in elements[0]):
         # A host name must never choose which program runs.
         raise ValueError(f"restart command {argv[0]!r}: the program name cannot be a placeholder")
-    return argv
+    return argv, elements
 
 
 def _parse_element(element: str) -> _Element:
@@ -76,15 +79,21 @@ def _fill(element: _Element, values: Mapping[str, str]) -> str:
 
 def _refusal(message: Message) -> str | None:
     hostname, instance = message.hostname, message.instance_name
-    if (
-        hostname.startswith("-")
-        or len(hostname) > _MAX_HOSTNAME
-        or not all(map(is_valid_label, hostname.split(".")))
-    ):
+    # The leading "-" is what turns a value into an option (ssh -oProxyCommand=…); RFC 1123
+    # already excludes it, and it is checked on its own so that this never depends on that.
+    if hostname.startswith("-") or not _is_valid_hostname(hostname):
         return f"refusing hostname {hostname[:80]!r}: not a valid RFC 1123 name"
     if instance.startswith("-") or not is_valid_label(instance):
         return f"refusing instance name {instance[:80]!r}: not a valid RFC 1123 label"
     return None
+
+
+def _is_valid_hostname(hostname: str) -> bool:
+    try:
+        validate_domain(hostname)
+    except ValueError:
+        return False
+    return True
 
 
 def _one_line_tail(data: bytes | None) -> str:
@@ -97,15 +106,15 @@ class CommandRestarter:
 
     ``argv_template`` is a command line (split with :func:`shlex.split`) or an argv
     sequence; ``timeout`` bounds each run in seconds. Construction raises ``ValueError`` for
-    a bad template or timeout.
+    a bad template or timeout. A command counts as running until its stderr closes: one that
+    leaves a background process holding stderr (``ssh -f``) runs into the timeout.
     """
 
     def __init__(self, argv_template: str | Sequence[str], *, timeout: float) -> None:
         if not timeout > 0:  # also refuses NaN
             raise ValueError(f"restart command timeout must be > 0, not {timeout}")
-        self.argv_template = parse_template(argv_template)
+        self.argv_template, self._elements = _compile(argv_template)
         self.timeout = timeout
-        self._elements = tuple(_parse_element(element) for element in self.argv_template)
 
     def argv_for(self, message: Message) -> list[str]:
         """The argv that :meth:`restart` runs for ``message``; raises :class:`RestartFailed`

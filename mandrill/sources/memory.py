@@ -150,7 +150,7 @@ class MemoryBroker:
 
     # -- internals -----------------------------------------------------------------------
     def _lease(self, max_messages: int, now: float) -> list[Delivery]:
-        deliveries = []
+        deliveries: list[Delivery] = []
         expires_at = now + self.ack_deadline
         while self._ready and len(deliveries) < max_messages:
             stored = self._ready.popleft()

@@ -63,9 +63,12 @@ MAX_ATTRIBUTE_VALUE_BYTES: Final = 1024
 DEAD_LETTER_REASON_ATTRIBUTE: Final = "mandrill_dead_letter_reason"
 DEAD_LETTER_MESSAGE_ID_ATTRIBUTE: Final = "mandrill_original_message_id"
 
-#: How long one pull waits for messages (client side) before it counts as an empty long
-#: poll. The emulator holds an empty pull ~90 s, longer than gcloud-aio's default timeout.
-DEFAULT_PULL_WAIT: Final = 20.0
+#: Client-side limit of one pull. Keep it longer than the server holds an empty pull (the
+#: emulator: ~90 s), so that pulls end by the server's answer: the emulator does not notice
+#: a pull its client gave up on, and hands messages whose lease expired to that dead pull,
+#: which delays their redelivery by another ack deadline each time (measured: 30 s instead
+#: of 10 s with 1 s client timeouts). Cancelling a pull has the same cost, once.
+DEFAULT_PULL_WAIT: Final = 100.0
 #: Client-side timeout of every other request.
 DEFAULT_REQUEST_TIMEOUT: Final = 10.0
 #: How long closing the clients may take once the caller is cancelled.
@@ -405,8 +408,10 @@ class PubSubSource:
         self._request_timeout = _whole_seconds(request_timeout)
 
     async def pull(self, max_messages: int) -> list[Delivery]:
-        """Wait up to ``pull_wait`` seconds for up to ``max_messages`` deliveries (at most
-        1000 per call, the API's limit); ``[]`` if none came."""
+        """Wait for up to ``max_messages`` deliveries (at most 1000 per call, the API's
+        limit); ``[]`` when the server ends an empty long poll (the emulator after ~90 s) or
+        ``pull_wait`` passes. To stop waiting sooner, cancel the call (see
+        ``DEFAULT_PULL_WAIT`` for what that costs)."""
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         count = min(max_messages, MAX_PULL_MESSAGES)
@@ -414,10 +419,9 @@ class PubSubSource:
         return [_to_delivery(m) for m in messages]
 
     async def _pull_once(self, count: int) -> list[SubscriberMessage]:
-        # Runs on the asyncio loop. A pull holds until a message comes (the emulator answers
-        # an empty pull only after ~90 s), so our own timeout ends an empty long poll. If it
-        # fires as the server answers, those messages stay leased until their ack deadline
-        # and are then redelivered: late, not lost.
+        # Runs on the asyncio loop. Our timeout is a backstop (see DEFAULT_PULL_WAIT): when
+        # it fires, messages the server hands to this pull stay leased until their ack
+        # deadline and are then redelivered: late, not lost.
         try:
             return await self._clients.subscriber.pull(
                 self.subscription, count, timeout=self._pull_wait

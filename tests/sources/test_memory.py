@@ -2,7 +2,7 @@ import anyio
 import pytest
 
 from mandrill.sources.memory import MemoryBroker
-from tests.clocked import anyio_backend, unit  # noqa: F401 - trio runs on a MockClock here
+from tests.clocked import anyio_backend, unit  # noqa: F401 - fixtures; trio on a MockClock
 
 
 async def publish(broker: MemoryBroker, n: int) -> list[str]:
