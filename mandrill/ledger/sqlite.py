@@ -40,23 +40,36 @@ class SQLiteDatabase:
             self._conn.execute(statement)
 
     def run_batch(self, ops: list[Op[Any]]) -> None:
+        # Fast path: the whole batch in one transaction with no savepoints (they cost two
+        # statements per op). If any op fails, roll back and run it again op by op, each
+        # in its own savepoint, so that one failure does not sink its batch-mates.
+        if not self._run(ops, savepoints=False):
+            self._run(ops, savepoints=True)
+
+    def _run(self, ops: list[Op[Any]], *, savepoints: bool) -> bool:
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
-                cur.execute("SAVEPOINT op")
+                if savepoints:
+                    cur.execute("SAVEPOINT op")
                 try:
                     op.result = op.fn(cur)
                 except Exception as exc:
+                    if not savepoints:
+                        self._conn.rollback()
+                        return False
                     cur.execute("ROLLBACK TO op")
                     reason = " ".join(str(exc).split()) or type(exc).__name__
                     op.error = LedgerError(f"ledger write failed: {reason}")
-                cur.execute("RELEASE op")
+                if savepoints:
+                    cur.execute("RELEASE op")
             cur.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
                 self._conn.rollback()
             raise
+        return True
 
     def run_query(self, fn: Callable[[Any], T]) -> T:
         return fn(self._conn.cursor())
