@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import random
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mandrill.cli import parse_since, print_json_lines
 from mandrill.config import positive_int
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
-from mandrill.parts import open_parts, service_settings, worker_settings
+from mandrill.parts import open_parts, require, service_settings, worker_settings
+from mandrill.publisher import MAX_BATCH, publish_chaos
 from mandrill.service import serve
 
 log = logging.getLogger("mandrill")
@@ -69,16 +73,88 @@ async def history(cfg: Any) -> int:
     return 0
 
 
-async def publish(cfg: Any) -> int:
-    raise ConfigError("publish needs the Pub/Sub source, which is not available yet")
-
-
 async def setup(cfg: Any) -> int:
-    raise ConfigError("setup needs the Pub/Sub source, which is not available yet")
+    from mandrill.sources.pubsub import setup_pubsub
+
+    if not 10 <= cfg.ack_deadline <= 600:
+        raise ConfigError(f"--ack-deadline: {cfg.ack_deadline:g}s is not between 10s and 600s")
+    done = await setup_pubsub(
+        project=require(cfg, "project"),
+        topic=cfg.topic,
+        subscription=cfg.subscription,
+        backend=cfg.backend,
+        ack_deadline=int(cfg.ack_deadline),
+        dead_letter_topic=cfg.dead_letter_topic,
+        max_delivery_attempts=cfg.max_delivery_attempts,
+    )
+    for line in done:
+        print(line)
+    return 0
+
+
+async def publish(cfg: Any) -> int:
+    """The talk's publisher against a real topic, with a progress bar on a terminal."""
+    from mandrill.sources.pubsub import open_pubsub_topic
+
+    project = require(cfg, "project")
+    console = Console(stderr=True)
+    # auto_refresh would start a thread of rich's own; refresh from the loop instead.
+    with Progress(
+        TextColumn("publishing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        auto_refresh=False,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("publish", total=cfg.count, rate="")
+        started = anyio.current_time()
+
+        def advance(n: int) -> None:
+            done = progress.tasks[0].completed + n
+            elapsed = max(anyio.current_time() - started, 1e-9)
+            progress.update(task, advance=n, rate=f"{done / elapsed:,.0f}/s")
+            progress.refresh()
+
+        async with open_pubsub_topic(project=project, topic=cfg.topic, backend=cfg.backend) as t:
+            published = await publish_chaos(
+                t, count=cfg.count, rate=cfg.rate, rng=random.Random(cfg.seed),
+                on_published=advance,
+            )
+    log.info("published %d messages to %s", published, cfg.topic)
+    return 0
 
 
 async def replay(cfg: Any) -> int:
-    raise ConfigError("replay needs the Pub/Sub source, which is not available yet")
+    """Republish saved messages (received, or dead-lettered with --dead-letters)."""
+    from mandrill.sources.pubsub import open_pubsub_topic
+
+    args = cfg.args
+    project = require(cfg, "project")
+    since = parse_since(args.since, "--since")
+    until = parse_since(args.until, "--until")
+    hostname = args.host
+    ledger = await open_ledger(cfg.ledger)
+    try:
+        saved = await ledger.saved_messages(
+            hostname=hostname,
+            since=since,
+            until=until,
+            status="dead_letter" if args.dead_letters else "received",
+        )
+    finally:
+        await ledger.aclose()
+    messages = [
+        (m.data, {**m.attributes, "mandrill_replay_of": m.message_id}) for m in saved
+    ]
+    async with open_pubsub_topic(project=project, topic=cfg.topic, backend=cfg.backend) as t:
+        for start in range(0, len(messages), MAX_BATCH):
+            await t.publish(messages[start : start + MAX_BATCH])
+    log.info("replayed %d messages to %s", len(messages), cfg.topic)
+    print(len(messages))
+    return 0
 
 
 def _iso(epoch: float | None) -> str:

@@ -82,7 +82,6 @@ async def open_source(cfg: Any) -> AsyncIterator[tuple[Source, Topic | None]]:
         subscription=cfg.subscription,
         backend=cfg.backend,
         dead_letter_topic=cfg.dead_letter_topic,
-        service_file=cfg.service_file,
     ) as source:
         yield source, None
 
@@ -113,7 +112,6 @@ async def open_restarter(
                 project=cfg.gce_project,
                 zone=cfg.gce_zone,
                 api_root=cfg.gce_api_root,
-                service_file=cfg.service_file,
             )
         except ValueError as exc:
             raise ConfigError(f"--gce-api-root: {exc}") from None

@@ -198,9 +198,13 @@ class LagProbe:
                 and now >= self._due
                 and (reported_at is None or now - reported_at >= self.repeat_after)
             ):
-                self._report(top, task_frame, namer, now - since, first=reported_at is None)
+                try:
+                    self._report(top, task_frame, namer, now - since, first=reported_at is None)
+                except Exception:  # a bug here must not end the watchdog silently
+                    log.exception("the event-loop watchdog failed to report a stall")
                 reported_at = now
-            # Hold no frame of the loop thread while sleeping (it would keep locals alive).
+            # Only the step's own frame stays referenced while sleeping (for the identity
+            # check); the rest of the loop thread's stack, with its locals, is let go.
             del top, task_frame
 
     def _report(

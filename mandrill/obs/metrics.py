@@ -35,7 +35,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 
 from mandrill.obs.counters import Counters, Histogram
-from mandrill.obs.lag import LagProbe
+from mandrill.obs.debug import watch_slow_steps
+from mandrill.obs.lag import DEFAULT_SLOW_CALLBACK_MS, LagProbe
+from mandrill.obs.taskdump import dump_tasks_on_signal
 
 if TYPE_CHECKING:
     from mandrill.shutdown import Shutdown
@@ -405,6 +407,45 @@ def metrics_service(
     health: Health,
     probe: LagProbe | None = None,
 ) -> Callable[..., Any]:
-    """A service for ``Parts.services`` / ``root.start``: the registry and its server."""
+    """A service for ``root.start``: a fresh registry over ``counters`` and its server."""
     registry = build_registry(counters, in_flight=in_flight, probe=probe, health=health)
     return partial(serve_http, addr, registry, health)
+
+
+@dataclass
+class Observability:
+    """Everything ``run`` turns on to watch the daemon, built once from the configuration.
+
+    ``serve()`` starts :meth:`services` in its root task group (it owns what ``in_flight``
+    counts) and calls ``health.set_serving()`` once workers take messages.
+    """
+
+    counters: Counters
+    shutdown: Shutdown
+    metrics_addr: str | None = None
+    #: Watchdog threshold; ``None`` or 0 turns the watchdog thread off.
+    slow_callback_ms: float | None = DEFAULT_SLOW_CALLBACK_MS
+    debug: bool = False
+    #: SIGUSR1 dumps the task tree.
+    task_dump: bool = True
+    probe: LagProbe = field(init=False)
+    health: ServiceHealth = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.probe = LagProbe(slow_callback_ms=self.slow_callback_ms)
+        self.health = ServiceHealth(shutdown=self.shutdown, probe=self.probe)
+
+    def services(self, *, in_flight: Callable[[], int]) -> list[tuple[str, Callable[..., Any]]]:
+        """``(task name, service)`` pairs, each to be started with ``root.start``."""
+        found: list[tuple[str, Callable[..., Any]]] = [("lag probe", self.probe.run)]
+        if self.task_dump:
+            found.append(("task dump", dump_tasks_on_signal))
+        if self.debug and self.slow_callback_ms:
+            found.append(("slow steps", partial(watch_slow_steps, self.slow_callback_ms)))
+        if self.metrics_addr is not None:
+            found.append((
+                "metrics server",
+                metrics_service(self.metrics_addr, self.counters, in_flight=in_flight,
+                                health=self.health, probe=self.probe),
+            ))
+        return found

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 def format_task_tree(*, full: bool = False) -> str:
     """The running tasks as an indented tree, each with its await stack, then the threads.
 
+    Sibling tasks without children waiting at the same line are listed once, as a group.
     Runs of library frames (stdlib, site-packages) are shortened to their first frame
     (the call the program made into the library) unless ``full``. Call it from the event
     loop's thread (it reads the loop's task structures); it does not await, block or raise.
@@ -49,21 +50,43 @@ def format_task_tree(*, full: bool = False) -> str:
         f" ({sniffio.current_async_library()}, {len(tasks)} tasks):"
     ]
 
-    def add(task: anyio.TaskInfo, depth: int) -> None:
-        indent = "  " * depth
-        flags = " (cancel pending)" if task.has_pending_cancellation() else ""
+    def stack_of(task: anyio.TaskInfo) -> list[str]:
         if task.id == current:
-            flags += " (this task: dumping)"
-            frames = _running_frames(task.coro, caller)
-        else:
-            frames = list(_await_frames(task.coro))
-        lines.append(f"{indent}- {task.name or '<unnamed>'}{flags}")
-        lines.extend(f"{indent}  | {line}" for line in _format_stack(frames, full))
-        for child in sorted(children[task.id], key=_natural):
-            add(child, depth + 1)
+            return list(_format_stack(_running_frames(task.coro, caller), full))
+        return list(_format_stack(list(_await_frames(task.coro)), full))
 
-    for task in sorted(children[None], key=_natural):
-        add(task, 0)
+    def add_all(siblings: list[anyio.TaskInfo], depth: int) -> None:
+        # Siblings without children that wait at the same place (256 idle workers) are
+        # shown once, as a group.
+        groups: dict[tuple[str, ...], list[anyio.TaskInfo]] = {}
+        shown: list[tuple[list[anyio.TaskInfo], list[str]]] = []
+        for task in sorted(siblings, key=_natural):
+            stack = stack_of(task)
+            if children[task.id] or task.id == current:
+                shown.append(([task], stack))
+                continue
+            key = tuple(stack)
+            if key not in groups:
+                groups[key] = []
+                shown.append((groups[key], stack))
+            groups[key].append(task)
+        indent = "  " * depth
+        for group, stack in shown:
+            first = group[0]
+            flags = " (cancel pending)" if first.has_pending_cancellation() else ""
+            if first.id == current:
+                flags += " (this task: dumping)"
+            names = [task.name or "<unnamed>" for task in group]
+            label = ", ".join(names[:3] if len(names) > 4 else names)
+            if len(names) > 4:
+                label += f" and {len(names) - 3} more"
+            if len(names) > 1:
+                label += f" ({len(names)} tasks, same stack)"
+            lines.append(f"{indent}- {label}{flags}")
+            lines.extend(f"{indent}  | {line}" for line in stack)
+            add_all(children[first.id], depth + 1)
+
+    add_all(children[None], 0)
     lines.extend(_thread_stacks(full))
     return "\n".join(lines)
 

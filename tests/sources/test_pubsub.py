@@ -38,7 +38,8 @@ from tests.fixtures.emulator import PubSubNames
 
 #: Every wait on the emulator is bounded by this; a healthy one answers in milliseconds.
 WAIT = 15.0
-#: Short long-polls, so that "nothing more comes" costs about a second.
+#: How long to wait to see that nothing more comes. (A pull cut short leaves the emulator
+#: with a dead pull that can swallow later redeliveries: do it last in a test.)
 QUICK_PULL = 1.0
 
 
@@ -64,7 +65,6 @@ async def opened(
         subscription=names.subscription,
         backend=backend,
         dead_letter_topic=names.dead_letter_topic if dead_letter else None,
-        pull_wait=QUICK_PULL,
     ) as source:
         yield source
 
@@ -76,6 +76,13 @@ async def publish(
         project=names.project, topic=names.topic, backend=backend
     ) as topic:
         return await topic.publish(messages)
+
+
+async def pull_nothing(source: Source) -> None:
+    """Check that no delivery comes for ``QUICK_PULL`` seconds."""
+    with anyio.move_on_after(QUICK_PULL):
+        got = await source.pull(1000)
+        pytest.fail(f"expected no delivery, got {got}")
 
 
 async def pull_at_least(source: Source, count: int) -> list[Delivery]:
@@ -158,7 +165,22 @@ async def test_publish_pull_ack_drains_the_subscription(
         assert by_seq["7"].publish_time.tzinfo is not None
         await source.acknowledge([d.ack_id for d in got])
 
-        assert await source.pull(1000) == []
+        await pull_nothing(source)
+
+
+@pytest.mark.emulator
+async def test_pull_returns_nothing_when_the_wait_ends(
+    pubsub_names: PubSubNames, backend_name: str
+) -> None:
+    n = pubsub_names
+    await setup_pubsub(
+        project=n.project, topic=n.topic, subscription=n.subscription, backend=backend_name
+    )
+    async with open_pubsub_source(
+        project=n.project, subscription=n.subscription, backend=backend_name, pull_wait=1
+    ) as source:
+        with anyio.fail_after(WAIT):
+            assert await source.pull(10) == []
 
 
 @pytest.mark.emulator
@@ -190,7 +212,7 @@ async def test_modify_ack_deadline_extends_the_lease(
             while not redelivered:
                 redelivered = await source.pull(1000)
         assert [d.data for d in redelivered] == [b"control"]
-        assert await source.pull(1000) == []
+        await pull_nothing(source)
         await source.acknowledge([leased[b"kept"].ack_id, redelivered[0].ack_id])
 
 
@@ -210,7 +232,6 @@ async def test_dead_letter_publishes_data_attributes_and_reason(
         project=n.project,
         subscription=f"{n.dead_letter_topic}-sub",
         backend=backend_name,
-        pull_wait=QUICK_PULL,
     ) as dead:
         [letter] = await pull_at_least(dead, 1)
         await dead.acknowledge([letter.ack_id])
@@ -281,7 +302,9 @@ async def test_unreachable_service_gives_up_after_the_retry_budget(backend_name:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     policy = RetryPolicy(initial=0.01, cap=0.05, total=0.3)
-    with pytest.raises(PubSubError, match=r"gave up after \d+ attempts in 0\.\d s: Client"):
+    with pytest.raises(
+        PubSubError, match=r"gave up after \d+ attempts in \d+\.\d s: Client\w*Error"
+    ):
         async with open_pubsub_source(
             project="nowhere",
             subscription="nothing",
