@@ -77,13 +77,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mandrill: error: {exc}", file=sys.stderr)
         return 2
-    with configured_logging(cfg.log_format, cfg.log_level):
+    level = "debug" if getattr(cfg, "debug", False) else cfg.log_level
+    with configured_logging(cfg.log_format, level):
         return _run(_commands()[args.command], cfg)
 
 
 def _run(command: Command, cfg: Any) -> int:
+    from mandrill.obs import debug
+    from mandrill.obs.profiling import profiled
+
+    debugging = getattr(cfg, "debug", False)
+    options = debug.backend_options(cfg.backend, debugging)
     try:
-        return anyio.run(command, cfg, backend=cfg.backend)
+        with profiled(getattr(cfg, "profile", None)):
+            return anyio.run(command, cfg, backend=cfg.backend, backend_options=options)
+    except OSError as exc:
+        if exc.filename == getattr(cfg, "profile", None):
+            log.error("error: cannot write profile %s: %s", exc.filename, exc.strerror)
+            return 2
+        return _report(exc)
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130

@@ -24,7 +24,19 @@ log = logging.getLogger("mandrill")
 
 
 async def run(cfg: Any) -> int:
+    from mandrill.obs import debug
+    from mandrill.obs.counters import Counters
+    from mandrill.obs.metrics import Observability
+    from mandrill.shutdown import Shutdown
+
     workers = worker_settings(cfg)
+    observability = Observability(
+        counters=Counters(),
+        shutdown=Shutdown(),
+        metrics_addr=cfg.metrics_addr,
+        slow_callback_ms=debug.slow_callback_ms(cfg.debug, cfg.slow_callback_ms),
+        debug=cfg.debug,
+    )
     async with open_parts(cfg) as parts:
         log.info(
             "mandrill running on %s: source %s, ledger %s, restarter %s, up to %d in flight",
@@ -35,7 +47,9 @@ async def run(cfg: Any) -> int:
                 "DRY RUN: no host will be restarted; decisions are recorded as dry_run"
                 " (pass --live to restart for real)"
             )
-        counters = await serve(service_settings(cfg), workers, parts)
+        counters = await serve(
+            service_settings(cfg), workers, parts, observability=observability
+        )
     if workers.dry_run:
         log.warning("DRY RUN: %d restarts would have happened", counters.dry_run)
     return 0

@@ -153,6 +153,24 @@ def _zone(value: object) -> str:
     return name
 
 
+def _metrics_addr(value: object) -> str | None:
+    from mandrill.obs.metrics import parse_addr
+
+    if value in (None, ""):
+        return None
+    parse_addr(str(value))
+    return str(value).strip()
+
+
+def _optional_ms(value: object) -> float | None:
+    if value in (None, ""):
+        return None
+    number = _float(value)
+    if number < 0:
+        raise ValueError(f"{value!r} must be >= 0 milliseconds")
+    return number
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -259,6 +277,16 @@ SETTINGS: tuple[Setting, ...] = (
     _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN),
     _s("notify_url", optional_text, None,
        "POST a JSON document for every restart and skip to this URL", RUN, "URL"),
+    # -- observability --
+    _s("metrics_addr", _metrics_addr, None,
+       "serve /metrics, /healthz, /readyz on HOST:PORT (off unless given)", RUN, "HOST:PORT"),
+    _s("debug", boolean, False,
+       "asyncio debug mode / trio step timing, slow steps from 20 ms, debug logs", RUN),
+    _s("slow_callback_ms", _optional_ms, None,
+       "report steps that block the event loop longer than this (0: off; default 100)",
+       RUN, "MS"),
+    _s("profile", optional_text, None, "write cProfile stats to FILE when the daemon stops",
+       RUN, "FILE"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

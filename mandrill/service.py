@@ -29,6 +29,7 @@ from mandrill.lease import LeaseKeeper
 from mandrill.ledger.base import Ledger
 from mandrill.message import Delivery, Message
 from mandrill.obs.counters import Counters
+from mandrill.obs.metrics import Observability
 from mandrill.restarters.base import Restarter
 from mandrill.settler import Settler
 from mandrill.shutdown import Shutdown, watch_signals
@@ -77,6 +78,7 @@ async def serve(
     *,
     shutdown: Shutdown | None = None,
     counters: Counters | None = None,
+    observability: Observability | None = None,
     task_status: TaskStatus[Shutdown] = anyio.TASK_STATUS_IGNORED,
 ) -> Counters:
     """Run the daemon until a shutdown request (or ``stop_after``), then stop gracefully.
@@ -86,6 +88,8 @@ async def serve(
     parts (source or ledger gone) runs the same shutdown path and then propagates in an
     ``ExceptionGroup``.
     """
+    if observability is not None:
+        shutdown, counters = observability.shutdown, observability.counters
     shutdown = shutdown or Shutdown()
     counters = counters if counters is not None else Counters()
     holdings = Holdings(settings.max_in_flight)
@@ -113,12 +117,19 @@ async def serve(
     async with anyio.create_task_group() as root:
         if settings.handle_signals:
             await root.start(watch_signals, shutdown, settings.grace, name="signal watcher")
+        if observability is not None:
+            # Started first, so the lag probe and the metrics server watch start-up too.
+            observability.health.checks = {"ledger": parts.ledger.healthy}
+            for name, service in observability.services(in_flight=holdings.__len__):
+                await root.start(service, name=name)
         await root.start(until_stopped, parts.ledger.run, name="ledger writer")
         await root.start(until_stopped, settler.run, name="settler")
         await root.start(keeper.run, name="lease keeper")
         for service in parts.services:
-            await root.start(service)
+            await root.start(service, name=getattr(service, "__qualname__", "service"))
         task_status.started(shutdown)
+        if observability is not None:
+            observability.health.set_serving()
         log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
         try:
             await _process(settings, parts, worker, settler, holdings, counters, shutdown, root)

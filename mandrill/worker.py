@@ -99,7 +99,7 @@ class Worker:
         settlement = settlement_for(result, failures, self.settings.max_attempts)
         if settlement is Settlement.ACK:
             self._settler.ack(delivery)
-            self._counters.completed += 1
+            self._completed(delivery)
         elif settlement is Settlement.NACK:
             self._settler.nack(delivery)
         else:
@@ -166,10 +166,10 @@ class Worker:
             return Result.DRY_RUN, failures
         try:
             if self._restart_slots is None:
-                detail = await self._restarter.restart(message)
+                detail = await self._timed_restart(message)
             else:
                 async with self._restart_slots:
-                    detail = await self._restarter.restart(message)
+                    detail = await self._timed_restart(message)
         except RestartFailed as exc:
             return await self._restart_failed(message, restart_id, failures, str(exc))
         except anyio.get_cancelled_exc_class():
@@ -185,6 +185,17 @@ class Worker:
         self._notify(message, "restarted", detail)
         log.info("restarted %s (%s)", message.hostname, detail, extra=_context(message))
         return Result.RESTARTED, failures
+
+    async def _timed_restart(self, message: Message) -> str:
+        """The restart, timed for the histogram (success or failure; not cancellation)."""
+        started = anyio.current_time()
+        try:
+            detail = await self._restarter.restart(message)
+        except Exception:
+            self._counters.restart_duration.observe(anyio.current_time() - started)
+            raise
+        self._counters.restart_duration.observe(anyio.current_time() - started)
+        return detail
 
     async def _restart_failed(
         self, message: Message, restart_id: int, failures: int, detail: str
@@ -238,8 +249,12 @@ class Worker:
             return
         self._counters.dead_lettered += 1
         self._counters.dead_letter_reasons[reason.split(":", 1)[0]] += 1
-        self._counters.completed += 1
         self._settler.ack(delivery)
+        self._completed(delivery)
+
+    def _completed(self, delivery: Delivery) -> None:
+        self._counters.completed += 1
+        self._counters.latency.observe(self._wall_clock() - delivery.publish_time.timestamp())
 
     def _notify(self, message: Message, outcome: str, detail: str) -> None:
         if self._on_decision is not None:

@@ -51,6 +51,10 @@ class Ledger(Protocol):
     :class:`~mandrill.errors.LedgerError` when the ledger cannot be reached.
     """
 
+    def healthy(self) -> bool:
+        """False while the ledger cannot be written (for readiness probes)."""
+        ...
+
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Commit queued writes in batches until cancelled, then flush what is queued."""
         ...

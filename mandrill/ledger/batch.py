@@ -87,6 +87,11 @@ class Batcher:
         # One connection, used by one thread at a time.
         self.limiter = anyio.CapacityLimiter(1)
 
+    @property
+    def healthy(self) -> bool:
+        """False while whole batches keep failing (the ledger is unreachable)."""
+        return self._failing_since is None
+
     def submit(self, fn: Callable[[Any], T], *, key: str = "") -> Op[T]:
         """Queue ``fn`` for the next batch; await the returned op for its result.
 

@@ -29,6 +29,9 @@ class SQLLedger:
         self._batcher = Batcher(db, max_batch=max_batch, outage_limit=outage_limit)
         self._db = db
 
+    def healthy(self) -> bool:
+        return self._batcher.healthy
+
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         await self._batcher.run(task_status=task_status)
 

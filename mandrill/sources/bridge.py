@@ -6,9 +6,9 @@ it with ``asyncio.run_coroutine_threadsafe`` and trio is woken through its token
 call finishes: one hop each way, no worker thread per call.
 
 Measured against the emulator (pull(1000) + ack, medians, tests/benchmarks/
-bridge_candidates.py), relative to plain asyncio: this design ~0.83×; the same loop thread
-reached through anyio's portal and a worker thread per call ~0.70× (a blocking hand-over
-and a thread hop each way); trio-asyncio 0.72–1.0× but one loop sharing trio's thread, a
+bridge_candidates.py), relative to plain asyncio: this design ~0.83x; the same loop thread
+reached through anyio's portal and a worker thread per call ~0.70x (a blocking hand-over
+and a thread hop each way); trio-asyncio 0.72-1.0x but one loop sharing trio's thread, a
 package with a history of breaking on upgrades. We chose the loop thread for its
 isolation (asyncio's loop cannot stall trio's) and its stable dependencies.
 """
