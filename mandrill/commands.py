@@ -37,7 +37,7 @@ async def run(cfg: Any) -> int:
         slow_callback_ms=debug.slow_callback_ms(cfg.debug, cfg.slow_callback_ms),
         debug=cfg.debug,
     )
-    async with open_parts(cfg) as parts:
+    async with open_parts(cfg, observability.counters) as parts:
         log.info(
             "mandrill running on %s: source %s, ledger %s, restarter %s, up to %d in flight",
             cfg.backend, cfg.source, cfg.ledger, cfg.restarter, cfg.max_in_flight,

@@ -14,6 +14,7 @@ from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
 from mandrill.ledger.base import Ledger
 from mandrill.message import Message
+from mandrill.obs.counters import Counters
 from mandrill.policy import RateLimit
 from mandrill.publisher import publish_chaos
 from mandrill.restarters.base import Restarter
@@ -69,19 +70,27 @@ def safety_controls(cfg: Any) -> SafetyControls | None:
 
 
 @contextlib.asynccontextmanager
-async def open_source(cfg: Any) -> AsyncIterator[tuple[Source, Topic | None]]:
+async def open_source(
+    cfg: Any, counters: Counters | None = None
+) -> AsyncIterator[tuple[Source, Topic | None]]:
     """The source to pull from and, for the embedded broker, the topic feeding it."""
     if cfg.source == "memory":
         broker = MemoryBroker(ack_deadline=cfg.ack_deadline)
         yield broker, broker
         return
-    from mandrill.sources.pubsub import open_pubsub_source
+    from mandrill.sources.pubsub import describe_error, open_pubsub_source
+
+    def on_transient_error(what: str, error: BaseException, delay: float) -> None:
+        if counters is not None:
+            counters.pull_errors += 1
+        log.warning("%s failed, retrying in %.1fs: %s", what, delay, describe_error(error))
 
     async with open_pubsub_source(
         project=require(cfg, "project"),
         subscription=cfg.subscription,
         backend=cfg.backend,
         dead_letter_topic=cfg.dead_letter_topic,
+        on_transient_error=on_transient_error,
     ) as source:
         yield source, None
 
@@ -120,7 +129,7 @@ async def open_restarter(
 
 
 @contextlib.asynccontextmanager
-async def open_parts(cfg: Any) -> AsyncIterator[Parts]:
+async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterator[Parts]:
     """Open the source, ledger, restarter and notifier ``cfg`` names; close them in
     reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
     rng = random.Random(cfg.seed)
@@ -134,7 +143,7 @@ async def open_parts(cfg: Any) -> AsyncIterator[Parts]:
 
         ledger: Ledger = await open_ledger(cfg.ledger, outage_limit=cfg.ledger_outage_limit)
         stack.push_async_callback(ledger.aclose)
-        source, topic = await stack.enter_async_context(open_source(cfg))
+        source, topic = await stack.enter_async_context(open_source(cfg, counters))
         restarter = await stack.enter_async_context(open_restarter(cfg, rng, bridge))
         parts = Parts(source, ledger, restarter)
         if topic is not None and cfg.publish:

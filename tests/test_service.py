@@ -247,3 +247,40 @@ async def test_a_source_failure_stops_the_service_and_settles_what_is_held(ledge
         await run(broker, ledger, restarter, stop_after=None)
     assert info.group_contains(SourceError, match="subscription deleted")
     assert broker.stats.nacked == 1
+
+
+class CountsConcurrency(ScriptedRestarter):
+    def __init__(self) -> None:
+        super().__init__(latency=0.05)
+        self.running = 0
+        self.peak = 0
+
+    async def restart(self, message: Any) -> str:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            return await super().restart(message)
+        finally:
+            self.running -= 1
+
+
+async def test_max_concurrent_restarts_is_respected(ledger):
+    broker = MemoryBroker()
+    await broker.publish(payloads(*(f"host-{i}" for i in range(12))))
+    restarter = CountsConcurrency()
+    worker = WorkerSettings(max_concurrent_restarts=2)
+    counters = await run(broker, ledger, restarter, stop_after=12, worker=worker)
+    assert counters.restarted == 12
+    assert restarter.peak == 2
+
+
+async def test_dry_run_decides_and_records_but_restarts_nothing(ledger):
+    broker = MemoryBroker()
+    await broker.publish(payloads("web-1", "web-2"))
+    restarter = ScriptedRestarter()
+    counters = await run(broker, ledger, restarter, stop_after=2,
+                         worker=WorkerSettings(dry_run=True))
+    assert sum(restarter.calls.values()) == 0
+    assert counters.dry_run == 2
+    assert "DRY RUN: 2 restarts would have happened" in counters.summary()
+    assert (await ledger.counts())["restarts_dry_run"] == 2

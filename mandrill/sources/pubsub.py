@@ -176,8 +176,11 @@ async def call_with_retries(
     rand: Callable[[], float] = random.random,
     sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
     clock: Callable[[], float] = anyio.current_time,
+    on_transient_error: Callable[[str, BaseException, float], None] | None = None,
 ) -> T:
     """Await ``attempt()`` until it succeeds, retrying transient failures under ``policy``.
+
+    ``on_transient_error(what, error, delay)`` is told of each failure about to be retried.
 
     Raises :class:`PubSubError` (``"<what>: <why>"``) at once for a permanent failure, or
     when the next wait would take the retries past ``policy.total`` (so the whole call can
@@ -203,6 +206,8 @@ async def call_with_retries(
                     f" {describe_error(exc)}",
                     status=status,
                 ) from exc
+            if on_transient_error is not None:
+                on_transient_error(what, exc, delay)
         await sleep(delay)
 
 
@@ -396,8 +401,10 @@ class PubSubSource:
         retry: RetryPolicy,
         pull_wait: float,
         request_timeout: float,
+        on_transient_error: Callable[[str, BaseException, float], None] | None = None,
     ) -> None:
         self.subscription = subscription
+        self._on_transient_error = on_transient_error
         self.dead_letter_topic = dead_letter_topic
         self.keeps_dead_letters = dead_letter_topic is not None
         self.ack_deadline = ack_deadline
@@ -490,7 +497,10 @@ class PubSubSource:
 
     async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return await call_with_retries(
-            what, functools.partial(self._bridge.call, fn, *args), self.retry
+            what,
+            functools.partial(self._bridge.call, fn, *args),
+            self.retry,
+            on_transient_error=self._on_transient_error,
         )
 
 
@@ -506,6 +516,7 @@ async def open_pubsub_source(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     bridge: AsyncioBridge | None = None,
     api_root: str | None = None,
+    on_transient_error: Callable[[str, BaseException, float], None] | None = None,
 ) -> AsyncIterator[PubSubSource]:
     """Open ``subscription`` (a name in ``project``, or a full path) for pulling.
 
@@ -547,6 +558,7 @@ async def open_pubsub_source(
             retry=retry,
             pull_wait=pull_wait,
             request_timeout=request_timeout,
+            on_transient_error=on_transient_error,
         )
 
 

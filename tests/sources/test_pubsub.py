@@ -486,3 +486,24 @@ def test_messages_are_chunked_by_count_and_size() -> None:
 
     huge = [(bytes(20_000_000), {})]  # goes alone; the API will refuse it
     assert list(chunk_messages(huge)) == [huge]
+
+
+async def test_each_retried_failure_is_reported() -> None:
+    reported: list[tuple[str, float]] = []
+    failures = iter([aiohttp.ClientConnectionError("reset"), aiohttp.ClientConnectionError("x")])
+
+    async def attempt() -> str:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return "ok"
+
+    async def no_sleep(_: float) -> None:
+        pass
+
+    result = await call_with_retries(
+        "pull", attempt, RetryPolicy(initial=0.1, cap=1, total=60), rand=lambda: 0.5,
+        sleep=no_sleep, on_transient_error=lambda what, exc, delay: reported.append((what, delay)),
+    )
+    assert result == "ok"
+    assert [what for what, _ in reported] == ["pull", "pull"]
