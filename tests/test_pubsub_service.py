@@ -68,22 +68,24 @@ async def test_nacked_at_shutdown_the_message_goes_to_the_next_consumer_at_once(
     restarter = ScriptedRestarter(block=["held-1"])
     ledger = await open_ledger(":memory:")
     shutdown = Shutdown()
-    async with open_pubsub_source(
-        project=pubsub_names.project, subscription=pubsub_names.subscription,
-        backend=backend_name,
-    ) as source:
-        async with anyio.create_task_group() as tg:
-            # max_in_flight=1: no pull is outstanding while the message is held. The
-            # emulator (unlike Pub/Sub) may hand a nacked message to a pull its client has
-            # abandoned, which delays its redelivery by an ack deadline.
-            tg.start_soon(lambda: serve(
-                ServiceSettings(handle_signals=False, grace=0.1, max_in_flight=1),
-                WorkerSettings(),
-                Parts(source, ledger, restarter), shutdown=shutdown,
-            ))
-            with anyio.fail_after(30):
-                await restarter.started.wait()
-            shutdown.request("test")
+    async with (
+        open_pubsub_source(
+            project=pubsub_names.project, subscription=pubsub_names.subscription,
+            backend=backend_name,
+        ) as source,
+        anyio.create_task_group() as tg,
+    ):
+        # max_in_flight=1: no pull is outstanding while the message is held. The
+        # emulator (unlike Pub/Sub) may hand a nacked message to a pull its client has
+        # abandoned, which delays its redelivery by an ack deadline.
+        tg.start_soon(lambda: serve(
+            ServiceSettings(handle_signals=False, grace=0.1, max_in_flight=1),
+            WorkerSettings(),
+            Parts(source, ledger, restarter), shutdown=shutdown,
+        ))
+        with anyio.fail_after(30):
+            await restarter.started.wait()
+        shutdown.request("test")
     await ledger.aclose()
     # A second daemon gets it well within the 60 s ack deadline: it was nacked.
     async with open_pubsub_source(
@@ -122,7 +124,8 @@ async def test_invalid_payloads_go_to_the_dead_letter_topic(pubsub_names, backen
         await dead.acknowledge([letter.ack_id])
     assert letter.data == b"{not json"
     assert letter.attributes["origin"] == "test"
-    assert letter.attributes[DEAD_LETTER_REASON_ATTRIBUTE].startswith("invalid: payload is not JSON")
+    reason = letter.attributes[DEAD_LETTER_REASON_ATTRIBUTE]
+    assert reason.startswith("invalid: payload is not JSON")
 
 
 @pytest.mark.slow
@@ -130,7 +133,7 @@ async def test_setup_publish_run_through_the_cli(pubsub_names, backend_name, tmp
     names = pubsub_names
     common = ["--project", names.project, "--topic", names.topic, "--backend", backend_name]
     for _ in range(2):  # setup is idempotent
-        code, out, err = await run_to_end([
+        code, _, err = await run_to_end([
             "setup", *common, "--subscription", names.subscription,
             "--dead-letter-topic", names.dead_letter_topic,
         ])
