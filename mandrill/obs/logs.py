@@ -60,6 +60,7 @@ def configured_logging(
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
     root = logging.getLogger("mandrill")
+    saved_level, saved_propagate = root.level, root.propagate
     queue_handler = logging.handlers.QueueHandler(records)
     root.addHandler(queue_handler)
     root.setLevel(level.upper())
@@ -69,4 +70,6 @@ def configured_logging(
         yield
     finally:
         root.removeHandler(queue_handler)
+        root.setLevel(saved_level)
+        root.propagate = saved_propagate
         listener.stop()
