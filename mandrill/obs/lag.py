@@ -38,9 +38,10 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -70,6 +71,10 @@ class Stall:
     task: str | None
     held: float
     stack: str
+
+
+#: The watchdog thread's name while it runs.
+WATCHDOG_THREAD_NAME = "mandrill-loop-watchdog"
 
 
 class LagProbe:
@@ -123,16 +128,16 @@ class LagProbe:
         return age is None or age <= self.interval + bound
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Probe until cancelled. Ready once the watchdog thread runs; never returns.
+        """Probe until cancelled. Ready once the watchdog runs; never returns.
 
-        Joining the watchdog thread at cancellation blocks the loop for at most one of the
-        thread's ticks (a few milliseconds).
+        The watchdog runs in a worker thread owned by this task's task group; cancellation
+        stops it and waits for it (at most one of its ticks, a few milliseconds).
         """
         namer = _task_namer()
         self._last_beat = time.monotonic()
         self._window_start = self._last_beat
         try:
-            with self._watchdog(threading.get_ident(), namer):
+            async with self._watchdog(threading.get_ident(), namer):
                 task_status.started()
                 while True:
                     started = anyio.current_time()
@@ -153,31 +158,58 @@ class LagProbe:
             self._window_start = now
         self._window_max = max(self._window_max, lag)
 
-    @contextmanager
-    def _watchdog(self, loop_thread: int, namer: TaskNamer) -> Iterator[None]:
+    @asynccontextmanager
+    async def _watchdog(self, loop_thread: int, namer: TaskNamer) -> AsyncIterator[None]:
         if self.threshold is None:
             yield
             return
         stop = threading.Event()
-        thread = threading.Thread(
-            target=self._watch,
-            args=(loop_thread, namer, self.threshold, stop),
-            name="mandrill-loop-watchdog",
-            # Joined below; daemon only so that a loop killed without unwinding cannot
-            # keep the process alive.
-            daemon=True,
-        )
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        running = anyio.Event()
+        async with anyio.create_task_group() as group:
+            # Its own limiter: the watchdog must not wait for, nor take, a pool slot that
+            # the ledger or the asyncio bridge needs.
+            group.start_soon(
+                partial(
+                    anyio.to_thread.run_sync,
+                    self._watch,
+                    loop_thread,
+                    namer,
+                    self.threshold,
+                    stop,
+                    partial(anyio.from_thread.run_sync, running.set),
+                    limiter=anyio.CapacityLimiter(1),
+                ),
+                name="loop watchdog",
+            )
+            try:
+                await running.wait()
+                yield
+            finally:
+                stop.set()
 
     def _watch(
+        self,
+        loop_thread: int,
+        namer: TaskNamer,
+        threshold: float,
+        stop: threading.Event,
+        report_running: Callable[[], object],
+    ) -> None:
+        """The watchdog thread's body: sample, and report a task that holds the loop.
+
+        Named while it runs (a pool thread), so thread dumps and tests can find it.
+        """
+        thread = threading.current_thread()
+        pool_name, thread.name = thread.name, WATCHDOG_THREAD_NAME
+        report_running()
+        try:
+            self._sample(loop_thread, namer, threshold, stop)
+        finally:
+            thread.name = pool_name
+
+    def _sample(
         self, loop_thread: int, namer: TaskNamer, threshold: float, stop: threading.Event
     ) -> None:
-        """The watchdog thread's body: sample, and report a task that holds the loop."""
         tick = min(max(threshold / 4, 0.005), 0.025)
         # A step is the same task frame on the stack with no probe beat in between (a
         # beat means the loop went round, so a task seen again is in a later step).
