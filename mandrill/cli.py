@@ -34,7 +34,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mandrill", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="mandrill",
+        description="Restart the hosts named in chaos messages from Pub/Sub (or an embedded"
+        " demo broker), on asyncio or trio.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     helps = {
         "run": "run the daemon (embedded demo by default)",
@@ -110,7 +114,8 @@ def _report(exc: BaseException) -> int:
         return 130
     for leaf in leaves:
         if isinstance(leaf, ConfigError):
-            log.error("error: %s", leaf)
+            # The same one line as a bad flag, wherever the value was found to be wrong.
+            print(f"mandrill: error: {leaf}", file=sys.stderr)
             return 2
     for leaf in leaves:
         if isinstance(leaf, MandrillError):

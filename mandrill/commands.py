@@ -62,7 +62,7 @@ async def history(cfg: Any) -> int:
     except ValueError as exc:
         raise ConfigError(f"--limit: {exc}") from None
     since = parse_since(args.since, "--since")
-    ledger = await open_ledger(cfg.ledger)
+    ledger = await open_existing_ledger(cfg.ledger)
     try:
         rows = await ledger.history(hostname=args.host, since=since, limit=limit)
     finally:
@@ -150,7 +150,7 @@ async def replay(cfg: Any) -> int:
     since = parse_since(args.since, "--since")
     until = parse_since(args.until, "--until")
     hostname = args.host
-    ledger = await open_ledger(cfg.ledger)
+    ledger = await open_existing_ledger(cfg.ledger)
     try:
         saved = await ledger.saved_messages(
             hostname=hostname,
@@ -169,6 +169,16 @@ async def replay(cfg: Any) -> int:
     log.info("replayed %d messages to %s", len(messages), cfg.topic)
     print(len(messages))
     return 0
+
+
+async def open_existing_ledger(url: str) -> Any:
+    """The ledger to read from; a SQLite path that does not exist is an error, not a new
+    empty ledger (a typo would otherwise show an empty history)."""
+    is_sqlite = not url.startswith(("postgresql://", "postgres://")) and url != ":memory:"
+    path = url.removeprefix("sqlite://")
+    if is_sqlite and not await anyio.Path(path).exists():
+        raise ConfigError(f"--ledger: no ledger at {path}")
+    return await open_ledger(url)
 
 
 def _iso(epoch: float | None) -> str:

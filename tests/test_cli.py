@@ -114,3 +114,10 @@ async def test_history_lists_what_run_did(tmp_path, backend_name):
     assert len(rows) == 20
     assert {row["outcome"] for row in rows} <= {"restarted", "skipped"}
     assert all(row["host"].endswith(".example.net") for row in rows)
+
+
+async def test_history_of_a_missing_ledger_is_an_error(tmp_path):
+    code, _, err = await run_to_end(["history", "--ledger", str(tmp_path / "typo.db")])
+    assert code == 2
+    assert err.strip().endswith(f"--ledger: no ledger at {tmp_path / 'typo.db'}")
+    assert not (tmp_path / "typo.db").exists()
