@@ -234,6 +234,8 @@ SETTINGS: tuple[Setting, ...] = (
        "setup: deliveries after which Pub/Sub forwards a message to the dead-letter topic",
        frozenset({"setup"})),
     _s("max_lease", duration, 3600.0, "longest a message is kept leased while worked on", RUN),
+    _s("stale_claim_after", duration, 3600.0,
+       "a restart claim older than this is from a daemon that died mid-restart", RUN),
     _s("max_attempts", positive_int, 5,
        "failed restarts of one message before it is dead-lettered", RUN),
     _s("restarter", choice("simulated", "command", "gce"), "simulated",

@@ -15,7 +15,7 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 DEFAULT_DOMAIN = "example.net"
 
 # RFC 1123 label: letters, digits and inner hyphens, 1 to 63 characters.
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE | re.ASCII)
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE | re.ASCII)
 _MAX_HOSTNAME = 253
 
 
@@ -50,7 +50,8 @@ class Message:
 
 def is_valid_label(label: str) -> bool:
     """True if ``label`` is one RFC 1123 hostname label."""
-    return bool(_LABEL.match(label))
+    # fullmatch: "$" alone would also accept a trailing newline.
+    return bool(_LABEL.fullmatch(label))
 
 
 def validate_domain(domain: str) -> str:
@@ -72,7 +73,7 @@ def parse_delivery(delivery: Delivery, domain: str = DEFAULT_DOMAIN) -> Message:
         raise InvalidMessage(f"payload too large ({len(data)} bytes > {MAX_PAYLOAD_BYTES})")
     try:
         payload = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int too long, ...
         raise InvalidMessage(f"payload is not JSON: {_one_line(str(exc))}") from None
     except RecursionError:
         raise InvalidMessage("payload is not JSON: nested too deeply") from None

@@ -50,6 +50,7 @@ def worker_settings(cfg: Any) -> WorkerSettings:
     return WorkerSettings(
         domain=cfg.domain,
         min_restart_interval=cfg.min_restart_interval,
+        stale_claim_after=cfg.stale_claim_after,
         max_attempts=cfg.max_attempts,
         dry_run=is_dry_run(cfg),
         max_concurrent_restarts=cfg.max_concurrent_restarts,

@@ -96,6 +96,8 @@ def decide_restart(
 class Settlement(StrEnum):
     ACK = "ack"
     NACK = "nack"
+    #: Hand back, but only after a pause: another worker is on it, retrying at once spins.
+    DEFER = "defer"
     DEAD_LETTER = "dead_letter"
 
 
@@ -121,7 +123,9 @@ def settlement_for(result: Result, failures: int, max_attempts: int) -> Settleme
         return Settlement.DEAD_LETTER
     if result is Result.RESTART_FAILED:
         return Settlement.DEAD_LETTER if failures >= max_attempts else Settlement.NACK
-    if result in (Result.BUSY, Result.LEDGER_UNAVAILABLE):
+    if result is Result.BUSY:
+        return Settlement.DEFER
+    if result is Result.LEDGER_UNAVAILABLE:
         return Settlement.NACK
     return Settlement.ACK
 

@@ -18,6 +18,8 @@ from mandrill.sources.base import Source
 MAX_BATCH = 1000
 #: How long a settlement may wait for batch-mates; bounds publish → settle latency.
 MAX_DELAY = 0.01
+#: A deferred delivery comes back after this long (its lease is set to it, not to 0).
+DEFER_SECONDS = 10
 
 
 class Settler:
@@ -37,12 +39,13 @@ class Settler:
         self._max_delay = max_delay
         self._acks: list[str] = []
         self._nacks: list[str] = []
+        self._defers: list[str] = []
         self._pending = anyio.Event()
         self._full = anyio.Event()
 
     @property
     def pending(self) -> int:
-        return len(self._acks) + len(self._nacks)
+        return len(self._acks) + len(self._nacks) + len(self._defers)
 
     def ack(self, delivery: Delivery) -> None:
         """Queue an ack (never blocks)."""
@@ -56,6 +59,13 @@ class Settler:
         self._holdings.release(delivery.ack_id)
         self._nacks.append(delivery.ack_id)
         self._counters.nacked += 1
+        self._queued()
+
+    def defer(self, delivery: Delivery) -> None:
+        """Queue a delayed nack: redelivered after ``DEFER_SECONDS`` (never blocks)."""
+        self._holdings.release(delivery.ack_id)
+        self._defers.append(delivery.ack_id)
+        self._counters.deferred += 1
         self._queued()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -79,9 +89,11 @@ class Settler:
         at shutdown wrap it in ``move_on_after``."""
         self._pending = anyio.Event()
         self._full = anyio.Event()
-        while self._acks or self._nacks:
+        while self._acks or self._nacks or self._defers:
             acks, self._acks = self._acks[: self._max_batch], self._acks[self._max_batch :]
             nacks, self._nacks = self._nacks[: self._max_batch], self._nacks[self._max_batch :]
+            defers = self._defers[: self._max_batch]
+            del self._defers[: self._max_batch]
             try:
                 if acks:
                     await self._source.acknowledge(acks)
@@ -89,10 +101,14 @@ class Settler:
                 if nacks:
                     await self._source.modify_ack_deadline(nacks, 0)
                     nacks = []
+                if defers:
+                    await self._source.modify_ack_deadline(defers, DEFER_SECONDS)
+                    defers = []
             finally:
                 # Put back whatever was not sent (cancelled or failed): never drop an ack id.
                 self._acks[:0] = acks
                 self._nacks[:0] = nacks
+                self._defers[:0] = defers
 
     def _queued(self) -> None:
         self._pending.set()

@@ -102,6 +102,8 @@ class Worker:
             self._completed(delivery)
         elif settlement is Settlement.NACK:
             self._settler.nack(delivery)
+        elif settlement is Settlement.DEFER:
+            self._settler.defer(delivery)
         else:
             await self._dead_letter(delivery, f"restart failed {failures} times")
 
@@ -148,6 +150,8 @@ class Worker:
                      extra=_context(message))
             return Result.DUPLICATE, decision.failures
         if decision.verdict is Verdict.BUSY:
+            log.info("message %s: %s; retrying it later", message.message_id, decision.reason,
+                     extra=_context(message))
             return Result.BUSY, decision.failures
         if decision.verdict is Verdict.SKIP:
             self._note_skip(message, decision.reason)

@@ -46,6 +46,8 @@ def test_valid_message_builds_hostname():
         (json.dumps({"instance_name": "a" * 64}).encode(), "not a valid host label"),
         (b"[" * 60_000, "nested too deeply"),
         (b"x" * (MAX_PAYLOAD_BYTES + 1), "too large"),
+        (b'{"instance_name": "a", "n": 1' + b"0" * 5000 + b"}", "not JSON"),
+        (b'{"instance_name": "cattle-1\\n"}', "not a valid host label"),
     ],
 )
 def test_invalid_payloads_are_rejected_with_a_reason(data, reason):

@@ -53,6 +53,8 @@ class Counters:
     received: int = 0
     acked: int = 0
     nacked: int = 0
+    #: Handed back with a pause because another worker holds the message's claim.
+    deferred: int = 0
     dead_lettered: int = 0
     restarted: int = 0
     restart_failed: int = 0
