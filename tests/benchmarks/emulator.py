@@ -1,0 +1,306 @@
+"""Emulator throughput: drain N pre-published messages from the Pub/Sub emulator.
+
+* ``mandrill``: ``serve()`` in-process, as ``mandrill run --source pubsub`` builds it:
+  ``Parts(PubSubSource, SQLite ledger in a fresh file, SimulatedRestarter(0, 0))``;
+* ``subscribe()``: gcloud-aio-pubsub's own helper with a no-op handler, 1 producer, 1000
+  messages per pull (asyncio only: it is built on asyncio; trio is compared against it too);
+* ``bare``: ``SubscriberClient.pull(1000)`` + ``acknowledge`` in a loop, no framework (on
+  trio, each call goes through mandrill's asyncio bridge, which trio cannot do without).
+
+One emulator serves the whole run (started as the test fixture starts it). It is warmed up
+first by an unrecorded round (the JVM is slow until it has run a while). Each round
+publishes N messages once to a fresh topic with one subscription per contender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+from gcloud.aio.pubsub import SubscriberClient, subscribe
+
+from mandrill.ledger import open_ledger
+from mandrill.message import encode_payload
+from mandrill.restarters.simulated import SimulatedRestarter
+from mandrill.service import Parts, ServiceSettings, serve
+from mandrill.sources.bridge import open_asyncio_bridge
+from mandrill.sources.pubsub import open_pubsub_source, open_pubsub_topic, setup_pubsub
+from mandrill.worker import WorkerSettings
+from tests.benchmarks.common import (
+    BACKENDS,
+    Results,
+    Stopwatch,
+    Timing,
+    progress,
+    rotating,
+    run_child,
+)
+from tests.benchmarks.inprocess import ledger_path
+from tests.fixtures.emulator import find_launcher, start_emulator, stop_emulator
+
+BENCHMARK = "emulator"
+#: CPU time of the client process (not the emulator) per message.
+CPU_BENCHMARK = "emulator client CPU"
+PROJECT = "bench"
+#: gcloud-aio's clients take whole-second timeouts.
+REQUEST_TIMEOUT = 30
+TARGET_VS_SUBSCRIBE = 2.0
+TARGET_VS_BARE = 0.8
+CONTENDERS = (
+    "asyncio/mandrill",
+    "trio/mandrill",
+    "asyncio/subscribe()",
+    "asyncio/bare",
+    "trio/bare",
+)
+
+
+# -- the emulator ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running_emulator() -> Iterator[str]:
+    """Start the emulator as the test fixture does; ``PUBSUB_EMULATOR_HOST`` is set while it
+    runs (children inherit it). Uses a running one if the variable is already set."""
+    if os.environ.get("PUBSUB_EMULATOR_HOST"):
+        yield os.environ["PUBSUB_EMULATOR_HOST"]
+        return
+    log_path = Path(tempfile.mkdtemp(prefix="bench-emulator-")) / "emulator.log"
+    process, host = start_emulator(find_launcher(), log_path)
+    os.environ["PUBSUB_EMULATOR_HOST"] = host
+    progress(f"emulator on {host}, log {log_path}")
+    try:
+        yield host
+    finally:
+        del os.environ["PUBSUB_EMULATOR_HOST"]
+        stop_emulator(process)
+
+
+async def fresh_topic(subscriptions: int, *, ack_deadline: int = 60) -> tuple[str, list[str]]:
+    """A new topic with ``subscriptions`` subscriptions on it; returns their names."""
+    suffix = uuid.uuid4().hex[:10]
+    topic = f"topic-{suffix}"
+    names = [f"sub-{suffix}-{number}" for number in range(subscriptions)]
+    for name in names:
+        await setup_pubsub(
+            project=PROJECT,
+            topic=topic,
+            subscription=name,
+            backend="asyncio",
+            ack_deadline=ack_deadline,
+        )
+    return topic, names
+
+
+async def prepare(count: int, subscriptions: int) -> list[str]:
+    """Publish ``count`` messages (distinct hosts) to a fresh topic once; each of its
+    ``subscriptions`` subscriptions then holds all of them."""
+    topic, names = await fresh_topic(subscriptions)
+    async with open_pubsub_topic(project=PROJECT, topic=topic, backend="asyncio") as sink:
+        await sink.publish([(encode_payload(f"host-{i}"), {}) for i in range(count)])
+    return names
+
+
+# -- plain clients, for the contenders that do without mandrill -----------------------------
+
+
+async def new_subscriber(kind: type[SubscriberClient] = SubscriberClient) -> SubscriberClient:
+    """A client owning its session (made at first use, so on the asyncio loop, which
+    aiohttp binds to; closed by ``close()``)."""
+    return kind()
+
+
+async def close_subscriber(client: SubscriberClient) -> None:
+    await client.close()
+
+
+async def bare_loop(
+    call: Callable[..., Awaitable[Any]], client: SubscriberClient, subscription: str, count: int
+) -> None:
+    """The practical limit: pull 1000, ack what came, until ``count`` came."""
+    path = f"projects/{PROJECT}/subscriptions/{subscription}"
+    received = 0
+    while received < count:
+        messages = await call(pull_once, client, path)
+        if messages:
+            await call(ack_once, client, path, [m.ack_id for m in messages])
+        received += len(messages)
+
+
+async def pull_once(client: SubscriberClient, path: str) -> list[Any]:
+    return list(await client.pull(path, 1000, timeout=REQUEST_TIMEOUT))
+
+
+async def ack_once(client: SubscriberClient, path: str, ack_ids: list[str]) -> None:
+    await client.acknowledge(path, ack_ids, timeout=REQUEST_TIMEOUT)
+
+
+# -- the contenders (each runs in a child process) ------------------------------------------
+
+
+def drain_mandrill(backend: str, subscription: str, messages: int) -> Timing:
+    """The time ``serve()`` takes to drain ``messages``, from start to return."""
+
+    async def main() -> Timing:
+        with ledger_path("file") as path:
+            ledger = await open_ledger(path)
+            try:
+                async with open_pubsub_source(
+                    project=PROJECT, subscription=subscription, backend=backend
+                ) as source:
+                    watch = Stopwatch()
+                    counters = await serve(
+                        ServiceSettings(stop_after=messages, handle_signals=False),
+                        WorkerSettings(),
+                        Parts(source, ledger, SimulatedRestarter(0, 0)),
+                    )
+                    elapsed = watch.stop()
+            finally:
+                await ledger.aclose()
+        if counters.acked < messages:
+            raise RuntimeError(f"acked {counters.acked} of {messages}")
+        return elapsed
+
+    return anyio.run(main, backend=backend)
+
+
+class CountingSubscriber(SubscriberClient):
+    """Counts acked ids, so that the benchmark knows when ``subscribe()`` is done."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.acked = 0
+        self.target = 0
+        self.done = asyncio.Event()
+
+    async def acknowledge(self, subscription: str, ack_ids: list[str], **kwargs: Any) -> None:
+        await super().acknowledge(subscription, ack_ids, **kwargs)
+        self.acked += len(ack_ids)
+        if self.acked >= self.target:
+            self.done.set()
+
+
+def drain_subscribe(subscription: str, messages: int) -> Timing:
+    """The time gcloud-aio's ``subscribe()`` takes until ``messages`` are acked."""
+
+    async def handler(message: Any) -> None:
+        pass
+
+    async def main() -> Timing:
+        client = await new_subscriber(CountingSubscriber)
+        assert isinstance(client, CountingSubscriber)
+        client.target = messages
+        try:
+            watch = Stopwatch()
+            async with asyncio.TaskGroup() as tg:
+                helper = tg.create_task(
+                    subscribe(
+                        f"projects/{PROJECT}/subscriptions/{subscription}",
+                        handler,
+                        client,
+                        num_producers=1,
+                        max_messages_per_producer=1000,
+                    )
+                )
+                await client.done.wait()
+                elapsed = watch.stop()
+                helper.cancel()
+        finally:
+            await client.close()
+        return elapsed
+
+    return asyncio.run(main())
+
+
+def drain_bare(backend: str, subscription: str, messages: int) -> Timing:
+    """The time the bare pull + ack loop takes to drain ``messages``."""
+
+    async def main() -> Timing:
+        async with open_asyncio_bridge(backend) as bridge:
+            client = await bridge.call(new_subscriber)
+            try:
+                watch = Stopwatch()
+                await bare_loop(bridge.call, client, subscription, messages)
+                return watch.stop()
+            finally:
+                await bridge.call(close_subscriber, client)
+
+    return anyio.run(main, backend=backend)
+
+
+def measure(contender: str, subscription: str, messages: int) -> Timing:
+    backend, name = contender.split("/")
+    if name == "mandrill":
+        return drain_mandrill(backend, subscription, messages)
+    if name == "subscribe()":
+        return drain_subscribe(subscription, messages)
+    return drain_bare(backend, subscription, messages)
+
+
+# -- the benchmark ------------------------------------------------------------------------
+
+
+def run(results: Results, *, messages: int, rounds: int, warmup: int) -> None:
+    """Needs a running emulator (:func:`running_emulator`)."""
+    progress(f"  emulator warm-up: {warmup} messages per contender (not recorded)")
+    subscriptions = anyio.run(prepare, warmup, len(CONTENDERS), backend="asyncio")
+    for contender, subscription in zip(CONTENDERS, subscriptions, strict=True):
+        run_child("emulator:measure", contender=contender, subscription=subscription,
+                  messages=warmup)
+    pending: dict[int, dict[str, str]] = {}
+    for number, contender in rotating(CONTENDERS, rounds):
+        if number not in pending:
+            names = anyio.run(prepare, messages, len(CONTENDERS), backend="asyncio")
+            pending[number] = dict(zip(CONTENDERS, names, strict=True))
+        timing = run_child(
+            "emulator:measure",
+            contender=contender,
+            subscription=pending[number][contender],
+            messages=messages,
+        )
+        backend, name = contender.split("/")
+        rate = messages / timing["seconds"]
+        cpu = timing["cpu"] / messages * 1e6
+        results.figure(BENCHMARK, backend, name, "msg/s").samples.append(rate)
+        results.figure(CPU_BENCHMARK, backend, name, "us/msg").samples.append(cpu)
+        progress(f"  emulator round {number + 1}: {contender:<22} {rate:8.0f} msg/s"
+                 f"  {cpu:6.0f} us CPU/msg")
+    compare(results)
+    results.notes.append(
+        f"emulator: {messages} messages, medians of {rounds} rounds after a warm-up round;"
+        " subscribe() runs on asyncio only and is the baseline for both backends."
+    )
+
+
+def compare(results: Results) -> None:
+    subscribe_figure = results.figure(BENCHMARK, "asyncio", "subscribe()", "msg/s")
+    for backend in BACKENDS:
+        bare = results.figure(BENCHMARK, backend, "bare", "msg/s")
+        bare.ratio = 1.0
+        ours = results.figure(BENCHMARK, backend, "mandrill", "msg/s")
+        vs_subscribe = ours.median / subscribe_figure.median
+        ours.compare(bare)
+        assert ours.ratio is not None
+        results.target(BENCHMARK, backend, f"mandrill >= {TARGET_VS_SUBSCRIBE}x subscribe()"
+                       " (asyncio)", vs_subscribe, TARGET_VS_SUBSCRIBE, "x",
+                       higher_is_better=True)
+        results.target(BENCHMARK, backend, f"mandrill >= {TARGET_VS_BARE}x bare loop ({backend})",
+                       ours.ratio, TARGET_VS_BARE, "x", higher_is_better=True)
+    subscribe_figure.compare(results.figure(BENCHMARK, "asyncio", "bare", "msg/s"))
+    for backend in BACKENDS:
+        bare_cpu = results.figure(CPU_BENCHMARK, backend, "bare", "us/msg")
+        bare_cpu.ratio = 1.0
+        results.figure(CPU_BENCHMARK, backend, "mandrill", "us/msg").compare(bare_cpu)
+    results.figure(CPU_BENCHMARK, "asyncio", "subscribe()", "us/msg").compare(
+        results.figure(CPU_BENCHMARK, "asyncio", "bare", "us/msg")
+    )
+    asyncio_bare = results.figure(BENCHMARK, "asyncio", "bare", "msg/s")
+    trio_bare = results.figure(BENCHMARK, "trio", "bare", "msg/s")
+    trio_bare.note = f"{trio_bare.median / asyncio_bare.median:.2f}x the asyncio bare loop"
