@@ -30,29 +30,60 @@ class Op(Generic[T]):
     ``key`` names the lock the op takes that other processes also take (``host:…``,
     ``message:…``; empty for none): a database whose batches lock rows or hosts runs a
     batch's ops in key order, so that processes never wait for each other in a cycle.
+    ``done`` is set when the op has its result or error; the ops of one batch share it.
     """
 
     __slots__ = ("done", "error", "fn", "key", "result")
 
-    def __init__(self, fn: Callable[[Any], T], key: str = "") -> None:
+    def __init__(
+        self, fn: Callable[[Any], T], key: str = "", done: anyio.Event | None = None
+    ) -> None:
         self.fn = fn
         self.key = key
         self.result: T | None = None
         self.error: BaseException | None = None
-        self.done = anyio.Event()
+        self.done = anyio.Event() if done is None else done
 
     async def wait(self) -> T:
-        await self.done.wait()
+        return await self
+
+    def __await__(self) -> Generator[Any, None, T]:
+        # An op awaited after its batch (a worker's save, awaited last) returns at once,
+        # without a trip through the event loop: like a finished future, it is no
+        # cancellation point.
+        if not self.done.is_set():
+            yield from self.done.wait().__await__()
         if self.error is not None:
             raise self.error
         return self.result  # type: ignore[return-value]
 
-    def __await__(self) -> Generator[Any, None, T]:
-        return self.wait().__await__()
+
+class _Batch:
+    """Ops committed together, and the one event that tells all of them they are done
+    (one event per batch rather than one per op, three per message: measured 1.1-1.2x
+    the in-process throughput on asyncio)."""
+
+    __slots__ = ("done", "ops")
+
+    def __init__(self) -> None:
+        self.ops: list[Op[Any]] = []
+        self.done = anyio.Event()
+
+    def fail(self, error: BaseException) -> None:
+        for op in self.ops:
+            if op.error is None:
+                op.error = error
+        self.done.set()
 
 
 class Database(Protocol):
-    """A connection that runs blocking work; every method is called from a worker thread."""
+    """A connection that runs blocking work; every method is called from a worker thread.
+
+    A database whose batches are short CPU work may also offer ``try_run_batch(ops) ->
+    bool``: run the batch now, on the event loop's thread, if that cannot block (no lock to
+    wait for, no network); return ``False``, having changed nothing, if it could. The
+    batcher tries it first and uses a worker thread only when it returns ``False``.
+    """
 
     def run_batch(self, ops: list[Op[Any]]) -> None:
         """Run every op in one transaction, each in its own savepoint; set result or error.
@@ -80,12 +111,16 @@ class Batcher:
         self._db = db
         self._max_batch = max_batch
         self._outage_limit = outage_limit
-        self._queue: list[Op[Any]] = []
+        #: Batches waiting for the writer, oldest first; only the last one takes new ops.
+        self._queue: list[_Batch] = []
         self._wakeup = anyio.Event()
         self._failing_since: float | None = None
         self._closed = False
         # One connection, used by one thread at a time.
         self.limiter = anyio.CapacityLimiter(1)
+        self._try_now: Callable[[list[Op[Any]]], bool] | None = getattr(
+            db, "try_run_batch", None
+        )
 
     @property
     def healthy(self) -> bool:
@@ -98,14 +133,19 @@ class Batcher:
         The op runs with its batch even if nobody awaits it; awaiting raises ``LedgerError``.
         ``key`` is the lock ``fn`` takes (see :class:`Op`).
         """
-        op: Op[T] = Op(fn, key)
         if self._closed:
             # Nobody would ever flush it: fail now rather than leave the caller waiting.
+            op: Op[T] = Op(fn, key)
             op.error = LedgerError("ledger closed: its writer is not running any more")
             op.done.set()
             return op
-        self._queue.append(op)
-        self._wakeup.set()
+        queue = self._queue
+        if not queue or len(queue[-1].ops) >= self._max_batch:
+            queue.append(_Batch())
+            self._wakeup.set()
+        batch = queue[-1]
+        op = Op(fn, key, batch.done)
+        batch.ops.append(op)
         return op
 
     async def query(self, fn: Callable[[Any], T]) -> T:
@@ -136,22 +176,18 @@ class Batcher:
                 while self._queue:
                     await self._flush(final=True)
             self._closed = True
-            for op in self._queue:
-                op.error = LedgerError("ledger closed before this write was committed")
-                op.done.set()
+            for batch in self._queue:
+                batch.fail(LedgerError("ledger closed before this write was committed"))
             self._queue.clear()
 
     async def _flush(self, *, final: bool = False) -> None:
-        batch = self._queue[: self._max_batch]
-        del self._queue[: self._max_batch]
-        requeued = False
+        batch = self._queue.pop(0)
         try:
-            await anyio.to_thread.run_sync(self._db.run_batch, batch, limiter=self.limiter)
+            if not self._ran_now(batch.ops):
+                await anyio.to_thread.run_sync(self._db.run_batch, batch.ops, limiter=self.limiter)
         except Exception as exc:
             error = LedgerError(f"ledger write failed: {_one_line(exc)}")
-            for op in batch:
-                if op.error is None:
-                    op.error = error
+            batch.fail(error)
             # Not in the final flush: raising there would skip telling the ops still queued.
             if not final:
                 self._note_failure(error)
@@ -159,15 +195,22 @@ class Batcher:
             # Cancelled before the batch reached its thread (once there it cannot be
             # cancelled), so nothing was written: back to the queue for the final flush,
             # rather than done with neither result nor error, which reads as success.
-            self._queue[:0] = batch
-            requeued = True
+            self._queue.insert(0, batch)
             raise
         else:
             self._failing_since = None
-        finally:
-            if not requeued:
-                for op in batch:
-                    op.done.set()
+            batch.done.set()
+
+    def _ran_now(self, ops: list[Op[Any]]) -> bool:
+        """Run the batch on this thread if the database can without blocking (and no
+        worker thread is using the connection): no thread hop, and no wait for the GIL,
+        which the loop holds while it is busy (each statement of a threaded batch waits
+        for it again)."""
+        return (
+            self._try_now is not None
+            and self.limiter.borrowed_tokens == 0
+            and self._try_now(ops)
+        )
 
     def _note_failure(self, error: LedgerError) -> None:
         now = anyio.current_time()
