@@ -21,6 +21,8 @@ from mandrill.message import Delivery
 
 #: How long an empty pull waits for a message before returning ``[]`` (Pub/Sub long-polls too).
 DEFAULT_PULL_WAIT = 1.0
+#: Stale expiry entries tolerated before the heap is rebuilt (amortised O(1) per ack).
+COMPACT_SLACK = 1024
 
 
 @dataclass(slots=True)
@@ -120,6 +122,7 @@ class MemoryBroker:
             # Like Pub/Sub, an ack for an expired or unknown ack id is ignored.
             if self._leases.pop(ack_id, None) is not None:
                 self.stats.acked += 1
+        self._compact()
         await anyio.lowlevel.checkpoint()
 
     async def modify_ack_deadline(self, ack_ids: Sequence[str], seconds: float) -> None:
@@ -135,6 +138,7 @@ class MemoryBroker:
             else:
                 lease.expires_at = now + seconds
                 heapq.heappush(self._expiries, (lease.expires_at, ack_id))
+        self._compact()
         self._notify()
         await anyio.lowlevel.checkpoint()
 
@@ -180,6 +184,14 @@ class MemoryBroker:
             del self._leases[ack_id]
             self.stats.expired += 1
             self._requeue(lease.stored, now)
+
+    def _compact(self) -> None:
+        """Drop stale expiry entries (settled or extended leases) once they outnumber the
+        live ones: without this the heap grows with every message for a whole ack deadline
+        (measured: ~150 bytes per message, 36 MB at 4k msg/s with a 60 s deadline)."""
+        if len(self._expiries) > 2 * len(self._leases) + COMPACT_SLACK:
+            self._expiries = [(lease.expires_at, ack_id) for ack_id, lease in self._leases.items()]
+            heapq.heapify(self._expiries)
 
     def _requeue(self, stored: _Stored, now: float) -> None:
         limit = self.max_delivery_attempts
