@@ -105,6 +105,8 @@ class Worker:
         elif settlement is Settlement.DEFER:
             self._settler.defer(delivery)
         else:
+            log.warning("giving up on message %s: restart of %s failed %d times; dead-lettering it",
+                        message.message_id, message.hostname, failures, extra=_context(message))
             await self._dead_letter(delivery, f"restart failed {failures} times")
 
     async def _work(self, message: Message) -> tuple[Result, int]:

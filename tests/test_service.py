@@ -3,6 +3,7 @@ restarter. Every test runs under asyncio and trio."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -153,7 +154,8 @@ async def test_the_lease_keeper_holds_a_slow_message(ledger):
     assert restarter.calls["slow-1"] == 1
 
 
-async def test_a_poison_message_is_dead_lettered_after_max_attempts(ledger):
+async def test_a_poison_message_is_dead_lettered_after_max_attempts(ledger, caplog):
+    caplog.set_level(logging.WARNING, "mandrill.worker")
     broker = MemoryBroker()
     await broker.publish(payloads("cursed"))
     restarter = ScriptedRestarter(always_fail=["cursed"])
@@ -163,6 +165,7 @@ async def test_a_poison_message_is_dead_lettered_after_max_attempts(ledger):
     assert [dead.reason for dead in broker.dead_letters] == ["restart failed 3 times"]
     assert counters.dead_lettered == 1
     assert broker.backlog == 0
+    assert "restart of cursed.example.net failed 3 times; dead-lettering it" in caplog.text
 
 
 async def test_backpressure_bounds_what_is_pulled(ledger):
