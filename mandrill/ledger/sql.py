@@ -122,19 +122,30 @@ def claim(
     if rate_limit is not None:
         d.lock_host(cur, FLEET_LOCK)
     d.lock_host(cur, message.hostname)
-    cur.execute(
-        d.sql("SELECT outcome, decided_at FROM restarts WHERE message_id = ? ORDER BY decided_at"),
-        (message.message_id,),
-    )
-    decisions = [(Outcome(outcome), decided_at) for outcome, decided_at in cur.fetchall()]
+    # One round trip: this message's decisions, then one row (outcome NULL) with the host's
+    # last restart or live claim.
     cur.execute(
         d.sql(
-            "SELECT MAX(decided_at) FROM restarts WHERE hostname = ? AND (outcome = ?"
-            " OR (outcome = ? AND decided_at > ?))"
+            "SELECT outcome, decided_at FROM restarts WHERE message_id = ?"
+            " UNION ALL SELECT NULL, MAX(decided_at) FROM restarts WHERE hostname = ?"
+            " AND (outcome = ? OR (outcome = ? AND decided_at > ?))"
         ),
-        (message.hostname, Outcome.RESTARTED, Outcome.RESTARTING, now - stale_after),
+        (
+            message.message_id,
+            message.hostname,
+            Outcome.RESTARTED,
+            Outcome.RESTARTING,
+            now - stale_after,
+        ),
     )
-    (last,) = cur.fetchone()
+    last = None
+    decisions = []
+    for outcome, decided_at in cur.fetchall():
+        if outcome is None:
+            last = decided_at
+        else:
+            decisions.append((Outcome(outcome), decided_at))
+    decisions.sort(key=lambda decision: decision[1])
     fleet = 0
     if rate_limit is not None:
         cur.execute(
