@@ -220,6 +220,9 @@ SETTINGS: tuple[Setting, ...] = (
        "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER, "URL"),
     _s("ledger_outage_limit", duration, 60.0,
        "how long the ledger may be unreachable before the daemon stops", RUN),
+    _s("outcome_journal", text, "auto",
+       "file keeping restart outcomes while the ledger is unreachable (auto: beside a"
+       " SQLite ledger; $XDG_STATE_HOME/mandrill/ for PostgreSQL)", RUN, "PATH"),
     _s("domain", domain, DEFAULT_DOMAIN, "DNS domain appended to instance names", RUN),
     _s("min_restart_interval", duration, 7 * 86400.0,
        "do not restart a host restarted more recently than this", RUN),

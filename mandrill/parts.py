@@ -142,7 +142,9 @@ async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterato
                 bridges.append(await stack.enter_async_context(open_asyncio_bridge(cfg.backend)))
             return bridges[0]
 
-        ledger: Ledger = await open_ledger(cfg.ledger, outage_limit=cfg.ledger_outage_limit)
+        ledger: Ledger = await open_ledger(
+            cfg.ledger, outage_limit=cfg.ledger_outage_limit, journal=cfg.outcome_journal
+        )
         stack.push_async_callback(ledger.aclose)
         source, topic = await stack.enter_async_context(open_source(cfg, counters))
         restarter = await stack.enter_async_context(open_restarter(cfg, rng, bridge))

@@ -126,7 +126,8 @@ def settlement_for(result: Result, failures: int, max_attempts: int) -> Settleme
     if result is Result.BUSY:
         return Settlement.DEFER
     if result is Result.LEDGER_UNAVAILABLE:
-        return Settlement.NACK
+        # Not at once: until the ledger is back, an immediate redelivery fails again.
+        return Settlement.DEFER
     return Settlement.ACK
 
 

@@ -122,16 +122,17 @@ class Worker:
                 except LedgerError as exc:
                     # The talk's rule: a failed save is logged, not retried.
                     self._counters.save_failed += 1
-                    log.error("could not save message %s: %s", message.message_id, exc,
-                              extra=_context(message))
+                    log.log(self._ledger_level(logging.ERROR), "could not save message %s: %s",
+                            message.message_id, exc, extra=_context(message))
 
     async def _decide_and_restart(self, message: Message, now: float) -> tuple[Result, int]:
         settings = self.settings
-        when = datetime.fromtimestamp(now, UTC)
-        for check in settings.skip_checks:
-            reason = check(message, when)
-            if reason is not None:
-                return await self._skip_before_claim(message, now, reason), 0
+        if settings.skip_checks:
+            when = datetime.fromtimestamp(now, UTC)
+            for check in settings.skip_checks:
+                reason = check(message, when)
+                if reason is not None:
+                    return await self._skip_before_claim(message, now, reason), 0
         try:
             claim = await self._ledger.claim(
                 message,
@@ -142,8 +143,9 @@ class Worker:
             )
         except LedgerError as exc:
             self._counters.ledger_unavailable += 1
-            log.warning("cannot decide on message %s, nacking it: %s", message.message_id, exc,
-                        extra=_context(message))
+            log.log(self._ledger_level(logging.WARNING),
+                    "cannot decide on message %s, handing it back: %s", message.message_id, exc,
+                    extra=_context(message))
             return Result.LEDGER_UNAVAILABLE, 0
         decision = claim.decision
         if decision.verdict is Verdict.DUPLICATE:
@@ -189,7 +191,8 @@ class Worker:
         await self._finish(restart_id, Outcome.RESTARTED, detail)
         self._counters.restarted += 1
         self._notify(message, "restarted", detail)
-        log.info("restarted %s (%s)", message.hostname, detail, extra=_context(message))
+        if log.isEnabledFor(logging.INFO):  # spare building the context on the hot path
+            log.info("restarted %s (%s)", message.hostname, detail, extra=_context(message))
         return Result.RESTARTED, failures
 
     async def _timed_restart(self, message: Message) -> str:
@@ -218,11 +221,17 @@ class Worker:
             await self._ledger.record(message, now, Outcome.SKIPPED, reason)
         except LedgerError as exc:
             self._counters.ledger_unavailable += 1
-            log.warning("cannot record skip of %s, nacking it: %s", message.message_id, exc,
-                        extra=_context(message))
+            log.log(self._ledger_level(logging.WARNING),
+                    "cannot record skip of %s, handing it back: %s", message.message_id, exc,
+                    extra=_context(message))
             return Result.LEDGER_UNAVAILABLE
         self._note_skip(message, reason)
         return Result.SKIPPED
+
+    def _ledger_level(self, level: int) -> int:
+        """``level`` for a message's ledger failure, or DEBUG during a known outage: the
+        ledger says that once for all of them (and the counters count every one)."""
+        return level if self._ledger.healthy() else logging.DEBUG
 
     def _note_skip(self, message: Message, reason: str) -> None:
         self._counters.skipped += 1

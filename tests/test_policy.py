@@ -68,7 +68,7 @@ def test_settlement():
     assert settlement_for(Result.DRY_RUN, 0, 5) is Settlement.ACK
     assert settlement_for(Result.INVALID, 0, 5) is Settlement.DEAD_LETTER
     assert settlement_for(Result.BUSY, 0, 5) is Settlement.DEFER
-    assert settlement_for(Result.LEDGER_UNAVAILABLE, 0, 5) is Settlement.NACK
+    assert settlement_for(Result.LEDGER_UNAVAILABLE, 0, 5) is Settlement.DEFER
     assert settlement_for(Result.RESTART_FAILED, 4, 5) is Settlement.NACK
     assert settlement_for(Result.RESTART_FAILED, 5, 5) is Settlement.DEAD_LETTER
 

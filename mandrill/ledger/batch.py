@@ -198,7 +198,10 @@ class Batcher:
             self._queue.insert(0, batch)
             raise
         else:
-            self._failing_since = None
+            if self._failing_since is not None:
+                down = anyio.current_time() - self._failing_since
+                log.warning("ledger recovered after %.1fs", down)
+                self._failing_since = None
             batch.done.set()
 
     def _ran_now(self, ops: list[Op[Any]]) -> bool:
@@ -216,7 +219,7 @@ class Batcher:
         now = anyio.current_time()
         if self._failing_since is None:
             self._failing_since = now
-            log.warning("%s; nacking affected messages until it recovers", error)
+            log.warning("%s; handing affected messages back until it recovers", error)
         elif now - self._failing_since >= self._outage_limit:
             raise LedgerError(
                 f"ledger unavailable for {now - self._failing_since:.0f}s"

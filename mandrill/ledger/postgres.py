@@ -42,6 +42,7 @@ from psycopg.rows import TupleRow
 from mandrill.errors import LedgerError
 from mandrill.ledger import sql
 from mandrill.ledger.batch import Op
+from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.store import SQLLedger
 
 T = TypeVar("T")
@@ -204,7 +205,11 @@ class PostgresDatabase:
 
 
 async def open_postgres_ledger(
-    url: str, *, outage_limit: float = math.inf, max_batch: int = 2000
+    url: str,
+    *,
+    outage_limit: float = math.inf,
+    max_batch: int = 2000,
+    journal: OutcomeJournal | None = None,
 ) -> SQLLedger:
     """Connect to a PostgreSQL ledger, creating its tables (and schema) if missing.
 
@@ -223,16 +228,19 @@ async def open_postgres_ledger(
         db = await anyio.to_thread.run_sync(PostgresDatabase, url)
     except (psycopg.Error, ValueError) as exc:
         raise LedgerError(
-            f"cannot open PostgreSQL ledger {_redact(url)}: {_one_line(exc)}"
+            f"cannot open PostgreSQL ledger {redact(url)}: {_one_line(exc)}"
         ) from exc
-    return SQLLedger(db, DIALECT, max_batch=max_batch, outage_limit=outage_limit)
+    return SQLLedger(
+        db, DIALECT, max_batch=max_batch, outage_limit=outage_limit, journal=journal
+    )
 
 
 def _lock_key(op: Op[Any]) -> str:
     return op.key
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """The URL without its password."""
     password = urlsplit(url).password
     return url if password is None else url.replace(f":{password}@", ":***@", 1)
 
@@ -241,4 +249,11 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-__all__ = ["DIALECT", "PostgresDatabase", "connection_params", "lock_host", "open_postgres_ledger"]
+__all__ = [
+    "DIALECT",
+    "PostgresDatabase",
+    "connection_params",
+    "lock_host",
+    "open_postgres_ledger",
+    "redact",
+]

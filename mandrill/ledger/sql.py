@@ -190,8 +190,12 @@ def finish(
     cur: Cursor, d: Dialect, restart_id: int, now: float, outcome: Outcome, detail: str
 ) -> None:
     cur.execute(
-        d.sql("UPDATE restarts SET finished_at = ?, outcome = ?, detail = ? WHERE id = ?"),
-        (now, outcome, detail, restart_id),
+        # Only a live claim: a journaled outcome may be replayed twice (see ledger.journal).
+        d.sql(
+            "UPDATE restarts SET finished_at = ?, outcome = ?, detail = ?"
+            " WHERE id = ? AND outcome = ?"
+        ),
+        (now, outcome, detail, restart_id, Outcome.RESTARTING),
     )
 
 

@@ -11,6 +11,7 @@ import anyio
 from mandrill.errors import LedgerError
 from mandrill.ledger import sql
 from mandrill.ledger.batch import Op
+from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.store import SQLLedger
 
 T = TypeVar("T")
@@ -114,10 +115,12 @@ class SQLiteDatabase:
         self._conn.close()
 
 
-async def open_sqlite_ledger(path: str, *, outage_limit: float = float("inf")) -> SQLLedger:
+async def open_sqlite_ledger(
+    path: str, *, outage_limit: float = float("inf"), journal: OutcomeJournal | None = None
+) -> SQLLedger:
     """Open (and create) a SQLite ledger; raises :class:`LedgerError` if it cannot."""
     try:
         db = await anyio.to_thread.run_sync(SQLiteDatabase, path)
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot open SQLite ledger {path!r}: {exc}") from exc
-    return SQLLedger(db, DIALECT, outage_limit=outage_limit)
+    return SQLLedger(db, DIALECT, outage_limit=outage_limit, journal=journal)

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import anyio
 from anyio.abc import TaskStatus
 
+from mandrill.errors import LedgerError
 from mandrill.ledger import sql
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
 from mandrill.ledger.batch import Batcher, Database, Op
+from mandrill.ledger.journal import KeptOutcome, OutcomeJournal
 from mandrill.message import Delivery, Message
 from mandrill.policy import Outcome, RateLimit
 
+log = logging.getLogger(__name__)
+
+#: While outcomes wait in the journal, how often the ledger is offered them again.
+REPLAY_INTERVAL = 5.0
+
 
 class SQLLedger:
-    """A :class:`~mandrill.ledger.base.Ledger` backed by a SQL :class:`Database`."""
+    """A :class:`~mandrill.ledger.base.Ledger` backed by a SQL :class:`Database`.
+
+    With a ``journal``, :meth:`finish` does not fail when the database does: the outcome
+    is kept in the journal and :meth:`run` writes it to the database when it is back
+    (first of all when it starts, before any claim).
+    """
 
     def __init__(
         self,
@@ -24,16 +37,32 @@ class SQLLedger:
         *,
         max_batch: int = 2000,
         outage_limit: float = math.inf,
+        journal: OutcomeJournal | None = None,
     ) -> None:
         self._dialect = dialect
         self._batcher = Batcher(db, max_batch=max_batch, outage_limit=outage_limit)
         self._db = db
+        self.journal = journal
+        self._journal_written = anyio.Event()
 
     def healthy(self) -> bool:
         return self._batcher.healthy
 
-    async def run(self, *, task_status: TaskStatus[None]) -> None:
-        await self._batcher.run(task_status=task_status)
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self.journal is None:
+            await self._batcher.run(task_status=task_status)
+            return
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._batcher.run)
+            # Before anyone claims: a redelivered message must find its restart's outcome.
+            await self.record_kept_outcomes()
+            task_status.started()
+            while True:
+                await self._journal_written.wait()
+                self._journal_written = anyio.Event()
+                await anyio.sleep(REPLAY_INTERVAL)
+                if not await self.record_kept_outcomes():
+                    self._journal_written.set()  # still waiting: try again later
 
     def save(self, message: Message, now: float) -> Op[None]:
         d = self._dialect
@@ -64,7 +93,48 @@ class SQLLedger:
 
     async def finish(self, restart_id: int, now: float, outcome: Outcome, detail: str) -> None:
         d = self._dialect
-        await self._batcher.submit(lambda cur: sql.finish(cur, d, restart_id, now, outcome, detail))
+        try:
+            await self._batcher.submit(
+                lambda cur: sql.finish(cur, d, restart_id, now, outcome, detail)
+            )
+        except LedgerError as exc:
+            if self.journal is None:
+                raise
+            await self.journal.keep(restart_id, now, outcome, detail)
+            self._journal_written.set()
+            log.warning("%s; outcome %s of restart %d kept in %s until the ledger is back",
+                        exc, outcome, restart_id, self.journal.path)
+
+    async def record_kept_outcomes(self) -> bool:
+        """Write the journal's outcomes to the database; True when none is left."""
+        assert self.journal is not None
+        try:
+            kept = await self.journal.entries()
+        except LedgerError as exc:
+            log.error("cannot read %s", exc)
+            return False
+        d = self._dialect
+
+        def finish(entry: KeptOutcome) -> Op[None]:
+            return self._batcher.submit(lambda cur: sql.finish(
+                cur, d, entry.restart_id, entry.finished_at, entry.outcome, entry.detail))
+
+        ops = [(entry, finish(entry)) for entry in kept]
+        recorded = []
+        for entry, op in ops:
+            try:
+                await op
+            except LedgerError:
+                continue
+            recorded.append(entry)
+        try:
+            await self.journal.forget(recorded)
+        except LedgerError as exc:
+            log.error("cannot update %s", exc)  # recorded twice later: harmless
+            return False
+        if recorded:
+            log.info("recorded %d restart outcomes kept in %s", len(recorded), self.journal.path)
+        return len(recorded) == len(kept)
 
     async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:
         d = self._dialect

@@ -140,6 +140,31 @@ async def test_outage_shorter_than_the_limit_is_survived() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_an_outage_is_logged_once_and_so_is_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = FakeDatabase()
+    db.failing = True
+    batcher = Batcher(db)
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        for _ in range(5):
+            with pytest.raises(LedgerError):
+                await batcher.submit(lambda _: None)
+        assert not batcher.healthy
+        db.failing = False
+        await batcher.submit(lambda _: None)
+        assert batcher.healthy
+        tg.cancel_scope.cancel()
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0] == (
+        "ledger write failed: server closed the connection unexpectedly;"
+        " handing affected messages back until it recovers"
+    )
+    assert lines[1].startswith("ledger recovered after ")
+
+
 async def test_cancelled_run_flushes_what_is_queued() -> None:
     db = FakeDatabase()
     batcher = Batcher(db)

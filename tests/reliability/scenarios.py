@@ -24,7 +24,6 @@ import shlex
 import signal
 import sqlite3
 import statistics
-import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -38,7 +37,6 @@ from tests.reliability.harness import (
     MIN_ACK_DEADLINE,
     Daemon,
     Gate,
-    LedgerFacts,
     LedgerRef,
     Misjudged,
     PinnedEmulator,
@@ -390,7 +388,8 @@ async def source_partition(env: Env, backend: str, scale: int) -> Result:
 
 # -- ledger outage --------------------------------------------------------------------------
 
-OUTAGE_LINE = "nacking affected messages until it recovers"
+OUTAGE_LINE = "handing affected messages back until it recovers"
+JOURNALED_LINE = "until the ledger is back"
 
 
 async def ledger_outage(env: Env, backend: str, scale: int, *, exceed_limit: bool) -> Result:
@@ -399,11 +398,13 @@ async def ledger_outage(env: Env, backend: str, scale: int, *, exceed_limit: boo
     messages keep arriving.
 
     Proves, with the outage shorter than ``--ledger-outage-limit``: the daemon says so once,
-    nacks what it cannot decide (never acks a message without a record), keeps running,
-    and recovers by itself: every message processed exactly once, no host twice.
+    hands back what it cannot decide (never acks a message without a record; not a line
+    per message), keeps the outcome
+    of every restart it could not record in its journal, keeps running, and recovers by
+    itself: every message processed exactly once, no host twice, the journal emptied.
     With the outage longer than the limit: the daemon stops, exits 1 with one error line
     naming the outage, and nacks what it held; a daemon started after the ledger is back
-    processes everything, none twice.
+    records the journal first, then processes everything, none twice.
     """
     started = anyio.current_time()
     names = PubSubNames.fresh("ledger")
@@ -412,38 +413,15 @@ async def ledger_outage(env: Env, backend: str, scale: int, *, exceed_limit: boo
     count = 30 * scale
     limit = 2.0 if exceed_limit else 60.0
     outage = 2.0 + scale
+    journal = env.path("ledger-outcomes", ".jsonl")
     async with postgres_role(env.postgres_admin_url) as role:
         ledger = LedgerRef(role.probe_url)
         args = run_args(backend=backend, names=names, ledger=role.url, extra=[
             *COMMON, "--restart-latency", "1s", "--max-in-flight", "10",
-            "--ledger-outage-limit", f"{limit}s",
+            "--ledger-outage-limit", f"{limit}s", "--outcome-journal", str(journal),
         ])
         ids = await env.pubsub.publish(names, chaos_messages("ledger", count))
         daemons: list[Daemon] = []
-
-        exited_at: list[float] = []  # wall clock, when the first daemon exits
-
-        def unrecorded(facts: LedgerFacts) -> set[str]:
-            # Restarts that completed during the outage: acked, their claim the only record.
-            return {
-                facts.restart_ids[rid] for d in daemons for rid in d.unrecorded_restarts()
-                if rid in facts.restart_ids
-            }
-
-        def stranded(facts: LedgerFacts) -> set[str]:
-            # Claims the exited daemon left live, handed back to the next one since: BUSY
-            # for stale_claim_after (an hour), so never processed within the run.
-            if not exited_at:
-                return set()
-            return {
-                mid for mid in facts.open_claims()
-                if facts.messages.get(mid, ("", "", 0))[2] >= 2
-                and all(at < exited_at[0] for _, _, at in facts.decisions[mid])
-            }
-
-        def excused(facts: LedgerFacts) -> set[str]:
-            return unrecorded(facts) | stranded(facts)
-
         async with running_daemon(args, emulator=env.emulator, name="daemon") as daemon:
             daemons.append(daemon)
             await daemon.wait_for_message("restarted ", seconds=START_SECONDS)
@@ -453,7 +431,6 @@ async def ledger_outage(env: Env, backend: str, scale: int, *, exceed_limit: boo
             await daemon.wait_for_message(OUTAGE_LINE, seconds=START_SECONDS)
             if exceed_limit:
                 code = await daemon.exit_code(seconds=limit + START_SECONDS)
-                exited_at.append(time.time())
                 down_for = anyio.current_time() - cut_at
                 assert code == 1, daemon.tail()
                 # One line says why it stopped (the worker's own errors are per message).
@@ -465,25 +442,23 @@ async def ledger_outage(env: Env, backend: str, scale: int, *, exceed_limit: boo
                 down_for = anyio.current_time() - cut_at
                 assert not daemon.ended.is_set(), daemon.tail()
                 await role.restore()
-                facts = await ledger.wait_processed(
-                    ids, seconds=DRAIN_SECONDS, daemons=daemons, excused=unrecorded)
+                facts = await ledger.wait_processed(ids, seconds=DRAIN_SECONDS, daemons=daemons)
                 assert await daemon.stop() == 0, daemon.tail()
         if exceed_limit:
             await role.restore()
             async with running_daemon(args, emulator=env.emulator, name="after") as after:
                 daemons.append(after)
-                facts = await ledger.wait_processed(
-                    ids, seconds=DRAIN_SECONDS, daemons=[after], excused=excused)
+                facts = await ledger.wait_processed(ids, seconds=DRAIN_SECONDS, daemons=[after])
                 assert await after.stop() == 0, after.tail()
+    assert not journal.exists(), journal.read_text()  # every kept outcome recorded
     result = verdict(
         "ledger outage > limit" if exceed_limit else "ledger outage < limit",
         backend, facts, ids, daemons=daemons, started=started,
     )
     result.note(
         outage=f"{down_for:.1f}s", limit=f"{limit:.0f}s", sessions_ended=ended,
-        outcome_unrecorded=len(unrecorded(facts) & set(ids)),
-        stranded_claims=len(stranded(facts) - unrecorded(facts)),
-        nack_lines=sum(d.count("nacking it") for d in daemons),
+        outcomes_journaled=sum(d.count(JOURNALED_LINE) for d in daemons),
+        log_lines=sum(len(d.lines) for d in daemons),
     )
     return result
 

@@ -3,9 +3,6 @@ the test's), the session's emulator, PostgreSQL for the fleet ones.
 
 Each test runs one scenario of :mod:`tests.reliability.scenarios` at scale 1 and checks
 the promise (nothing lost, nothing restarted twice; no crash is checked by the scenario).
-The tests marked ``xfail(strict=True, raises=...)`` pin down product bugs: they fail in one
-precise way today (the exception named in ``raises``; any other failure is a real one), and
-will pass, failing the suite, once the bug is fixed: then remove the mark.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from tests.reliability import scenarios
 from tests.reliability.harness import (
     LedgerRef,
     Misjudged,
-    OutcomeNotRecorded,
     PubSubNames,
     eventually,
     instance_payload,
@@ -83,16 +79,7 @@ async def test_emulator_outage(env: Env, backend_name: str) -> None:
     result.check()
 
 
-UNRECORDED = (
-    "worker.py Worker._finish: a restart that completes while the ledger is unreachable is"
-    " acked with only its 'restarting' claim in the ledger (the outcome is logged as not"
-    " recorded and dropped); the message never gets a final decision, and an hour later"
-    " (stale_claim_after) the host counts as never restarted"
-)
-
-
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, raises=OutcomeNotRecorded, reason=UNRECORDED)
 async def test_ledger_outage_shorter_than_the_limit(env: Env, backend_name: str) -> None:
     with plain_errors():
         result = await scenarios.ledger_outage_recovers(env, backend_name, 1)
@@ -100,7 +87,6 @@ async def test_ledger_outage_shorter_than_the_limit(env: Env, backend_name: str)
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, raises=OutcomeNotRecorded, reason=UNRECORDED)
 async def test_ledger_outage_longer_than_the_limit(env: Env, backend_name: str) -> None:
     with plain_errors():
         result = await scenarios.ledger_outage_exits(env, backend_name, 1)
