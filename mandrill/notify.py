@@ -44,6 +44,9 @@ DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_BACKOFF = 0.5
 DEFAULT_MAX_BACKOFF = 30.0
 DEFAULT_REQUEST_TIMEOUT = 10.0
+#: At shutdown, how long what is still queued may take to send (the decisions of the last
+#: moments before a stop are the ones an operator matches to an incident).
+DEFAULT_FINAL_FLUSH = 2.0
 #: How much of a receiver's answer is read (and thrown away) so the connection ends cleanly.
 _MAX_ANSWER_BYTES = 64 * 1024
 
@@ -114,6 +117,7 @@ class Notifier:
         backoff: float = DEFAULT_BACKOFF,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        final_flush: float = DEFAULT_FINAL_FLUSH,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -131,6 +135,7 @@ class Notifier:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.request_timeout = request_timeout
+        self.final_flush = final_flush
         self._headers = {
             "Content-Type": "application/json",
             "User-Agent": "mandrill",
@@ -177,9 +182,10 @@ class Notifier:
         """Send queued notifications until :meth:`close` has been called and the queue is
         empty (up to ``max_attempts`` tries each, so bound that wait with a deadline).
 
-        Reports started at once. Never raises for a failed notification. Cancelling it
-        stops at once: what is still queued is lost, and a POST under way finishes in its
-        thread within ``request_timeout``.
+        Reports started at once. Never raises for a failed notification. Cancelling it (the
+        service's shutdown, once every worker is done) sends what is still queued for up to
+        ``final_flush`` seconds, shielded, then drops the rest (counted); a POST under way
+        finishes in its thread within ``request_timeout``.
         """
         self._running = True
         limiter = anyio.CapacityLimiter(self.senders)
@@ -191,7 +197,23 @@ class Notifier:
         finally:
             self._running = False
             self._send.close()
+            unsent = 0
+            with anyio.move_on_after(self.final_flush, shield=True):
+                while (notification := self._next_queued()) is not None:
+                    unsent = 1  # until delivered (or given up)
+                    await self._deliver(notification, limiter)
+                    unsent = 0
+            while self._next_queued() is not None:
+                unsent += 1
+            for _ in range(unsent):
+                self._count_drop()
             self._receive.close()
+
+    def _next_queued(self) -> Notification | None:
+        try:
+            return self._receive.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return None
 
     async def _sender(self, limiter: anyio.CapacityLimiter) -> None:
         # Closed already if close() came before run(): then there is nothing to send.

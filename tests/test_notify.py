@@ -163,7 +163,7 @@ async def test_notify_after_close_is_dropped():
 
 async def test_notify_never_waits_for_a_stuck_receiver(receiver):
     receiver.release.clear()
-    notifier = Notifier(receiver.url, capacity=3, senders=1, request_timeout=30)
+    notifier = Notifier(receiver.url, capacity=3, senders=1, request_timeout=30, final_flush=0)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(notifier.run)
@@ -176,11 +176,27 @@ async def test_notify_never_waits_for_a_stuck_receiver(receiver):
                 notifier.notify(notification(n))
             assert anyio.current_time() - start < 0.5
             assert notifier.dropped == 96
-            # Cancelling run() does not wait for the POST held by the receiver.
+            # Cancelling run() does not wait for the POST held by the receiver; with no
+            # final flush allowed, the three still queued are dropped.
             tg.cancel_scope.cancel()
     assert notifier.sent == 0
+    assert notifier.dropped == 99
     notifier.notify(notification())  # after run() ended: dropped, not an error
-    assert notifier.dropped == 97
+    assert notifier.dropped == 100
+
+
+async def test_what_is_queued_at_shutdown_is_still_sent(receiver):
+    notifier = Notifier(receiver.url, senders=1)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(notifier.run)
+            for n in range(5):
+                notifier.notify(notification(n))
+            tg.cancel_scope.cancel()  # the service stopping, right after its last decisions
+    assert (notifier.sent, notifier.dropped) == (5, 0)
+    assert sorted(r.document["message_id"] for r in receiver.received) == [
+        f"m-{n}" for n in range(5)
+    ]
 
 
 def test_notification_from_a_message():
