@@ -59,6 +59,13 @@ DEFAULT_PARAMS = {
     "keepalives_count": "3",
 }
 
+#: Server-side bound on every statement (a lock wait included): a ledger wedged by a lock
+#: that is never released (a hung session, an administrator's ``LOCK TABLE``) then fails
+#: like an unreachable one — outage logged, messages handed back, exit past
+#: ``--ledger-outage-limit`` — instead of silently holding every message. First in
+#: ``options``, so a ``-cstatement_timeout=…`` in the URL overrides it (the last one wins).
+DEFAULT_OPTIONS = "-cstatement_timeout=30s"
+
 #: Unquoted identifiers only: ``search_path`` lower-cases what ``CREATE SCHEMA`` would not.
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -108,6 +115,7 @@ def connection_params(url: str) -> tuple[dict[str, Any], str | None]:
     params: dict[str, Any] = conninfo_to_dict("?".join([base, "&".join(rest)]) if rest else base)
     for key, value in DEFAULT_PARAMS.items():
         params.setdefault(key, value)
+    params["options"] = " ".join(filter(None, [DEFAULT_OPTIONS, params.get("options")]))
     if not schemas:
         return params, None
     schema = schemas[-1]
@@ -218,7 +226,8 @@ async def open_postgres_ledger(
     schema that already exists). mandrill adds ``schema=name``: use (and create) that
     schema, a lower-case identifier; several daemons, or tests, can thus share a database
     without sharing a ledger. Defaults: ``connect_timeout=10``, ``application_name=mandrill``
-    and TCP keepalives (see :data:`DEFAULT_PARAMS`).
+    TCP keepalives (see :data:`DEFAULT_PARAMS`) and a 30 s ``statement_timeout``
+    (:data:`DEFAULT_OPTIONS`).
 
     Blocks a worker thread for up to ``connect_timeout`` and is not cancellable sooner.
     Raises :class:`LedgerError` (one line, no password) if it cannot connect or create the

@@ -17,7 +17,7 @@ import pytest
 from mandrill.errors import LedgerError
 from mandrill.ledger import SQLLedger
 from mandrill.ledger.base import Claim
-from mandrill.ledger.postgres import connection_params, open_postgres_ledger
+from mandrill.ledger.postgres import connection_params, lock_host, open_postgres_ledger
 from mandrill.message import Message
 from mandrill.policy import Verdict
 from tests.ledger import STALE, T0, WEEK, message
@@ -142,6 +142,23 @@ def terminate_backend(admin_url: str, application_name: str) -> None:
             time.sleep(0.01)
 
 
+async def test_a_lock_never_released_fails_the_batch_instead_of_hanging(
+    postgres_url: str,
+) -> None:
+    async with running(postgres_url) as ledger:
+        await ledger.save(message("m0"), T0)  # the schema exists before the lock is taken
+    # A session that took a host's lock and hung, holding it (here: in a transaction).
+    with psycopg.connect(postgres_url.split("?")[0]) as hung:
+        lock_host(hung.cursor(), "web-1.example.net")
+        # 300 ms instead of the default 30 s, through the URL (which overrides it).
+        async with running(f"{postgres_url}&options=-cstatement_timeout%3D300") as ledger:
+            with anyio.fail_after(10), pytest.raises(LedgerError, match="statement timeout"):
+                await ledger.claim(message("m1", "web-1"), T0, WEEK, STALE)
+            # Another host is not held up.
+            claim = await ledger.claim(message("m2", "web-2"), T0, WEEK, STALE)
+            assert claim.decision.verdict is Verdict.RESTART
+
+
 async def test_daemons_starting_together_create_the_schema_once(postgres_url: str) -> None:
     ledgers: list[SQLLedger] = []
 
@@ -177,11 +194,15 @@ def test_url_parameters() -> None:
         "&connect_timeout=2"
     )
     assert schema == "fleet"
-    assert params["options"] == "-cstatement_timeout=5s -csearch_path=fleet"
+    # The URL's own statement_timeout comes after the default one: it wins.
+    assert params["options"] == (
+        "-cstatement_timeout=30s -cstatement_timeout=5s -csearch_path=fleet"
+    )
     assert (params["host"], params["port"], params["dbname"]) == ("db", "5433", "ledger")
     assert params["connect_timeout"] == "2"
     assert params["application_name"] == "mandrill"
     assert connection_params("postgresql:///ledger")[1] is None
     # Passed through as written: libpq, unlike urllib, does not read "+" as a space.
     params, _ = connection_params("postgres://h/db?password=a+b%20c&options=-c%20x%3Dy")
-    assert (params["password"], params["options"]) == ("a+b c", "-c x=y")
+    assert (params["password"], params["options"]) == ("a+b c", "-cstatement_timeout=30s -c x=y")
+    assert connection_params("postgresql:///ledger")[0]["options"] == "-cstatement_timeout=30s"
