@@ -27,15 +27,22 @@ async def open_ledger(
     if url.startswith(("postgresql://", "postgres://")):
         from mandrill.ledger.postgres import open_postgres_ledger
 
-        return await open_postgres_ledger(
+        ledger = await open_postgres_ledger(
             url, outage_limit=outage_limit, journal=_postgres_journal(url, journal)
         )
-    from mandrill.ledger.sqlite import open_sqlite_ledger
+    else:
+        from mandrill.ledger.sqlite import open_sqlite_ledger
 
-    path = url.removeprefix("sqlite://")
-    return await open_sqlite_ledger(
-        path, outage_limit=outage_limit, journal=_sqlite_journal(path, journal)
-    )
+        path = url.removeprefix("sqlite://")
+        ledger = await open_sqlite_ledger(
+            path, outage_limit=outage_limit, journal=_sqlite_journal(path, journal)
+        )
+    try:
+        await ledger.check()
+    except BaseException:
+        await ledger.aclose()
+        raise
+    return ledger
 
 
 def _postgres_journal(url: str, journal: str | None) -> OutcomeJournal | None:

@@ -58,6 +58,17 @@ class OutcomeJournal:
         # One thread at a time in this process; flock serialises the processes.
         self._limiter = anyio.CapacityLimiter(1)
 
+    async def check(self) -> None:
+        """Fail at start, not in the middle of an outage, if the journal cannot be written:
+        creates its directory and lock file (the journal itself only when needed)."""
+        await self._in_thread(self._touch_lock)
+
+    def _touch_lock(self) -> None:
+        with self._locked():
+            pass
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise PermissionError(13, "not writable")
+
     async def keep(
         self, restart_id: int, finished_at: float, outcome: Outcome, detail: str
     ) -> None:

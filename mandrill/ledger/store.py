@@ -45,6 +45,12 @@ class SQLLedger:
         self.journal = journal
         self._journal_written = anyio.Event()
 
+    async def check(self) -> None:
+        """Raise :class:`LedgerError` if what the ledger needs besides its database (the
+        outcome journal) is unusable."""
+        if self.journal is not None:
+            await self.journal.check()
+
     def healthy(self) -> bool:
         return self._batcher.healthy
 

@@ -84,6 +84,14 @@ async def test_an_unwritable_journal_raises_ledger_error(tmp_path: Path) -> None
         await journal.keep(1, T0, Outcome.RESTARTED, "")
 
 
+async def test_an_unusable_journal_is_refused_when_the_ledger_opens(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LedgerError, match=r"outcome journal .*file/outcomes.jsonl: "):
+        await open_ledger(
+            str(tmp_path / "ledger.db"), journal=str(tmp_path / "file" / "outcomes.jsonl")
+        )
+
+
 def test_default_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     path = default_journal_path("postgresql://u:***@db/ledger")
