@@ -53,7 +53,7 @@ PROJECT = "bench"
 #: gcloud-aio's clients take whole-second timeouts.
 REQUEST_TIMEOUT = 30
 TARGET_VS_SUBSCRIBE = 2.0
-#: How long ``subscribe()`` gets to ack a drain's messages.
+#: How long ``subscribe()`` gets to handle a drain's messages.
 SUBSCRIBE_LIMIT = 60.0
 TARGET_VS_BARE = 0.8
 CONTENDERS = (
@@ -203,22 +203,30 @@ class Falling(logging.Handler):
 
 
 def drain_subscribe(subscription: str, messages: int) -> Timing:
-    """The time gcloud-aio's ``subscribe()`` takes until ``messages`` ack ids are acked, or
-    ``SUBSCRIBE_LIMIT`` seconds; also how many it acked and how often it dropped ack ids.
+    """The time gcloud-aio's ``subscribe()`` takes until its handler has seen each of the
+    ``messages`` once (``SUBSCRIBE_LIMIT`` seconds at most); also how many ack ids it had
+    acked by then and how often it dropped ack ids.
 
-    When its acker falls behind it drops ack ids (the messages come back only after their
-    ack deadline) and, having never marked them done in its queue, then hangs when
-    cancelled: so the helper is cancelled but not waited for, and the loop is left as it
-    is (this runs in a child process of its own, which exits next).
+    Timed on messages *handled*, not acked: when its acker falls behind it drops ack ids
+    (those messages come back only after their ack deadline), so timing the acks would
+    measure that, and flatter mandrill. Handled is the generous, like-for-like figure.
+    Having never marked the dropped ids done in its queue, the helper then hangs when
+    cancelled: so it is cancelled but not waited for, and the loop is left as it is (this
+    runs in a child process of its own, which exits next).
     """
-
-    async def handler(message: Any) -> None:
-        pass
 
     async def main() -> Timing:
         client = await new_subscriber(CountingSubscriber)
         assert isinstance(client, CountingSubscriber)
         client.target = messages
+        seen: set[str] = set()
+        all_seen = asyncio.Event()
+
+        async def handler(message: Any) -> None:
+            seen.add(message.message_id)
+            if len(seen) >= messages:
+                all_seen.set()
+
         falling = Falling()
         logging.getLogger("gcloud.aio.pubsub").addHandler(falling)
         watch = Stopwatch()
@@ -233,10 +241,11 @@ def drain_subscribe(subscription: str, messages: int) -> Timing:
         )
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SUBSCRIBE_LIMIT):
-                await client.done.wait()
+                await all_seen.wait()
         elapsed = watch.stop()
         helper.cancel()
-        return {**elapsed, "acked": float(client.acked), "dropped": float(falling.count)}
+        return {**elapsed, "handled": float(len(seen)), "acked": float(client.acked),
+                "dropped": float(falling.count)}
 
     return asyncio.new_event_loop().run_until_complete(main())
 
@@ -291,14 +300,15 @@ def run(results: Results, *, messages: int, rounds: int, warmup: int) -> None:
             messages=messages,
         )
         backend, name = contender.split("/")
-        done = min(messages, timing.get("acked", messages))
+        done = min(messages, timing.get("handled", messages))
         rate = done / timing["seconds"]
         cpu = timing["cpu"] / max(done, 1) * 1e6
         if timing.get("dropped"):
             results.notes.append(
                 f"emulator round {number + 1}: subscribe() logged 'acker is falling behind,"
-                f" dropping unacked messages' {timing['dropped']:.0f} times; acked"
-                f" {timing['acked']:.0f} ids in {timing['seconds']:.0f} s"
+                f" dropping unacked messages' {timing['dropped']:.0f} times; it had acked"
+                f" {timing['acked']:.0f} ids when its handler had seen"
+                f" {timing['handled']:.0f} messages, after {timing['seconds']:.1f} s"
             )
         results.figure(BENCHMARK, backend, name, "msg/s").samples.append(rate)
         results.figure(CPU_BENCHMARK, backend, name, "us/msg").samples.append(cpu)
@@ -307,7 +317,8 @@ def run(results: Results, *, messages: int, rounds: int, warmup: int) -> None:
     compare(results)
     results.notes.append(
         f"emulator: {messages} messages, medians of {rounds} rounds after a warm-up round;"
-        " subscribe() runs on asyncio only and is the baseline for both backends."
+        " subscribe() runs on asyncio only and is the baseline for both backends; it is"
+        " timed until its handler has seen every message (mandrill and bare: every ack sent)."
     )
 
 
