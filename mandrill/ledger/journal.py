@@ -59,15 +59,15 @@ class OutcomeJournal:
         self._limiter = anyio.CapacityLimiter(1)
 
     async def check(self) -> None:
-        """Fail at start, not in the middle of an outage, if the journal cannot be written:
-        creates its directory and lock file (the journal itself only when needed)."""
-        await self._in_thread(self._touch_lock)
+        """Fail at start, not in the middle of an outage, if the journal cannot be written.
+        Creates its directory if missing; the journal and its lock file only when needed."""
+        await self._in_thread(self._check_writable)
 
-    def _touch_lock(self) -> None:
-        with self._locked():
-            pass
-        if self.path.exists() and not os.access(self.path, os.W_OK):
-            raise PermissionError(13, "not writable")
+    def _check_writable(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for place in (self.path, self._lock_path, self.path.parent):
+            if place.exists() and not os.access(place, os.W_OK):
+                raise PermissionError(13, f"{place} is not writable")
 
     async def keep(
         self, restart_id: int, finished_at: float, outcome: Outcome, detail: str
