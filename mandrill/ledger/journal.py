@@ -103,10 +103,8 @@ class OutcomeJournal:
 
     def _append(self, entry: KeptOutcome) -> None:
         line = json.dumps(asdict(entry), separators=(",", ":")) + "\n"
-        with self._locked(), open(self.path, "a", encoding="utf-8") as journal:
-            journal.write(line)
-            journal.flush()
-            os.fsync(journal.fileno())
+        with self._locked():
+            _write_synced(self.path, "a", line)
 
     def _read_locked(self) -> list[str]:
         if not self.path.exists():  # the common case: nothing was ever kept
@@ -128,11 +126,16 @@ class OutcomeJournal:
                 self.path.unlink(missing_ok=True)
                 return
             temporary = self.path.with_name(self.path.name + ".tmp")
-            with open(temporary, "w", encoding="utf-8") as journal:
-                journal.write("".join(line + "\n" for line in kept))
-                journal.flush()
-                os.fsync(journal.fileno())
+            _write_synced(temporary, "w", "".join(line + "\n" for line in kept))
             os.replace(temporary, self.path)
+
+
+def _write_synced(path: Path, mode: str, text: str) -> None:
+    """Write ``text`` and return only once it is on disk."""
+    with open(path, mode, encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _parse(line: str) -> KeptOutcome | None:

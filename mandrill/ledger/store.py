@@ -12,7 +12,7 @@ from mandrill.errors import LedgerError
 from mandrill.ledger import sql
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
 from mandrill.ledger.batch import Batcher, Database, Op
-from mandrill.ledger.journal import KeptOutcome, OutcomeJournal
+from mandrill.ledger.journal import OutcomeJournal
 from mandrill.message import Delivery, Message
 from mandrill.policy import Outcome, RateLimit
 
@@ -98,11 +98,8 @@ class SQLLedger:
         )
 
     async def finish(self, restart_id: int, now: float, outcome: Outcome, detail: str) -> None:
-        d = self._dialect
         try:
-            await self._batcher.submit(
-                lambda cur: sql.finish(cur, d, restart_id, now, outcome, detail)
-            )
+            await self._submit_finish(restart_id, now, outcome, detail)
         except LedgerError as exc:
             if self.journal is None:
                 raise
@@ -110,6 +107,14 @@ class SQLLedger:
             self._journal_written.set()
             log.warning("%s; outcome %s of restart %d kept in %s until the ledger is back",
                         exc, outcome, restart_id, self.journal.path)
+
+    def _submit_finish(
+        self, restart_id: int, now: float, outcome: Outcome, detail: str
+    ) -> Op[None]:
+        d = self._dialect
+        return self._batcher.submit(
+            lambda cur: sql.finish(cur, d, restart_id, now, outcome, detail)
+        )
 
     async def record_kept_outcomes(self) -> bool:
         """Write the journal's outcomes to the database; True when none is left."""
@@ -119,13 +124,12 @@ class SQLLedger:
         except LedgerError as exc:
             log.error("cannot read %s", exc)
             return False
-        d = self._dialect
-
-        def finish(entry: KeptOutcome) -> Op[None]:
-            return self._batcher.submit(lambda cur: sql.finish(
-                cur, d, entry.restart_id, entry.finished_at, entry.outcome, entry.detail))
-
-        ops = [(entry, finish(entry)) for entry in kept]
+        # All queued before the first await: one batch.
+        ops = [
+            (entry, self._submit_finish(
+                entry.restart_id, entry.finished_at, entry.outcome, entry.detail))
+            for entry in kept
+        ]
         recorded = []
         for entry, op in ops:
             try:
