@@ -89,26 +89,28 @@ class Settler:
         at shutdown wrap it in ``move_on_after``."""
         self._pending = anyio.Event()
         self._full = anyio.Event()
-        while self._acks or self._nacks or self._defers:
-            acks, self._acks = self._acks[: self._max_batch], self._acks[self._max_batch :]
-            nacks, self._nacks = self._nacks[: self._max_batch], self._nacks[self._max_batch :]
-            defers = self._defers[: self._max_batch]
-            del self._defers[: self._max_batch]
-            try:
-                if acks:
-                    await self._source.acknowledge(acks)
-                    acks = []
-                if nacks:
-                    await self._source.modify_ack_deadline(nacks, 0)
-                    nacks = []
-                if defers:
-                    await self._source.modify_ack_deadline(defers, DEFER_SECONDS)
-                    defers = []
-            finally:
-                # Put back whatever was not sent (cancelled or failed): never drop an ack id.
-                self._acks[:0] = acks
-                self._nacks[:0] = nacks
-                self._defers[:0] = defers
+        while self.pending:
+            for queue, send in (
+                (self._acks, self._source.acknowledge),
+                (self._nacks, self._nack_now),
+                (self._defers, self._nack_later),
+            ):
+                ids = queue[: self._max_batch]
+                del queue[: self._max_batch]
+                if not ids:
+                    continue
+                try:
+                    await send(ids)
+                except BaseException:
+                    # Put back what was not sent (cancelled or failed): never drop an ack id.
+                    queue[:0] = ids
+                    raise
+
+    async def _nack_now(self, ack_ids: list[str]) -> None:
+        await self._source.modify_ack_deadline(ack_ids, 0)
+
+    async def _nack_later(self, ack_ids: list[str]) -> None:
+        await self._source.modify_ack_deadline(ack_ids, DEFER_SECONDS)
 
     def _queued(self) -> None:
         self._pending.set()
