@@ -1,0 +1,87 @@
+"""The settler: batched acks, nacks and deferrals, and no ack id ever dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from mandrill.errors import SourceError
+from mandrill.holdings import Holdings
+from mandrill.message import Delivery
+from mandrill.obs.counters import Counters
+from mandrill.settler import DEFER_SECONDS, Settler
+from mandrill.sources.memory import MemoryBroker
+from tests.ledger import delivery
+
+
+class FlakySource(MemoryBroker):
+    """Records what it was sent; the first ``failures`` calls of each kind fail."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = {"ack": failures, "deadline": failures}
+        self.sent: list[tuple[str, list[str]]] = []
+
+    async def acknowledge(self, ack_ids: Sequence[str]) -> None:
+        self._maybe_fail("ack")
+        self.sent.append(("ack", list(ack_ids)))
+
+    async def modify_ack_deadline(self, ack_ids: Sequence[str], seconds: float) -> None:
+        self._maybe_fail("deadline")
+        self.sent.append((f"deadline {seconds:g}", list(ack_ids)))
+
+    def _maybe_fail(self, kind: str) -> None:
+        if self.failures[kind]:
+            self.failures[kind] -= 1
+            raise SourceError(f"{kind} refused")
+
+
+def held(*message_ids: str) -> tuple[Holdings, list[Delivery]]:
+    holdings = Holdings(10)
+    deliveries = [delivery(message_id) for message_id in message_ids]
+    for each in deliveries:
+        holdings.add(each, 0.0, 60.0)
+    return holdings, deliveries
+
+
+async def test_each_kind_goes_in_batches_of_its_own() -> None:
+    source = FlakySource(failures=0)
+    holdings, (a, b, c, d, e) = held("a", "b", "c", "d", "e")
+    settler = Settler(source, holdings, Counters(), max_batch=2)
+    settler.ack(a)
+    settler.ack(b)
+    settler.ack(c)
+    settler.nack(d)
+    settler.defer(e)
+    assert len(holdings) == 0
+    await settler.flush()
+    assert source.sent == [
+        ("ack", ["ack-a", "ack-b"]),
+        ("deadline 0", ["ack-d"]),
+        (f"deadline {DEFER_SECONDS:g}", ["ack-e"]),
+        ("ack", ["ack-c"]),
+    ]
+    assert settler.pending == 0
+
+
+async def test_what_a_failed_request_carried_is_sent_by_the_next_flush() -> None:
+    source = FlakySource(failures=1)
+    holdings, (a, b, c) = held("a", "b", "c")
+    settler = Settler(source, holdings, Counters())
+    settler.ack(a)
+    settler.nack(b)
+    settler.defer(c)
+    with pytest.raises(SourceError, match="ack refused"):
+        await settler.flush()
+    assert settler.pending == 3  # nothing dropped
+    with pytest.raises(SourceError, match="deadline refused"):
+        await settler.flush()
+    assert settler.pending == 2
+    await settler.flush()
+    assert source.sent == [
+        ("ack", ["ack-a"]),
+        ("deadline 0", ["ack-b"]),
+        (f"deadline {DEFER_SECONDS:g}", ["ack-c"]),
+    ]
+    assert settler.pending == 0
