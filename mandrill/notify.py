@@ -197,15 +197,14 @@ class Notifier:
         finally:
             self._running = False
             self._send.close()
-            unsent = 0
+            in_hand = None
             with anyio.move_on_after(self.final_flush, shield=True):
-                while (notification := self._next_queued()) is not None:
-                    unsent = 1  # until delivered (or given up)
-                    await self._deliver(notification, limiter)
-                    unsent = 0
+                while (in_hand := self._next_queued()) is not None:
+                    await self._deliver(in_hand, limiter)
+            # Not None only if the deadline cut its delivery short.
+            if in_hand is not None:
+                self._count_drop()
             while self._next_queued() is not None:
-                unsent += 1
-            for _ in range(unsent):
                 self._count_drop()
             self._receive.close()
 

@@ -53,7 +53,8 @@ class Counters:
     received: int = 0
     acked: int = 0
     nacked: int = 0
-    #: Handed back with a pause because another worker holds the message's claim.
+    #: Handed back with a pause: another worker holds the message's claim, or the ledger
+    #: cannot decide on it now.
     deferred: int = 0
     dead_lettered: int = 0
     restarted: int = 0
