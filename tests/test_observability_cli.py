@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pstats
 import signal
-import socket
 import urllib.error
 import urllib.request
 
@@ -12,14 +11,9 @@ import anyio
 import pytest
 
 from tests.support.daemon import start
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, str]:

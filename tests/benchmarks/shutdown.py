@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.benchmarks.common import BACKENDS, ROOT, BenchmarkError, Results, progress, rotating
+from tests.support.net import free_port
 
 BENCHMARK = "shutdown"
 HELD = (0, 1000)
@@ -32,13 +32,6 @@ LIMITS = {0: 0.5, 1000: 1.0}
 #: How long the daemon may take to start and take its messages.
 READY_SECONDS = 60.0
 EXIT_SECONDS = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _in_flight(port: int) -> int | None:
@@ -68,7 +61,7 @@ def _exit_time(process: subprocess.Popen[bytes]) -> float:
 
 def daemon_shutdown(backend: str, held: int, directory: str) -> float:
     """Start ``mandrill run``, wait until ``held`` deliveries are held, SIGTERM it."""
-    port = _free_port()
+    port = free_port()
     log_path = Path(directory) / f"mandrill-{backend}-{held}.log"
     # Seed 0 draws 1,000 distinct host names: none is skipped as restarted already.
     publish = ["--count", str(held), "--rate", "0", "--seed", "0"] if held else ["--no-publish"]

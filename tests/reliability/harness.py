@@ -14,13 +14,10 @@ import json
 import os
 import secrets
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import (
@@ -45,6 +42,7 @@ from psycopg import sql
 
 from mandrill.sources.pubsub import open_pubsub_source, open_pubsub_topic, setup_pubsub
 from tests.fixtures.emulator import stop_emulator
+from tests.support.net import answers, free_port
 
 T = TypeVar("T")
 LogLine = dict[str, Any]
@@ -412,21 +410,6 @@ def chaos_messages(prefix: str, count: int) -> list[tuple[bytes, dict[str, str]]
 # -- an emulator of a scenario's own --------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 class PinnedEmulator:
     """An emulator that can be stopped and started again on the same port (in memory:
     each start begins empty)."""
@@ -456,7 +439,7 @@ class PinnedEmulator:
             )
         deadline = time.monotonic() + EMULATOR_START_SECONDS
         while self._process.poll() is None and time.monotonic() < deadline:
-            if _answers(f"http://{self.host}/"):
+            if answers(f"http://{self.host}/"):
                 return
             time.sleep(0.1)
         tail = self.log_path.read_text(errors="replace").splitlines()[-10:]
