@@ -27,13 +27,10 @@ from typing import Any
 import anyio
 from gcloud.aio.pubsub import SubscriberClient, subscribe
 
-from mandrill.ledger import open_ledger
 from mandrill.message import encode_payload
-from mandrill.restarters.simulated import SimulatedRestarter
-from mandrill.service import Parts, ServiceSettings, serve
+from mandrill.service import ServiceSettings
 from mandrill.sources.bridge import open_asyncio_bridge
 from mandrill.sources.pubsub import open_pubsub_source, open_pubsub_topic, setup_pubsub
-from mandrill.worker import WorkerSettings
 from tests.benchmarks.common import (
     BACKENDS,
     Results,
@@ -43,7 +40,7 @@ from tests.benchmarks.common import (
     rotating,
     run_child,
 )
-from tests.benchmarks.inprocess import ledger_path
+from tests.benchmarks.inprocess import drain_with_serve, ledger_path
 from tests.fixtures.emulator import find_launcher, start_emulator, stop_emulator
 
 BENCHMARK = "emulator"
@@ -153,23 +150,12 @@ def drain_mandrill(backend: str, subscription: str, messages: int) -> Timing:
 
     async def main() -> Timing:
         with ledger_path("file") as path:
-            ledger = await open_ledger(path)
-            try:
-                async with open_pubsub_source(
-                    project=PROJECT, subscription=subscription, backend=backend
-                ) as source:
-                    watch = Stopwatch()
-                    counters = await serve(
-                        ServiceSettings(stop_after=messages, handle_signals=False),
-                        WorkerSettings(),
-                        Parts(source, ledger, SimulatedRestarter(0, 0)),
-                    )
-                    elapsed = watch.stop()
-            finally:
-                await ledger.aclose()
-        if counters.acked < messages:
-            raise RuntimeError(f"acked {counters.acked} of {messages}")
-        return elapsed
+            async with open_pubsub_source(
+                project=PROJECT, subscription=subscription, backend=backend
+            ) as source:
+                return await drain_with_serve(
+                    source, path, messages, max_in_flight=ServiceSettings().max_in_flight
+                )
 
     return anyio.run(main, backend=backend)
 

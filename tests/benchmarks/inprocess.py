@@ -37,6 +37,7 @@ from mandrill.message import Delivery, Message, encode_payload, parse_delivery
 from mandrill.publisher import random_instance_name
 from mandrill.restarters.simulated import SimulatedRestarter
 from mandrill.service import MAX_PULL, Parts, ServiceSettings, serve
+from mandrill.sources.base import Source
 from mandrill.sources.memory import MemoryBroker
 from mandrill.worker import WorkerSettings
 from tests.benchmarks.common import (
@@ -107,13 +108,19 @@ class PerMessageStore:
 
 
 async def run_mandrill(broker: MemoryBroker, path: str, count: int) -> Timing:
+    return await drain_with_serve(broker, path, count, max_in_flight=IN_FLIGHT)
+
+
+async def drain_with_serve(source: Source, path: str, count: int, *, max_in_flight: int) -> Timing:
+    """The time ``serve()`` takes to settle ``count`` messages from ``source``, with a
+    SQLite ledger at ``path`` and a no-op restarter (also the emulator benchmark's)."""
     ledger = await open_ledger(path)
     try:
         watch = Stopwatch()
         counters = await serve(
-            ServiceSettings(max_in_flight=IN_FLIGHT, stop_after=count, handle_signals=False),
+            ServiceSettings(max_in_flight=max_in_flight, stop_after=count, handle_signals=False),
             WorkerSettings(),
-            Parts(broker, ledger, SimulatedRestarter(0, 0)),
+            Parts(source, ledger, SimulatedRestarter(0, 0)),
         )
         elapsed = watch.stop()
     finally:
