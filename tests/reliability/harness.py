@@ -41,7 +41,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from psycopg import sql
 
 from mandrill.sources.pubsub import open_pubsub_source, open_pubsub_topic, setup_pubsub
-from tests.fixtures.emulator import stop_emulator
+from tests.fixtures.emulator import PubSubNames, stop_emulator
 from tests.support.net import answers, free_port
 
 T = TypeVar("T")
@@ -288,28 +288,6 @@ def run_args(
 
 
 # -- Pub/Sub ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PubSubNames:
-    project: str
-    topic: str
-    subscription: str
-    dead_letter_topic: str
-
-    @property
-    def dead_letter_subscription(self) -> str:
-        return f"{self.dead_letter_topic}-sub"
-
-    @classmethod
-    def fresh(cls, prefix: str) -> PubSubNames:
-        unique = uuid.uuid4().hex[:10]
-        return cls(
-            project=f"rel-{prefix}-{unique}",
-            topic=f"chaos-{unique}",
-            subscription=f"mandrill-{unique}",
-            dead_letter_topic=f"dead-{unique}",
-        )
 
 
 def api_root(emulator: str) -> str:
