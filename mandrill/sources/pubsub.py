@@ -41,6 +41,7 @@ from gcloud.aio.pubsub import PublisherClient, PubsubMessage, SubscriberClient, 
 
 from mandrill.errors import SourceError
 from mandrill.message import Delivery
+from mandrill.retry import GaveUp, RetryPolicy, backoff_delays, retry
 from mandrill.sources.base import Source, Topic
 from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
 
@@ -138,34 +139,11 @@ def _one_line(text: str) -> str:
 # -- retries --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter: before retry ``n`` (from 0) wait a uniformly
-    random time in ``[0, min(cap, initial * multiplier**n))``; give up once the time spent
-    plus the next wait would exceed ``total`` seconds."""
-
-    initial: float = 0.1
-    cap: float = 10.0
-    total: float = 120.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not (0 < self.initial <= self.cap) or self.total < 0 or self.multiplier < 1:
-            raise ValueError(f"invalid retry policy {self}")
-
-
 DEFAULT_RETRY: Final = RetryPolicy()
 
 
-def backoff_delays(
-    policy: RetryPolicy, rand: Callable[[], float] = random.random
-) -> Iterator[float]:
-    """The (endless) waits before each retry under ``policy``; ``rand`` returns floats in
-    ``[0, 1)`` (inject a fixed one to test)."""
-    ceiling = policy.initial
-    while True:
-        yield rand() * ceiling
-        ceiling = min(policy.cap, ceiling * policy.multiplier)
+def _is_transport_failure(exc: Exception) -> bool:
+    return isinstance(exc, aiohttp.ClientError | OSError) and is_transient(exc)
 
 
 async def call_with_retries(
@@ -178,37 +156,37 @@ async def call_with_retries(
     clock: Callable[[], float] = anyio.current_time,
     on_transient_error: Callable[[str, BaseException, float], None] | None = None,
 ) -> T:
-    """Await ``attempt()`` until it succeeds, retrying transient failures under ``policy``.
+    """Await ``attempt()`` under ``policy`` (:func:`mandrill.retry.retry`), retrying the
+    failures :func:`is_transient` accepts; ``on_transient_error(what, error, delay)`` is
+    told of each one about to be retried.
 
-    ``on_transient_error(what, error, delay)`` is told of each failure about to be retried.
-
-    Raises :class:`PubSubError` (``"<what>: <why>"``) at once for a permanent failure, or
-    when the next wait would take the retries past ``policy.total`` (so the whole call can
-    last ``total`` plus one attempt's own timeout). Exceptions that are no transport failure
-    (bugs) propagate unchanged; cancellation interrupts an attempt or a wait at once.
+    Raises :class:`PubSubError` (``"<what>: <why>"``) at once for a permanent transport
+    failure, or when the retries outlast the policy. Exceptions that are no transport
+    failure (bugs) propagate unchanged; cancellation interrupts an attempt or a wait at once.
     """
-    started = clock()
-    delays = backoff_delays(policy, rand)
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            return await attempt()
-        except (aiohttp.ClientError, OSError) as exc:
-            status = http_status(exc)
-            if not is_transient(exc):
-                raise PubSubError(f"{what}: {describe_error(exc)}", status=status) from exc
-            delay = next(delays)
-            spent = clock() - started
-            if spent + delay > policy.total:
-                raise PubSubError(
-                    f"{what}: gave up after {attempts} attempts in {spent:.1f} s:"
-                    f" {describe_error(exc)}",
-                    status=status,
-                ) from exc
-            if on_transient_error is not None:
-                on_transient_error(what, exc, delay)
-        await sleep(delay)
+
+    def on_retry(error: Exception, delay: float) -> None:
+        if on_transient_error is not None:
+            on_transient_error(what, error, delay)
+
+    try:
+        return await retry(
+            attempt,
+            policy,
+            transient=_is_transport_failure,
+            on_retry=on_retry,
+            rand=rand,
+            sleep=sleep,
+            clock=clock,
+        )
+    except GaveUp as exc:
+        raise PubSubError(
+            f"{what}: gave up after {exc.attempts} attempts in {exc.spent:.1f} s:"
+            f" {describe_error(exc.error)}",
+            status=http_status(exc.error),
+        ) from exc.error
+    except (aiohttp.ClientError, OSError) as exc:
+        raise PubSubError(f"{what}: {describe_error(exc)}", status=http_status(exc)) from exc
 
 
 # -- request sizes --------------------------------------------------------------------------
