@@ -1,12 +1,16 @@
 """The ``mandrill`` command: parse, build the configuration, ``anyio.run`` the command.
 
-Exit codes: 0 done, 1 the service failed (one line says why), 2 bad usage or
-configuration, 130 interrupted before the daemon was up.
+Exit codes: 0 done (``run`` also after a graceful stop on SIGINT, SIGTERM or SIGHUP), 1
+the service failed (one line says why), 2 bad usage or configuration, 130 SIGINT before
+the daemon was up (or in another command), 141 the reader of stdout went away. SIGTERM
+before the daemon's handlers are installed, or in another command, ends the process by
+the signal (a shell reports 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -21,6 +25,7 @@ import anyio
 from mandrill import config
 from mandrill.errors import ConfigError, MandrillError
 from mandrill.obs.logs import configured_logging
+from mandrill.policy import Outcome
 
 log = logging.getLogger("mandrill.cli")
 
@@ -28,9 +33,33 @@ Command = Callable[[Any], Awaitable[int]]
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: `run --li` must not silently mean `--live`. Set here so that
+        # every subparser gets it too (argparse does not pass it down).
+        kwargs["allow_abbrev"] = False
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block; `mandrill COMMAND --help` shows usage.
         self.exit(2, f"mandrill: error: {message} (see --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+COMMANDS = {
+    "run": "run the daemon (embedded demo by default)",
+    "publish": "publish the talk's chaos messages to a Pub/Sub topic",
+    "setup": "create the Pub/Sub topic, subscription and dead-letter topic",
+    "history": "show what the ledger says was restarted, skipped, failed or dead-lettered",
+    "replay": "republish saved messages from the ledger",
+}
+
+#: What ``history --outcome`` accepts: the ledger's restart outcomes and dead letters.
+HISTORY_OUTCOMES = (*(outcome.value for outcome in Outcome), "dead_letter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,38 +67,69 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mandrill",
         description="Restart the hosts named in chaos messages from Pub/Sub (or an embedded"
         " demo broker), on asyncio or trio.",
+        epilog="exit codes: 0 done (run: also after a graceful stop); 1 the service failed;"
+        " 2 bad usage or configuration; 130 SIGINT before the daemon was up; 141 stdout"
+        " closed by its reader; 143 SIGTERM before the daemon was up."
+        " `mandrill COMMAND --help` lists a command's settings.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    helps = {
-        "run": "run the daemon (embedded demo by default)",
-        "publish": "publish the talk's chaos messages to a Pub/Sub topic",
-        "setup": "create the Pub/Sub topic, subscription and dead-letter topic",
-        "history": "show what the ledger says was restarted, skipped or failed",
-        "replay": "republish saved messages from the ledger",
-    }
-    for name, help_text in helps.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--version", action="version", version=f"mandrill {_version()}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
+    for name, help_text in COMMANDS.items():
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, usage=f"mandrill {name} [OPTIONS]",
+            epilog="Every setting is also a MANDRILL_* environment variable and a key of the"
+            " --config file; flags win over the environment, which wins over the file.",
+        )
         sub.add_argument("--config", metavar="FILE", help="TOML file (flags and env win)")
+        groups = {
+            group: sub.add_argument_group(title) if group != "general" else sub
+            for group, title in config.GROUPS.items()
+        }
         for setting in config.settings_for(name):
-            env = f" [env {setting.env}; default {setting.default}]"
-            if setting.switch or setting.parse is config.boolean:
-                sub.add_argument(setting.flag, dest=setting.name, default=None,
-                                 action=argparse.BooleanOptionalAction, help=setting.help + env)
-            else:
-                sub.add_argument(setting.flag, dest=setting.name, default=None,
-                                 metavar=setting.metavar or setting.name.upper(),
-                                 help=setting.help + env)
+            _add_setting(groups[setting.group], setting)
         if name in ("history", "replay"):
-            sub.add_argument("--host", help="only this hostname")
-            sub.add_argument("--since", help="only the last DURATION (e.g. 1d)")
+            sub.add_argument("--host", help="only this host: an instance name (with --domain)"
+                             " or a full hostname")
+            sub.add_argument("--since", metavar="DURATION",
+                             help="only the last DURATION (e.g. 1d)")
         if name == "history":
-            sub.add_argument("--limit", default="50", help="rows to show (default 50)")
+            sub.add_argument("--outcome", metavar="OUTCOMES",
+                             help="only these outcomes, a comma list of "
+                             + ", ".join(HISTORY_OUTCOMES))
+            sub.add_argument("--limit", default="50", metavar="N",
+                             help="rows to show (default 50)")
             sub.add_argument("--json", action="store_true", help="one JSON object per line")
         if name == "replay":
-            sub.add_argument("--until", help="only messages older than DURATION ago")
+            sub.add_argument("--until", metavar="DURATION",
+                             help="only messages older than DURATION ago")
             sub.add_argument("--dead-letters", action="store_true",
                              help="replay dead-lettered messages instead of received ones")
     return parser
+
+
+def _add_setting(group: Any, setting: config.Setting) -> None:
+    """One flag of ``setting``; its help says the default as a user would write it."""
+    notes = [f"env {setting.env}"]
+    shown = setting.shown_default
+    if shown is not None:
+        notes.insert(0, f"default {shown}")
+    # argparse %-formats help text.
+    help_text = f"{setting.help} [{'; '.join(notes)}]".replace("%", "%%")
+    if setting.is_boolean:
+        group.add_argument(setting.flag, dest=setting.name, default=None,
+                           action=argparse.BooleanOptionalAction, help=help_text)
+        return
+    group.add_argument(setting.flag, dest=setting.name, default=None,
+                       metavar=setting.shown_metavar, help=help_text)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mandrill")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     level = "debug" if getattr(cfg, "debug", False) else cfg.log_level
     with configured_logging(cfg.log_format, level):
-        return _run(_commands()[args.command], cfg)
+        code = _run(_commands()[args.command], cfg)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
+    return code
 
 
 def _run(command: Command, cfg: Any) -> int:
@@ -92,11 +157,14 @@ def _run(command: Command, cfg: Any) -> int:
 
     debugging = getattr(cfg, "debug", False)
     options = debug.backend_options(cfg.backend, debugging)
+    profile = getattr(cfg, "profile", None)
     try:
-        with profiled(getattr(cfg, "profile", None)):
+        with profiled(profile):
             return anyio.run(command, cfg, backend=cfg.backend, backend_options=options)
+    except BrokenPipeError:
+        return _reader_gone()
     except OSError as exc:
-        if exc.filename == getattr(cfg, "profile", None):
+        if profile is not None and exc.filename == profile:
             log.error("error: cannot write profile %s: %s", exc.filename, exc.strerror)
             return 2
         return _report(exc)
@@ -107,11 +175,30 @@ def _run(command: Command, cfg: Any) -> int:
         return _report(exc)
 
 
+#: The exit status of a command whose reader went away (`mandrill history | head`): what
+#: a shell reports for a process ended by SIGPIPE, as `cat` or `grep` would be.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+def _reader_gone() -> int:
+    """The reader of stdout closed the pipe: normal for a CLI, not an error to report.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush of what is still
+    buffered does not fail again (the recipe of Python's documentation, "Note on SIGPIPE").
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def _report(exc: BaseException) -> int:
     """One line for an error the user can act on; the traceback only at debug level."""
     leaves = list(_leaves(exc))
     if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         return 130
+    if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+        return _reader_gone()
     for leaf in leaves:
         if isinstance(leaf, ConfigError):
             # The same one line as a bad flag, wherever the value was found to be wrong.

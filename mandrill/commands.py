@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mandrill.cli import parse_since, print_json_lines
+from mandrill.cli import HISTORY_OUTCOMES, parse_since, print_json_lines
 from mandrill.config import positive_int
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
-from mandrill.parts import open_parts, require, service_settings, worker_settings
+from mandrill.ledger.base import HistoryRow
+from mandrill.message import is_valid_label
+from mandrill.parts import open_parts, service_settings, worker_settings
 from mandrill.publisher import MAX_BATCH, publish_chaos
 from mandrill.service import serve
 
 log = logging.getLogger("mandrill")
+
+T = TypeVar("T")
 
 
 async def run(cfg: Any) -> int:
@@ -56,17 +62,34 @@ async def run(cfg: Any) -> int:
 
 
 async def history(cfg: Any) -> int:
+    """Decisions and dead letters, newest first: a table on a terminal, else every value
+    in full (tab-separated, or JSON lines with ``--json``) for grep and scripts."""
     args = cfg.args
-    try:
-        limit = positive_int(args.limit)
-    except ValueError as exc:
-        raise ConfigError(f"--limit: {exc}") from None
+    limit = _flag(positive_int, args.limit, "--limit")
     since = parse_since(args.since, "--since")
+    hostname = host_filter(args.host, cfg.domain)
+    outcomes = _outcomes(args.outcome)
+    decided = outcomes - {DEAD_LETTER}
     ledger = await open_existing_ledger(cfg.ledger)
     try:
-        rows = await ledger.history(hostname=args.host, since=since, limit=limit)
+        rows: list[HistoryRow] = []
+        if decided == frozenset(HISTORY_OUTCOMES) - {DEAD_LETTER}:
+            rows = await ledger.history(hostname=hostname, since=since, limit=limit)
+        elif decided:
+            rows = await ledger.history_of_outcomes(
+                decided, hostname=hostname, since=since, limit=limit
+            )
+        if DEAD_LETTER in outcomes:
+            dead = await ledger.saved_messages(hostname=hostname, since=since, status=DEAD_LETTER)
+            rows += [
+                HistoryRow(m.hostname or "", m.message_id, m.first_seen, None, DEAD_LETTER,
+                           m.reason)
+                for m in dead
+            ]
     finally:
         await ledger.aclose()
+    rows.sort(key=lambda row: row.decided_at, reverse=True)
+    rows = rows[:limit]
     if args.json:
         print_json_lines([
             {
@@ -80,11 +103,67 @@ async def history(cfg: Any) -> int:
             for row in rows
         ])
         return 0
-    table = Table("decided (UTC)", "host", "outcome", "detail", "message")
-    for row in rows:
-        table.add_row(_iso(row.decided_at), row.hostname, row.outcome, row.detail, row.message_id)
+    columns = ("decided (UTC)", "host", "outcome", "detail", "message")
+    cells = [
+        (_iso(row.decided_at), row.hostname, row.outcome, row.detail, row.message_id)
+        for row in rows
+    ]
+    if not sys.stdout.isatty():
+        # A pipe gets every value whole, one row per line: `| grep`, `| cut -f2` work.
+        for line in (columns, *cells):
+            print("\t".join(" ".join(cell.split()) for cell in line))
+        return 0
+    table = Table(*columns)
+    for line in cells:
+        table.add_row(*line)
     Console().print(table)
     return 0
+
+
+#: Dead letters are kept with the messages, not as a restart decision.
+DEAD_LETTER = "dead_letter"
+
+
+def host_filter(value: str | None, domain: str) -> str | None:
+    """``--host``: a full hostname, or an instance name completed with ``--domain`` as
+    the daemon does (``cattle-ab12`` → ``cattle-ab12.example.net``)."""
+    if value is None:
+        return None
+    name = value.strip().lower().rstrip(".")
+    if not name or not all(is_valid_label(label) for label in name.split(".")):
+        raise ConfigError(f"--host: {value!r} is not an instance name or a hostname")
+    return name if "." in name else f"{name}.{domain}"
+
+
+def _outcomes(value: str | None) -> frozenset[str]:
+    """``--outcome restarted,dead_letter`` → those outcomes; every one when not given."""
+    if value is None:
+        return frozenset(HISTORY_OUTCOMES)
+    chosen = frozenset(item.strip().lower() for item in value.split(",") if item.strip())
+    unknown = sorted(chosen - set(HISTORY_OUTCOMES))
+    if unknown or not chosen:
+        raise ConfigError(
+            f"--outcome: {', '.join(unknown) or repr(value)} is not among"
+            f" {', '.join(HISTORY_OUTCOMES)}"
+        )
+    return chosen
+
+
+def _flag(parse: Callable[[object], T], value: object, flag: str) -> T:
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def _project(cfg: Any) -> str:
+    """The project publish, setup and replay need (they have no --source to mention)."""
+    if not cfg.project:
+        raise ConfigError(
+            "--project is required: the Google Cloud project (or set MANDRILL_PROJECT,"
+            " or project in the --config file)"
+        )
+    return str(cfg.project)
 
 
 async def setup(cfg: Any) -> int:
@@ -93,7 +172,7 @@ async def setup(cfg: Any) -> int:
     if not 10 <= cfg.ack_deadline <= 600:
         raise ConfigError(f"--ack-deadline: {cfg.ack_deadline:g}s is not between 10s and 600s")
     done = await setup_pubsub(
-        project=require(cfg, "project"),
+        project=_project(cfg),
         topic=cfg.topic,
         subscription=cfg.subscription,
         backend=cfg.backend,
@@ -110,7 +189,7 @@ async def publish(cfg: Any) -> int:
     """The talk's publisher against a real topic, with a progress bar on a terminal."""
     from mandrill.sources.pubsub import open_pubsub_topic
 
-    project = require(cfg, "project")
+    project = _project(cfg)
     console = Console(stderr=True)
     # auto_refresh would start a thread of rich's own; refresh from the loop instead.
     with Progress(
@@ -146,10 +225,10 @@ async def replay(cfg: Any) -> int:
     from mandrill.sources.pubsub import open_pubsub_topic
 
     args = cfg.args
-    project = require(cfg, "project")
+    project = _project(cfg)
     since = parse_since(args.since, "--since")
     until = parse_since(args.until, "--until")
-    hostname = args.host
+    hostname = host_filter(args.host, cfg.domain)
     ledger = await open_existing_ledger(cfg.ledger)
     try:
         saved = await ledger.saved_messages(

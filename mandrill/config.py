@@ -69,14 +69,21 @@ def optional_rate(value: object) -> float | None:
     return number
 
 
-def choice(*options: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
+class Choice:
+    """A parser for one of a few words; ``--help`` shows them (``{asyncio,trio}``)."""
+
+    def __init__(self, *options: str) -> None:
+        self.options = options
+
+    def __call__(self, value: object) -> str:
         text = str(value).strip().lower()
-        if text not in options:
-            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        if text not in self.options:
+            raise ValueError(f"{value!r} is not one of {', '.join(self.options)}")
         return text
 
-    return parse
+
+def choice(*options: str) -> Choice:
+    return Choice(*options)
 
 
 def boolean(value: object) -> bool:
@@ -162,6 +169,14 @@ def _metrics_addr(value: object) -> str | None:
     return str(value).strip()
 
 
+def _new_file(value: object) -> str | None:
+    """A file to write later: its directory must exist now, not when the work is done."""
+    path = optional_text(value)
+    if path is not None and not os.path.isdir(os.path.dirname(path) or "."):
+        raise ValueError(f"{path!r}: directory {os.path.dirname(path)!r} does not exist")
+    return path
+
+
 def _optional_ms(value: object) -> float | None:
     if value in (None, ""):
         return None
@@ -182,6 +197,8 @@ class Setting:
     metavar: str | None = None
     #: A boolean switch (``--live``) rather than a flag taking a value.
     switch: bool = False
+    #: Where ``--help`` lists it (see :data:`GROUPS`).
+    group: str = "general"
 
     @property
     def flag(self) -> str:
@@ -191,107 +208,207 @@ class Setting:
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
 
+    @property
+    def is_boolean(self) -> bool:
+        return self.switch or self.parse is boolean
+
+    @property
+    def shown_metavar(self) -> str:
+        """``{asyncio,trio}`` for a choice, else the table's metavar or the value's kind."""
+        if isinstance(self.parse, Choice):
+            return "{" + ",".join(self.parse.options) + "}"
+        if self.metavar is not None:
+            return self.metavar
+        kinds: dict[Callable[[object], Any], str] = {
+            duration: "DURATION", positive_int: "N", optional_positive_int: "N",
+            optional_int: "N", fraction: "FRACTION",
+        }
+        return kinds.get(self.parse, self.name.upper())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.parse.options if isinstance(self.parse, Choice) else ()
+
+    @property
+    def shown_default(self) -> str | None:
+        """The default as a user writes it (``7d``, ``on``), or ``None`` when there is
+        none to show (unset, an empty list, a switch that is off)."""
+        return show(self.default, self.parse)
+
+
+def show(value: Any, parse: Callable[[object], Any] | None = None) -> str | None:
+    """A setting's value as a user would write it in a flag or a TOML file."""
+    if value is None or value == () or value is False:
+        return None
+    if value is True:
+        return "on"
+    if parse is duration:
+        return format_duration(float(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """``604800`` → ``7d``, ``90`` → ``90s``, ``0.25`` → ``250ms``: the largest unit up to
+    days that states it exactly, so the text parses back to the same value."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _UNITS[unit]
+        if count >= 1 and count.is_integer():
+            return f"{int(count)}{unit}"
+    milliseconds = seconds * 1000
+    if milliseconds.is_integer():
+        return f"{int(milliseconds)}ms"
+    return f"{seconds:g}s"
+
 
 RUN = frozenset({"run"})
 PUBSUB = frozenset({"run", "publish", "setup", "replay"})
+#: Settings of the subscription: publish and replay only send to the topic.
+SUBSCRIPTION = frozenset({"run", "setup"})
 LEDGER = frozenset({"run", "history", "replay"})
 ALL = frozenset({"run", "publish", "setup", "history", "replay"})
 
+#: The groups of ``--help``, in order; "general" is argparse's own list of options.
+GROUPS = {
+    "general": "options",
+    "source": "source (where messages come from)",
+    "ledger": "ledger (what was decided, shared by a fleet)",
+    "restarter": "restarter (how hosts are restarted)",
+    "safety": "safety (which restarts may go ahead)",
+    "shutdown": "shutdown",
+    "notifications": "notifications",
+    "observability": "observability (logs, metrics, health, debugging)",
+}
+
 
 def _s(name: str, parse: Callable[[object], Any], default: Any, help: str,
-       commands: frozenset[str], metavar: str | None = None, switch: bool = False) -> Setting:
-    return Setting(name, parse, default, help, commands, metavar, switch)
+       commands: frozenset[str], metavar: str | None = None, switch: bool = False,
+       *, group: str) -> Setting:
+    return Setting(name, parse, default, help, commands, metavar, switch, group)
 
 
 SETTINGS: tuple[Setting, ...] = (
-    _s("backend", choice("asyncio", "trio"), "asyncio", "event loop to run on", ALL),
-    _s("log_format", choice("auto", "text", "json"), "auto",
-       "log format; auto: text on a terminal, JSON otherwise", ALL),
-    _s("log_level", choice("debug", "info", "warning", "error"), "info", "log level", ALL),
-    _s("source", choice("memory", "pubsub"), "memory",
-       "memory: the embedded in-process broker; pubsub: Google Cloud Pub/Sub",
-       RUN),
-    _s("project", optional_text, None, "Google Cloud project (pubsub)", PUBSUB),
-    _s("subscription", optional_text, "mandrill", "Pub/Sub subscription to pull from", PUBSUB),
-    _s("topic", optional_text, "mandrill", "Pub/Sub topic to publish to", PUBSUB),
-    _s("dead_letter_topic", optional_text, None,
-       "topic receiving invalid and poison messages", PUBSUB),
-    _s("ledger", text, "mandrill.db",
-       "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER, "URL"),
-    _s("ledger_outage_limit", duration, 60.0,
-       "how long the ledger may be unreachable before the daemon stops", RUN),
-    _s("outcome_journal", text, "auto",
-       "file keeping restart outcomes while the ledger is unreachable (auto: beside a"
-       " SQLite ledger; $XDG_STATE_HOME/mandrill/ for PostgreSQL)", RUN, "PATH"),
-    _s("domain", domain, DEFAULT_DOMAIN, "DNS domain appended to instance names", RUN),
-    _s("min_restart_interval", duration, 7 * 86400.0,
-       "do not restart a host restarted more recently than this", RUN),
-    _s("max_in_flight", positive_int, 256, "messages held at once (backpressure)", RUN),
-    _s("grace", duration, 10.0, "time in-flight work gets to finish at shutdown", RUN),
-    _s("settle_timeout", duration, 5.0,
-       "bound on the final nack/ack flush at shutdown", RUN),
-    _s("ack_deadline", duration, 10.0,
-       "run: the embedded broker's ack deadline; setup: the subscription's (10s to 600s)",
-       frozenset({"run", "setup"})),
-    _s("max_delivery_attempts", positive_int, 10,
-       "setup: deliveries after which Pub/Sub forwards a message to the dead-letter topic",
-       frozenset({"setup"})),
-    _s("max_lease", duration, 3600.0, "longest a message is kept leased while worked on", RUN),
-    _s("stale_claim_after", duration, 3600.0,
-       "a restart claim older than this is from a daemon that died mid-restart", RUN),
-    _s("max_attempts", positive_int, 5,
-       "failed restarts of one message before it is dead-lettered", RUN),
-    _s("restarter", choice("simulated", "command", "gce"), "simulated",
-       "how hosts are restarted", RUN),
-    _s("restart_latency", duration, 0.5,
-       "simulated restarter: restarts take up to this long", RUN),
-    _s("restart_failure_rate", fraction, 0.1,
-       "simulated restarter: share of restarts that fail", RUN),
-    _s("seed", optional_int, None, "random seed for the simulated parts", RUN | {"publish"}),
+    _s("backend", choice("asyncio", "trio"), "asyncio", "event loop to run on", ALL,
+       group="general"),
+    _s("max_in_flight", positive_int, 256, "messages held at once (backpressure)", RUN,
+       group="general"),
     _s("count", optional_positive_int, None,
        "run: stop after N messages are done; publish: publish N messages",
-       frozenset({"run", "publish"}), "N"),
+       frozenset({"run", "publish"}), "N", group="general"),
+    # -- source --
+    _s("source", choice("memory", "pubsub"), "memory",
+       "memory: the embedded in-process broker; pubsub: Google Cloud Pub/Sub",
+       RUN, group="source"),
+    _s("project", optional_text, None, "Google Cloud project (pubsub)", PUBSUB, group="source"),
+    _s("subscription", text, "mandrill", "Pub/Sub subscription to pull from",
+       SUBSCRIPTION, group="source"),
+    _s("topic", text, "mandrill", "Pub/Sub topic to publish to", PUBSUB,
+       group="source"),
+    _s("dead_letter_topic", optional_text, None,
+       "topic receiving invalid and poison messages", SUBSCRIPTION, group="source"),
+    _s("ack_deadline", duration, 10.0,
+       "run: the embedded broker's ack deadline; setup: the subscription's (10s to 600s)",
+       frozenset({"run", "setup"}), group="source"),
+    _s("max_delivery_attempts", positive_int, 10,
+       "setup: deliveries after which Pub/Sub forwards a message to the dead-letter topic",
+       frozenset({"setup"}), group="source"),
+    _s("max_lease", duration, 3600.0, "longest a message is kept leased while worked on", RUN,
+       group="source"),
+    _s("publish", boolean, True, "embedded demo: run the talk's publisher in-process", RUN,
+       group="source"),
     _s("rate", optional_rate, 20.0,
        "messages per second the publisher sends (0: as fast as possible)",
-       frozenset({"run", "publish"}), "PER_SECOND"),
-    _s("publish", boolean, True, "embedded demo: run the talk's publisher in-process", RUN),
-    # -- real restarters and their safety controls --
+       frozenset({"run", "publish"}), "PER_SECOND", group="source"),
+    _s("seed", optional_int, None, "random seed for the simulated parts", RUN | {"publish"},
+       group="source"),
+    # -- ledger --
+    _s("ledger", text, "mandrill.db",
+       "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER, "URL",
+       group="ledger"),
+    _s("ledger_outage_limit", duration, 60.0,
+       "how long the ledger may be unreachable before the daemon stops", RUN, group="ledger"),
+    _s("outcome_journal", text, "auto",
+       "file keeping restart outcomes while the ledger is unreachable (auto: beside a"
+       " SQLite ledger; $XDG_STATE_HOME/mandrill/ for PostgreSQL)", RUN, "PATH",
+       group="ledger"),
+    _s("stale_claim_after", duration, 3600.0,
+       "a restart claim older than this is from a daemon that died mid-restart", RUN,
+       group="ledger"),
+    # -- restarter --
+    _s("restarter", choice("simulated", "command", "gce"), "simulated",
+       "how hosts are restarted", RUN, group="restarter"),
+    _s("domain", domain, DEFAULT_DOMAIN, "DNS domain appended to instance names", LEDGER,
+       group="restarter"),
+    _s("max_attempts", positive_int, 5,
+       "failed restarts of one message before it is dead-lettered", RUN, group="restarter"),
+    _s("restart_latency", duration, 0.5,
+       "simulated restarter: restarts take up to this long", RUN, group="restarter"),
+    _s("restart_failure_rate", fraction, 0.1,
+       "simulated restarter: share of restarts that fail", RUN, group="restarter"),
     _s("restart_command", optional_text, None,
-       "command restarter: argv template, e.g. 'ssh {hostname} sudo systemctl reboot'", RUN),
-    _s("restart_timeout", duration, 60.0, "command restarter: kill a restart after this", RUN),
-    _s("gce_project", optional_text, None, "gce restarter: project (else the message's)", RUN),
-    _s("gce_zone", optional_text, None, "gce restarter: zone (else the message's)", RUN),
+       "command restarter: argv template, e.g. 'ssh {hostname} sudo systemctl reboot'", RUN,
+       group="restarter"),
+    _s("restart_timeout", duration, 60.0, "command restarter: kill a restart after this", RUN,
+       group="restarter"),
+    _s("gce_project", optional_text, None, "gce restarter: project (else the message's)", RUN,
+       group="restarter"),
+    _s("gce_zone", optional_text, None, "gce restarter: zone (else the message's)", RUN,
+       group="restarter"),
     _s("gce_api_root", text, "https://compute.googleapis.com/compute/v1",
-       "gce restarter: Compute Engine API root", RUN, "URL"),
+       "gce restarter: Compute Engine API root", RUN, "URL", group="restarter"),
+    # -- safety controls --
     _s("live", boolean, False,
-       "really restart with a real restarter (command, gce); without it they dry-run", RUN),
-    _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", RUN),
+       "really restart with a real restarter (command, gce); without it they dry-run", RUN,
+       group="safety"),
+    _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", RUN,
+       group="safety"),
+    _s("min_restart_interval", duration, 7 * 86400.0,
+       "do not restart a host restarted more recently than this", RUN, group="safety"),
     _s("exclude", _parse_patterns, (), "never restart hosts matching these globs (comma list)",
-       RUN, "GLOBS"),
+       RUN, "GLOBS", group="safety"),
     _s("only", _parse_patterns, (), "restart only hosts matching these globs (comma list)",
-       RUN, "GLOBS"),
+       RUN, "GLOBS", group="safety"),
     _s("weekdays", _optional(safety.parse_weekdays), None,
-       "restart only on these days, e.g. mon-fri", RUN, "DAYS"),
+       "restart only on these days, e.g. mon-fri", RUN, "DAYS", group="safety"),
     _s("hours", _optional(safety.parse_hours), (),
-       "restart only in these hours, e.g. 09:00-17:00", RUN, "HH:MM-HH:MM"),
-    _s("timezone", _zone, "UTC", "time zone of --weekdays and --hours", RUN, "ZONE"),
+       "restart only in these hours, e.g. 09:00-17:00", RUN, "HH:MM-HH:MM", group="safety"),
+    _s("timezone", _zone, "UTC", "time zone of --weekdays and --hours", RUN, "ZONE",
+       group="safety"),
     _s("max_concurrent_restarts", optional_positive_int, None,
-       "restarts under way at once in this daemon", RUN, "N"),
+       "restarts under way at once in this daemon", RUN, "N", group="safety"),
     _s("max_restarts", optional_positive_int, None,
-       "fleet rate limit: restarts per --max-restarts-window across all daemons", RUN, "N"),
-    _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN),
+       "fleet rate limit: restarts per --max-restarts-window across all daemons", RUN, "N",
+       group="safety"),
+    _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN,
+       group="safety"),
+    # -- shutdown --
+    _s("grace", duration, 10.0, "time in-flight work gets to finish at shutdown", RUN,
+       group="shutdown"),
+    _s("settle_timeout", duration, 5.0,
+       "bound on the final nack/ack flush at shutdown", RUN, group="shutdown"),
+    # -- notifications --
     _s("notify_url", optional_text, None,
-       "POST a JSON document for every restart and skip to this URL", RUN, "URL"),
+       "POST a JSON document for every restart and skip to this URL", RUN, "URL",
+       group="notifications"),
     # -- observability --
+    _s("log_format", choice("auto", "text", "json"), "auto",
+       "log format; auto: text on a terminal, JSON otherwise", ALL, group="observability"),
+    _s("log_level", choice("debug", "info", "warning", "error"), "info", "log level", ALL,
+       group="observability"),
     _s("metrics_addr", _metrics_addr, None,
-       "serve /metrics, /healthz, /readyz on HOST:PORT (off unless given)", RUN, "HOST:PORT"),
+       "serve /metrics, /healthz, /readyz on HOST:PORT (off unless given)", RUN, "HOST:PORT",
+       group="observability"),
     _s("debug", boolean, False,
-       "asyncio debug mode / trio step timing, slow steps from 20 ms, debug logs", RUN),
+       "asyncio debug mode / trio step timing, slow steps from 20 ms, debug logs", RUN,
+       group="observability"),
     _s("slow_callback_ms", _optional_ms, None,
        "report steps that block the event loop longer than this (0: off; default 100)",
-       RUN, "MS"),
-    _s("profile", optional_text, None, "write cProfile stats to FILE when the daemon stops",
-       RUN, "FILE"),
+       RUN, "MS", group="observability"),
+    _s("profile", _new_file, None, "write cProfile stats to FILE when the daemon stops",
+       RUN, "FILE", group="observability"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -70,3 +70,41 @@ def test_durations(text, seconds):
 def test_duration_never_raises_anything_but_value_error(text):
     with contextlib.suppress(ValueError):
         assert config.duration(text) >= 0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(604800, "7d"), (3600, "1h"), (60, "1m"), (90, "90s"), (10, "10s"), (0.5, "500ms"),
+     (0, "0s"), (86400 + 1, "86401s"), (0.0005, "0.0005s")],
+)
+def test_durations_are_shown_as_written(seconds, text):
+    assert config.format_duration(seconds) == text
+
+
+@given(st.integers(min_value=0, max_value=10**9))
+def test_a_shown_duration_parses_back_to_the_same_value(milliseconds):
+    seconds = milliseconds / 1000
+    assert config.duration(config.format_duration(seconds)) == pytest.approx(seconds)
+
+
+def test_shown_defaults_and_choices():
+    by_name = config.BY_NAME
+    assert by_name["min_restart_interval"].shown_default == "7d"
+    assert by_name["max_in_flight"].shown_default == "256"
+    assert by_name["publish"].shown_default == "on"
+    assert by_name["live"].shown_default is None  # a switch that is off
+    assert by_name["project"].shown_default is None
+    assert by_name["exclude"].shown_default is None  # an empty list
+    assert by_name["backend"].choices == ("asyncio", "trio")
+    assert by_name["backend"].shown_metavar == "{asyncio,trio}"
+    assert by_name["grace"].shown_metavar == "DURATION"
+    for setting in config.SETTINGS:
+        if setting.shown_default is not None and setting.name != "outcome_journal":
+            assert setting.parse(setting.shown_default) == setting.parse(setting.default)
+
+
+def test_publish_takes_no_subscription_settings():
+    names = {setting.name for setting in config.settings_for("publish")}
+    assert "subscription" not in names
+    assert "dead_letter_topic" not in names
+    assert {"project", "topic", "count", "rate"} <= names

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,6 +93,17 @@ class Ledger(Protocol):
         self, *, hostname: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[HistoryRow]:
         """Latest decisions first."""
+        ...
+
+    async def history_of_outcomes(
+        self,
+        outcomes: Collection[str],
+        *,
+        hostname: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[HistoryRow]:
+        """Latest decisions first, only those with one of ``outcomes``."""
         ...
 
     async def saved_messages(

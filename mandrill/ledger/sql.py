@@ -7,7 +7,7 @@ Queries are written with ``?`` placeholders; :class:`Dialect` adapts them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -209,6 +209,28 @@ def history(
             f"{where} ORDER BY decided_at DESC, id DESC LIMIT ?"
         ),
         (*params, limit),
+    )
+    return [HistoryRow(*row) for row in cur.fetchall()]
+
+
+def history_of_outcomes(
+    cur: Cursor,
+    d: Dialect,
+    hostname: str | None,
+    since: float | None,
+    outcomes: Collection[str],
+    limit: int,
+) -> list[HistoryRow]:
+    """:func:`history` with only the decisions whose outcome is one of ``outcomes``."""
+    where, params = _filters(hostname, since, None, None)
+    among = f"outcome IN ({', '.join('?' * len(outcomes))})"
+    where = f"{where} AND {among}" if where else f" WHERE {among}"
+    cur.execute(
+        d.sql(
+            "SELECT hostname, message_id, decided_at, finished_at, outcome, detail FROM restarts"
+            f"{where} ORDER BY decided_at DESC, id DESC LIMIT ?"
+        ),
+        (*params, *sorted(outcomes), limit),
     )
     return [HistoryRow(*row) for row in cur.fetchall()]
 

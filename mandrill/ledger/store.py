@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 
 import anyio
 from anyio.abc import TaskStatus
@@ -158,6 +159,19 @@ class SQLLedger:
     ) -> list[HistoryRow]:
         d = self._dialect
         return await self._batcher.query(lambda cur: sql.history(cur, d, hostname, since, limit))
+
+    async def history_of_outcomes(
+        self,
+        outcomes: Collection[str],
+        *,
+        hostname: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[HistoryRow]:
+        d = self._dialect
+        return await self._batcher.query(
+            lambda cur: sql.history_of_outcomes(cur, d, hostname, since, outcomes, limit)
+        )
 
     async def saved_messages(
         self,

@@ -208,6 +208,22 @@ async def test_history_filters_and_limit(ledger: SQLLedger) -> None:
     ]
 
 
+async def test_history_of_outcomes(ledger: SQLLedger) -> None:
+    """For `mandrill history --outcome`: the filter applies before the limit."""
+    for i in range(4):
+        claim = await ledger.claim(message(f"m{i}", f"host-{i}"), T0 + i, WEEK, STALE)
+        assert claim.restart_id is not None
+        outcome = Outcome.FAILED if i % 2 else Outcome.RESTARTED
+        await ledger.finish(claim.restart_id, T0 + i, outcome, "")
+
+    failed = await ledger.history_of_outcomes({"failed"}, limit=10)
+    assert [h.message_id for h in failed] == ["m3", "m1"]
+    both = await ledger.history_of_outcomes({"failed", "restarted"}, since=T0 + 1, limit=2)
+    assert [h.message_id for h in both] == ["m3", "m2"]
+    one_host = await ledger.history_of_outcomes({"restarted"}, hostname="host-2.example.net")
+    assert [h.message_id for h in one_host] == ["m2"]
+
+
 async def test_save_and_claim_in_one_batch(ledger: SQLLedger) -> None:
     saved = ledger.save(message("m1"), T0)  # queued now, committed with the claim
     claim = await ledger.claim(message("m1"), T0, WEEK, STALE)

@@ -78,8 +78,12 @@ async def start(args: Sequence[str], env: dict[str, str] | None = None) -> Daemo
     return Daemon(process)
 
 
-async def run_to_end(args: Sequence[str], seconds: float = 60) -> tuple[int, str, str]:
-    """Run a command to completion; returns (exit code, stdout, stderr)."""
+async def run_to_end(
+    args: Sequence[str], seconds: float = 60, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run a command to completion (``env`` added to this one's); returns (exit code,
+    stdout, stderr)."""
+    environment = {**os.environ, **(env or {})}
     with anyio.fail_after(seconds):
-        result = await anyio.run_process(mandrill_argv(*args), check=False)
+        result = await anyio.run_process(mandrill_argv(*args), check=False, env=environment)
     return result.returncode, result.stdout.decode(), result.stderr.decode()
