@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pstats
 import signal
 import urllib.error
@@ -71,3 +72,22 @@ async def test_a_bad_metrics_address_exits_2(tmp_path):
                                      str(tmp_path / "l.db")])
     assert code == 2
     assert err.startswith("mandrill: error: --metrics-addr:")
+
+
+async def test_debug_logs_are_all_json_with_a_severity(tmp_path, backend_name):
+    """asyncio's own debug-mode lines come through mandrill's formatter, and trio's step
+    timing reports no bogus step at start (the one in which it is installed)."""
+    from tests.support.daemon import run_to_end
+
+    code, _, err = await run_to_end([
+        "run", "--backend", backend_name, "--debug", "--log-format", "json", "--count", "20",
+        "--rate", "0", "--restart-latency", "0s", "--ledger", str(tmp_path / "l.db"),
+    ])
+    assert code == 0
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert all(line["severity"] in {"DEBUG", "INFO", "WARNING", "ERROR"} for line in lines)
+    if backend_name == "asyncio":
+        assert any(line["logger"] == "asyncio" and line["severity"] == "DEBUG"
+                   for line in lines)
+    slow = [line["message"] for line in lines if "without awaiting" in line["message"]]
+    assert not any("'slow steps'" in message for message in slow), slow

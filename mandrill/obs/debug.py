@@ -57,13 +57,20 @@ class SlowStepInstrument(trio.abc.Instrument):
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self._started = 0.0
+        #: When the step under way began; ``None`` outside a timed step. The instrument is
+        #: added in the middle of a step (its installer's), whose end has no start to
+        #: measure from: without this it was measured from perf_counter's zero (minutes
+        #: or days, a bogus "slow step" at every --debug start).
+        self._started: float | None = None
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._started = time.perf_counter()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._started is None:
+            return
         elapsed = time.perf_counter() - self._started
+        self._started = None
         if elapsed >= self.threshold:
             stack = traceback.StackSummary.extract(task.iter_await_frames())
             log.warning(

@@ -1,5 +1,10 @@
 """Logging that never blocks the event loop: records go through a queue to a thread that
-formats and writes them. Human-readable on a terminal, one JSON object per line otherwise."""
+formats and writes them. Human-readable on a terminal, one JSON object per line otherwise.
+
+The JSON lines carry ``severity`` as Google Cloud Logging reads it (GKE and Cloud Run
+take it from stdout/stderr; without it every line lands as DEFAULT), ``level`` for
+everyone else, and every ``extra={...}`` field of the record.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +18,52 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import IO
 
-#: Extra fields (``extra={...}``) copied into JSON lines and shown in text lines.
+#: Extra fields (``extra={...}``) of most log lines about a message.
 CONTEXT_FIELDS = ("message_id", "host")
+
+#: The loggers routed through mandrill's handler: its own, and asyncio's (its debug-mode
+#: lines, "Executing <Task …> took 0.2 seconds", would otherwise go out raw through
+#: logging's last-resort handler, even with --log-format json).
+LOGGERS = ("mandrill", "asyncio")
+
+#: Attributes every LogRecord has; anything else on a record came from ``extra``.
+_RECORD_ATTRIBUTES = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+#: Python's level names as Cloud Logging's LogSeverity spells them.
+_SEVERITIES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
+
+
+def severity(record: logging.LogRecord) -> str:
+    """Cloud Logging's severity for a record: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+    name = record.levelname
+    if name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        return name
+    if name in _SEVERITIES:
+        return _SEVERITIES[name]
+    # A custom level: the nearest standard one below it.
+    for level, standard in ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO")):
+        if record.levelno >= level:
+            return standard
+    return "DEBUG"
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "severity": severity(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in CONTEXT_FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRIBUTES and name not in document and value is not None:
                 document[name] = value
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document, ensure_ascii=False)
+        # default=str: an extra field that JSON cannot hold still gets written, as text.
+        return json.dumps(document, ensure_ascii=False, default=str)
 
 
 class TextFormatter(logging.Formatter):
@@ -49,7 +81,7 @@ def choose_format(log_format: str, stream: IO[str]) -> str:
 def configured_logging(
     log_format: str = "auto", level: str = "info", stream: IO[str] | None = None
 ) -> Iterator[None]:
-    """Route the ``mandrill`` loggers through a queue to a writer thread for the duration.
+    """Route the :data:`LOGGERS` through a queue to a writer thread for the duration.
 
     The writer thread is joined at exit, so every record is written before the process ends.
     """
@@ -59,17 +91,19 @@ def configured_logging(
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
-    root = logging.getLogger("mandrill")
-    saved_level, saved_propagate = root.level, root.propagate
     queue_handler = logging.handlers.QueueHandler(records)
-    root.addHandler(queue_handler)
-    root.setLevel(level.upper())
-    root.propagate = False
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(queue_handler)
+        logger.setLevel(level.upper())
+        logger.propagate = False
     listener.start()
     try:
         yield
     finally:
-        root.removeHandler(queue_handler)
-        root.setLevel(saved_level)
-        root.propagate = saved_propagate
+        for logger, (saved_level, saved_propagate) in zip(loggers, saved, strict=True):
+            logger.removeHandler(queue_handler)
+            logger.setLevel(saved_level)
+            logger.propagate = saved_propagate
         listener.stop()

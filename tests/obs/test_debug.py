@@ -51,3 +51,14 @@ async def test_asyncio_threshold_is_restored():
         assert loop.slow_callback_duration == 0.005
         tg.cancel_scope.cancel()
     assert loop.slow_callback_duration == before
+
+
+async def test_installing_the_watch_reports_no_step(caplog, backend_name):
+    """The instrument is added in the middle of a step: that step's end is not timed."""
+    caplog.set_level(logging.WARNING)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watch_slow_steps, 50)
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.name == "mandrill.obs.debug"] == []

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
+import json
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -97,3 +100,51 @@ async def test_logging_from_many_tasks_to_a_slow_stream_does_not_block():
     assert max_lag < 0.05
     assert elapsed < TASKS * LINES * 0.001 / 2
     assert stream.lines == TASKS * LINES
+
+
+class Lines(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+    def documents(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.getvalue().splitlines()]
+
+
+@pytest.mark.usefixtures("mandrill_logger")
+def test_json_lines_carry_cloud_logging_severity_and_every_extra_field():
+    stream = Lines()
+    log = logging.getLogger("mandrill.test.severity")
+    with configured_logging("json", "debug", stream):
+        log.debug("d")
+        log.info("i", extra={"message_id": "m1", "host": "h.example.net", "attempt": 3})
+        log.warning("w", extra={"when": datetime(2026, 1, 1, tzinfo=UTC)})
+        log.error("e")
+        log.critical("c")
+        log.log(25, "between info and warning")
+    documents = stream.documents()
+    assert [d["severity"] for d in documents] == [
+        "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "INFO",
+    ]
+    assert [d["level"] for d in documents][:5] == ["debug", "info", "warning", "error",
+                                                   "critical"]
+    assert documents[1] | {"time": ""} == {
+        "time": "", "severity": "INFO", "level": "info", "logger": "mandrill.test.severity",
+        "message": "i", "message_id": "m1", "host": "h.example.net", "attempt": 3,
+    }
+    assert documents[2]["when"] == "2026-01-01 00:00:00+00:00"
+
+
+@pytest.mark.usefixtures("mandrill_logger")
+def test_asyncio_debug_lines_go_through_the_same_formatter():
+    asyncio_logger = logging.getLogger("asyncio")
+    saved = asyncio_logger.level, asyncio_logger.propagate
+
+    async def block() -> None:
+        time.sleep(0.15)  # noqa: ASYNC251 - longer than asyncio's 0.1 s slow-callback bound
+
+    stream = Lines()
+    with configured_logging("json", "info", stream):
+        asyncio.run(block(), debug=True)
+    slow = [d for d in stream.documents() if d["logger"] == "asyncio"]
+    assert any("took" in d["message"] and d["severity"] == "WARNING" for d in slow), slow
+    assert (asyncio_logger.level, asyncio_logger.propagate) == saved
