@@ -18,7 +18,7 @@ import anyio
 from mandrill.errors import InvalidMessage, LedgerError, RestartFailed
 from mandrill.ledger.base import Ledger
 from mandrill.message import DEFAULT_DOMAIN, Delivery, Message, parse_delivery
-from mandrill.obs.counters import Counters
+from mandrill.obs.counters import Counters, dead_letter_label, skip_label
 from mandrill.policy import Outcome, RateLimit, Result, Settlement, Verdict, settlement_for
 from mandrill.restarters.base import Restarter
 from mandrill.settler import Settler
@@ -235,7 +235,7 @@ class Worker:
 
     def _note_skip(self, message: Message, reason: str) -> None:
         self._counters.skipped += 1
-        self._counters.skip_reasons[reason.split(" ", 1)[0]] += 1
+        self._counters.skip_reasons[skip_label(reason)] += 1
         self._notify(message, "skipped", reason)
         log.info("skipped %s: %s", message.hostname, reason, extra=_context(message))
 
@@ -263,7 +263,7 @@ class Worker:
             self._settler.nack(delivery)
             return
         self._counters.dead_lettered += 1
-        self._counters.dead_letter_reasons[reason.split(":", 1)[0]] += 1
+        self._counters.dead_letter_reasons[dead_letter_label(reason)] += 1
         self._settler.ack(delivery)
         self._completed(delivery)
 

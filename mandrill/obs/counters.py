@@ -15,6 +15,35 @@ LATENCY_BUCKETS = (
 RESTART_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
+#: ``mandrill_messages_skipped_total{reason}``: the start of a skip's reason → its label.
+SKIP_LABELS = (
+    ("host restarted", "interval"),
+    ("host excluded", "excluded"),
+    ("host matches none", "not_allowed"),
+    ("outside allowed days", "outside_days"),
+    ("outside allowed hours", "outside_hours"),
+    ("fleet rate limit", "rate_limit"),
+)
+#: ``mandrill_messages_dead_lettered_total{reason}``, the same way.
+DEAD_LETTER_LABELS = (("invalid", "invalid"), ("restart failed", "max_attempts"))
+#: The label of a reason no table above knows (a new one: add it there).
+OTHER = "other"
+
+
+def skip_label(reason: str) -> str:
+    """The metric label of a skip's reason: a few fixed values, not the free text (which
+    names hosts and counts, and would make a series per host)."""
+    return _label(SKIP_LABELS, reason)
+
+
+def dead_letter_label(reason: str) -> str:
+    return _label(DEAD_LETTER_LABELS, reason)
+
+
+def _label(table: tuple[tuple[str, str], ...], reason: str) -> str:
+    return next((label for start, label in table if reason.startswith(start)), OTHER)
+
+
 class Histogram:
     """A fixed-bucket histogram cheap enough for the hot path: ``observe`` is a bisect and
     three additions, with no lock (the event loop is its only writer; exporters read it
@@ -71,7 +100,9 @@ class Counters:
     completed: int = 0
     #: Failed pull requests (each retry counts), whether or not the source recovered.
     pull_errors: int = 0
+    #: By :func:`dead_letter_label`.
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
+    #: By :func:`skip_label`.
     skip_reasons: Counter[str] = field(default_factory=Counter)
     #: Publish time → final settlement (ack or dead-letter), wall-clock seconds.
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))

@@ -18,14 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -34,7 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from mandrill.obs.counters import Counters, Histogram
+from mandrill.obs.counters import DEAD_LETTER_LABELS, OTHER, SKIP_LABELS, Counters, Histogram
 from mandrill.obs.debug import watch_slow_steps
 from mandrill.obs.lag import DEFAULT_SLOW_CALLBACK_MS, LagProbe
 from mandrill.obs.taskdump import dump_tasks_on_signal
@@ -54,6 +54,10 @@ MAX_CONNECTIONS = 16
 LIVENESS_BOUND = 5.0
 
 _PORT = re.compile(r"^\d{1,5}$")
+
+#: The reason labels that have a series from the start.
+SKIP_REASONS = (*(label for _, label in SKIP_LABELS), OTHER)
+DEAD_LETTER_REASONS = (*(label for _, label in DEAD_LETTER_LABELS), OTHER)
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -153,14 +157,14 @@ class CountersCollector:
         yield _counter("messages_nacked", "Nacks queued: redelivered by the source.", c.nacked)
         yield _counter_by(
             "messages_dead_lettered", "Messages dead-lettered, by reason.", "reason",
-            c.dead_letter_reasons,
+            c.dead_letter_reasons, known=DEAD_LETTER_REASONS,
         )
         yield _counter_by(
             "restarts", "Restart decisions carried out, by outcome.", "outcome",
             {"restarted": c.restarted, "failed": c.restart_failed, "dry_run": c.dry_run},
         )
         yield _counter_by("messages_skipped", "Messages skipped, by reason.", "reason",
-                          c.skip_reasons)
+                          c.skip_reasons, known=SKIP_REASONS)
         yield _counter("duplicates", "Redeliveries of already handled messages.", c.duplicates)
         yield _counter("save_failures", "Messages the ledger failed to save.", c.save_failed)
         yield _counter("ledger_unavailable", "Decisions nacked: ledger unreachable.",
@@ -202,9 +206,14 @@ def build_registry(
     probe: LagProbe | None = None,
     health: Health | None = None,
 ) -> CollectorRegistry:
-    """A fresh registry holding one :class:`CountersCollector` (never the global one)."""
+    """A fresh registry (never the global one) holding one :class:`CountersCollector` and
+    prometheus_client's process (``process_*``: CPU, memory, open files), platform
+    (``python_info``) and garbage collector (``python_gc_*``) collectors."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CountersCollector(counters, in_flight=in_flight, probe=probe, health=health))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 
@@ -216,9 +225,17 @@ def _counter(name: str, documentation: str, value: float) -> Metric:
     return CounterMetricFamily(_name(name), documentation, value=value)
 
 
-def _counter_by(name: str, documentation: str, label: str, values: Mapping[str, int]) -> Metric:
+def _counter_by(
+    name: str,
+    documentation: str,
+    label: str,
+    values: Mapping[str, int],
+    known: Iterable[str] = (),
+) -> Metric:
+    """A counter per label value; every ``known`` value has a series from the start (at 0),
+    so that a dashboard or an alert's rate() sees 0 rather than no data."""
     family = CounterMetricFamily(_name(name), documentation, labels=[label])
-    for key, value in sorted(values.items()):
+    for key, value in sorted({**dict.fromkeys(known, 0), **values}.items()):
         family.add_metric([key], value)
     return family
 

@@ -74,12 +74,12 @@ def fill(counters: Counters) -> None:
     counters.acked = 8
     counters.nacked = 3
     counters.dead_lettered = 2
-    counters.dead_letter_reasons.update({"invalid": 1, "restart failed 5 times": 1})
+    counters.dead_letter_reasons.update({"invalid": 1, "max_attempts": 1})
     counters.restarted = 4
     counters.restart_failed = 2
     counters.dry_run = 1
     counters.skipped = 2
-    counters.skip_reasons.update({"recent": 2})
+    counters.skip_reasons.update({"interval": 2})
     counters.duplicates = 1
     counters.save_failed = 1
     counters.lease_extensions = 30
@@ -112,11 +112,11 @@ async def test_scrape_reports_what_was_counted():
             assert value("mandrill_messages_nacked_total") == 3
             assert value("mandrill_messages_dead_lettered_total", reason="invalid") == 1
             assert value("mandrill_messages_dead_lettered_total",
-                         reason="restart failed 5 times") == 1
+                         reason="max_attempts") == 1
             assert value("mandrill_restarts_total", outcome="restarted") == 4
             assert value("mandrill_restarts_total", outcome="failed") == 2
             assert value("mandrill_restarts_total", outcome="dry_run") == 1
-            assert value("mandrill_messages_skipped_total", reason="recent") == 2
+            assert value("mandrill_messages_skipped_total", reason="interval") == 2
             assert value("mandrill_duplicates_total") == 1
             assert value("mandrill_save_failures_total") == 1
             assert value("mandrill_lease_extensions_total") == 30
@@ -302,3 +302,47 @@ async def test_observability_bundle_runs_every_service():
         shutdown.request("test")
         assert (await get(port, "/readyz"))[0] == 503
         tg.cancel_scope.cancel()
+
+
+def test_reasons_become_a_few_fixed_labels():
+    """Labels from the reasons the policy and the safety controls really write."""
+    from datetime import UTC, datetime
+
+    from mandrill.obs.counters import dead_letter_label, skip_label
+    from mandrill.policy import Prior, RateLimit, Verdict, decide_restart
+    from mandrill.safety import TimeWindow, host_skip_reason, parse_hours, parse_weekdays
+    from tests.ledger import message
+
+    interval = decide_restart(Prior(host_last_restart=0.0), 60.0, 3600.0, 3600.0)
+    fleet = decide_restart(Prior(fleet_restarts=3), 60.0, 3600.0, 3600.0, RateLimit(3, 60.0))
+    assert Verdict.SKIP == interval.verdict == fleet.verdict
+    sunday_night = datetime(2026, 11, 29, 23, 0, tzinfo=UTC)
+    reasons = {
+        interval.reason: "interval",
+        fleet.reason: "rate_limit",
+        host_skip_reason(message("m", "web-1"), exclude=["web-*"]): "excluded",
+        host_skip_reason(message("m", "web-1"), only=["db-*"]): "not_allowed",
+        TimeWindow(parse_weekdays("mon-fri")).skip_reason(sunday_night): "outside_days",
+        TimeWindow(hours=parse_hours("09:00-17:00")).skip_reason(sunday_night): "outside_hours",
+        "a reason nobody has written yet": "other",
+    }
+    assert {reason: skip_label(reason) for reason in reasons} == reasons
+    assert dead_letter_label("invalid: not JSON") == "invalid"
+    assert dead_letter_label("restart failed 5 times") == "max_attempts"
+
+
+async def test_a_fresh_daemon_has_every_series_and_the_process_metrics():
+    registry = build_registry(Counters(), in_flight=lambda: 0)
+    async with running(registry, ServiceHealth()) as port:
+        found = samples((await get(port, "/metrics"))[2].decode())
+    for reason in ("interval", "excluded", "not_allowed", "outside_days", "outside_hours",
+                   "rate_limit", "other"):
+        assert found[("mandrill_messages_skipped_total", (("reason", reason),))] == 0
+    for reason in ("invalid", "max_attempts", "other"):
+        assert found[("mandrill_messages_dead_lettered_total", (("reason", reason),))] == 0
+    for outcome in ("restarted", "failed", "dry_run"):
+        assert found[("mandrill_restarts_total", (("outcome", outcome),))] == 0
+    names = {name for name, _ in found}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total",
+            "process_open_fds", "python_gc_objects_collected_total"} <= names
+    assert any(name == "python_info" for name, _ in found)
