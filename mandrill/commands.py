@@ -42,6 +42,7 @@ async def run(cfg: Any) -> int:
         metrics_addr=cfg.metrics_addr,
         slow_callback_ms=debug.slow_callback_ms(cfg.debug, cfg.slow_callback_ms),
         debug=cfg.debug,
+        max_in_flight=cfg.max_in_flight,
     )
     async with open_parts(cfg, observability.counters) as parts:
         log.info(

@@ -47,6 +47,8 @@ async def test_an_operator_can_see_what_the_daemon_does(tmp_path, backend_name):
     assert metric(body, "mandrill_messages_received_total") > 0
     assert metric(body, "mandrill_restarts_total{outcome=\"restarted\"}") > 0
     assert metric(body, "mandrill_messages_in_flight") > 0
+    assert metric(body, "mandrill_messages_in_flight_limit") == 256
+    assert metric(body, "process_resident_memory_bytes") > 0
     assert (await anyio.to_thread.run_sync(get, base + "/healthz"))[0] == 200
     assert (await anyio.to_thread.run_sync(get, base + "/readyz"))[0] == 200
 

@@ -142,11 +142,13 @@ class CountersCollector:
         counters: Counters,
         *,
         in_flight: Callable[[], int],
+        in_flight_limit: int | None = None,
         probe: LagProbe | None = None,
         health: Health | None = None,
     ) -> None:
         self._counters = counters
         self._in_flight = in_flight
+        self._in_flight_limit = in_flight_limit
         self._probe = probe
         self._health = health
 
@@ -177,6 +179,9 @@ class CountersCollector:
         yield _counter("source_pull_errors", "Failed pull requests (retried or not).",
                        c.pull_errors)
         yield _gauge("messages_in_flight", "Deliveries held now.", self._in_flight())
+        if self._in_flight_limit is not None:
+            yield _gauge("messages_in_flight_limit", "--max-in-flight: deliveries held at most.",
+                         self._in_flight_limit)
         yield _histogram(
             "message_latency_seconds",
             "Publish time to final settlement (ack or dead-letter), wall clock.",
@@ -203,6 +208,7 @@ def build_registry(
     counters: Counters,
     *,
     in_flight: Callable[[], int],
+    in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
     health: Health | None = None,
 ) -> CollectorRegistry:
@@ -210,7 +216,9 @@ def build_registry(
     prometheus_client's process (``process_*``: CPU, memory, open files), platform
     (``python_info``) and garbage collector (``python_gc_*``) collectors."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CountersCollector(counters, in_flight=in_flight, probe=probe, health=health))
+    registry.register(CountersCollector(
+        counters, in_flight=in_flight, in_flight_limit=in_flight_limit, probe=probe, health=health
+    ))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -422,10 +430,12 @@ def metrics_service(
     *,
     in_flight: Callable[[], int],
     health: Health,
+    in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
 ) -> Callable[..., Any]:
     """A service for ``root.start``: a fresh registry over ``counters`` and its server."""
-    registry = build_registry(counters, in_flight=in_flight, probe=probe, health=health)
+    registry = build_registry(counters, in_flight=in_flight, in_flight_limit=in_flight_limit,
+                              probe=probe, health=health)
     return partial(serve_http, addr, registry, health)
 
 
@@ -443,6 +453,8 @@ class Observability:
     #: Watchdog threshold; ``None`` or 0 turns the watchdog thread off.
     slow_callback_ms: float | None = DEFAULT_SLOW_CALLBACK_MS
     debug: bool = False
+    #: ``--max-in-flight``, exported so that an alert can compare the in-flight gauge to it.
+    max_in_flight: int | None = None
     #: SIGUSR1 dumps the task tree.
     task_dump: bool = True
     probe: LagProbe = field(init=False)
@@ -463,6 +475,7 @@ class Observability:
             found.append((
                 "metrics server",
                 metrics_service(self.metrics_addr, self.counters, in_flight=in_flight,
-                                health=self.health, probe=self.probe),
+                                in_flight_limit=self.max_in_flight, health=self.health,
+                                probe=self.probe),
             ))
         return found
