@@ -16,6 +16,7 @@ import pytest
 from mandrill import config
 from mandrill.cli import build_parser
 from tests.support.daemon import mandrill_argv, run_to_end, start
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -348,3 +349,15 @@ async def test_a_signal_before_the_daemon_is_up(silent_server, backend_name, sig
         with anyio.fail_after(30):
             assert await process.wait() == expected
     await process.aclose()
+
+
+async def test_a_ledger_that_cannot_be_opened_exits_1_with_one_line(backend_name):
+    closed = free_port()
+    code, _, err = await run_to_end([
+        "run", "--backend", backend_name, "--log-format", "json",
+        "--ledger", f"postgresql://mandrill@127.0.0.1:{closed}/db",
+    ])
+    assert code == 1
+    (line,) = [json.loads(line) for line in err.splitlines()]
+    assert line["severity"] == "ERROR"
+    assert line["message"].startswith("stopped: cannot open PostgreSQL ledger")
