@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, NoReturn
 
@@ -25,7 +23,6 @@ import anyio
 from mandrill import config
 from mandrill.errors import ConfigError, MandrillError
 from mandrill.obs.logs import configured_logging
-from mandrill.policy import Outcome
 
 log = logging.getLogger("mandrill.cli")
 
@@ -57,10 +54,6 @@ COMMANDS = {
     "history": "show what the ledger says was restarted, skipped, failed or dead-lettered",
     "replay": "republish saved messages from the ledger",
 }
-
-#: What ``history --outcome`` accepts: the ledger's restart outcomes and dead letters.
-HISTORY_OUTCOMES = (*(outcome.value for outcome in Outcome), "dead_letter")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -97,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "history":
             sub.add_argument("--outcome", metavar="OUTCOMES",
                              help="only these outcomes, a comma list of "
-                             + ", ".join(HISTORY_OUTCOMES))
+                             + ", ".join(config.HISTORY_OUTCOMES))
             sub.add_argument("--limit", default="50", metavar="N",
                              help="rows to show (default 50)")
             sub.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -233,18 +226,3 @@ def _commands() -> dict[str, Command]:
         "setup": commands.setup,
         "replay": commands.replay,
     }
-
-
-def parse_since(value: str | None, flag: str) -> float | None:
-    """``--since 1d`` → the epoch time one day ago."""
-    if value is None:
-        return None
-    try:
-        return datetime.now(UTC).timestamp() - config.duration(value)
-    except ValueError as exc:
-        raise ConfigError(f"{flag}: {exc}") from None
-
-
-def print_json_lines(rows: Sequence[dict[str, Any]]) -> None:
-    for row in rows:
-        print(json.dumps(row))

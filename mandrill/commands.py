@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -12,14 +11,13 @@ from typing import Any, TypeVar
 import anyio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from mandrill.cli import HISTORY_OUTCOMES, parse_since, print_json_lines
-from mandrill.config import positive_int
+from mandrill.config import HISTORY_OUTCOMES, parse_since, positive_int
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
 from mandrill.ledger.base import HistoryRow
 from mandrill.message import is_valid_label
+from mandrill.output import print_json_lines, print_rows
 from mandrill.parts import open_parts, service_settings, worker_settings
 from mandrill.publisher import MAX_BATCH, publish_chaos
 from mandrill.service import serve
@@ -104,20 +102,11 @@ async def history(cfg: Any) -> int:
             for row in rows
         ])
         return 0
-    columns = ("decided (UTC)", "host", "outcome", "detail", "message")
-    cells = [
-        (_iso(row.decided_at), row.hostname, row.outcome, row.detail, row.message_id)
-        for row in rows
-    ]
-    if not sys.stdout.isatty():
-        # A pipe gets every value whole, one row per line: `| grep`, `| cut -f2` work.
-        for line in (columns, *cells):
-            print("\t".join(" ".join(cell.split()) for cell in line))
-        return 0
-    table = Table(*columns)
-    for line in cells:
-        table.add_row(*line)
-    Console().print(table)
+    print_rows(
+        ("decided (UTC)", "host", "outcome", "detail", "message"),
+        [(_iso(row.decided_at), row.hostname, row.outcome, row.detail, row.message_id)
+         for row in rows],
+    )
     return 0
 
 

@@ -13,13 +13,18 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from mandrill import safety
 from mandrill.errors import ConfigError
 from mandrill.message import DEFAULT_DOMAIN, validate_domain
+from mandrill.policy import Outcome
 
 ENV_PREFIX = "MANDRILL_"
+
+#: What ``history --outcome`` accepts: the ledger's restart outcomes and dead letters.
+HISTORY_OUTCOMES = (*(outcome.value for outcome in Outcome), "dead_letter")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -39,6 +44,17 @@ def duration(value: object) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{value!r} must be a finite, non-negative duration")
     return seconds
+
+
+def parse_since(value: str | None, flag: str) -> float | None:
+    """``--since 1d`` → the epoch time one day ago; raises :class:`ConfigError` naming
+    ``flag``."""
+    if value is None:
+        return None
+    try:
+        return datetime.now(UTC).timestamp() - duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
 
 
 def positive_int(value: object) -> int:
