@@ -203,3 +203,8 @@ async def test_replay_republishes_what_the_ledger_saved(pubsub_names, backend_na
         await source.acknowledge([replayed.ack_id])
     assert replayed.data == encode_payload("web-2")
     assert "mandrill_replay_of" in replayed.attributes
+    # An instance name works too, completed with --domain as the daemon does.
+    code, out, err = await run_to_end([
+        "replay", *common, "--topic", names.topic, "--ledger", db, "--host", "db-1",
+    ])
+    assert (code, out.strip()) == (0, "1"), err
