@@ -55,6 +55,7 @@ COMMANDS = {
     "replay": "republish saved messages from the ledger",
 }
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mandrill",

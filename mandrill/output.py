@@ -22,13 +22,16 @@ def print_json_lines(rows: Sequence[dict[str, Any]]) -> None:
 
 
 def print_rows(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A table on a terminal; elsewhere a header and tab-separated rows, each value whole
-    (whitespace inside a value, tabs and newlines included, becomes one space)."""
+    """A table on a terminal (a long value wraps, it is not cut); elsewhere a header and
+    tab-separated rows, each value whole (whitespace inside a value, tabs and newlines
+    included, becomes one space)."""
     if not sys.stdout.isatty():
         for line in (columns, *rows):
             print("\t".join(" ".join(cell.split()) for cell in line))
         return
-    table = Table(*columns)
+    table = Table()
+    for column in columns:
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*row)
     Console().print(table)
