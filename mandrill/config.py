@@ -284,6 +284,8 @@ RUN = frozenset({"run"})
 PUBSUB = frozenset({"run", "publish", "setup", "replay"})
 #: Settings of the subscription: publish and replay only send to the topic.
 SUBSCRIPTION = frozenset({"run", "setup"})
+#: The topic: run pulls from the subscription and never publishes.
+TOPIC = frozenset({"publish", "setup", "replay"})
 LEDGER = frozenset({"run", "history", "replay"})
 ALL = frozenset({"run", "publish", "setup", "history", "replay"})
 
@@ -321,8 +323,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("project", optional_text, None, "Google Cloud project (pubsub)", PUBSUB, group="source"),
     _s("subscription", text, "mandrill", "Pub/Sub subscription to pull from",
        SUBSCRIPTION, group="source"),
-    _s("topic", text, "mandrill", "Pub/Sub topic to publish to", PUBSUB,
-       group="source"),
+    _s("topic", text, "mandrill", "Pub/Sub topic to publish to", TOPIC, group="source"),
     _s("dead_letter_topic", optional_text, None,
        "topic receiving invalid and poison messages", SUBSCRIPTION, group="source"),
     _s("ack_deadline", duration, 10.0,

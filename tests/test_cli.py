@@ -219,14 +219,16 @@ async def test_a_missing_project_is_named_without_mentioning_a_source(tmp_path, 
         (["history", "--host", "bad host"], "--host: 'bad host' is not an instance name"),
         (["history", "--outcome", "won"], "--outcome: won is not among restarting,"),
         (["replay", "--project", "p", "--host", "a..b"], "--host: 'a..b' is not"),
-        (["run", "--topic", ""], "--topic: must not be empty"),
+        (["publish", "--topic", ""], "--topic: must not be empty"),
+        (["run", "--topic", "t"], "unrecognized arguments: --topic"),
         (["run", "--profile", "/no/such/dir/run.prof"], "--profile: '/no/such/dir/run.prof':"),
     ],
 )
 async def test_bad_command_input_exits_2_with_one_line(tmp_path, args, expected):
     ledger = tmp_path / "l.db"
     ledger.touch()
-    code, _, err = await run_to_end([*args, "--ledger", str(ledger)])
+    ledger_flag = ["--ledger", str(ledger)] if args[0] != "publish" else []
+    code, _, err = await run_to_end([*args, *ledger_flag])
     assert code == 2
     assert err.count("\n") == 1
     assert err.startswith("mandrill: error: ")
