@@ -345,7 +345,9 @@ async def test_a_signal_before_the_daemon_is_up(silent_server, backend_name, sig
         "run", "--backend", backend_name, "--log-format", "json",
         "--ledger", f"postgresql://mandrill@127.0.0.1:{port}/db?connect_timeout=2",
     ))
-    connection, _ = await anyio.to_thread.run_sync(silent_server.accept)
+    with anyio.fail_after(30):  # the daemon connects to the ledger first thing
+        connection, _ = await anyio.to_thread.run_sync(silent_server.accept,
+                                                       abandon_on_cancel=True)
     with connection:
         process.send_signal(signum)
         with anyio.fail_after(30):
