@@ -442,7 +442,8 @@ def load(
     config_file: str | None = None,
 ) -> dict[str, Any]:
     """Merge the sources for ``command``; raises :class:`ConfigError` (one line) on any
-    invalid value, unknown TOML key or unreadable file."""
+    invalid value (in the file, also of settings other commands use), unknown TOML key or
+    unreadable file."""
     environ = os.environ if environ is None else environ
     file_values = _read_toml(config_file) if config_file else {}
     values: dict[str, Any] = {}
@@ -460,6 +461,14 @@ def load(
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{origin}: {exc}") from None
+    # The file is checked whole, whichever command reads it: a value `run` would refuse
+    # shows up at `mandrill history --config`, not only at the daemon's next start.
+    for name, raw in file_values.items():
+        if name not in values:
+            try:
+                BY_NAME[name].parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{config_file}: {name}: {exc}") from None
     return values
 
 

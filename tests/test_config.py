@@ -108,3 +108,10 @@ def test_publish_takes_no_subscription_settings():
     assert "subscription" not in names
     assert "dead_letter_topic" not in names
     assert {"project", "topic", "count", "rate"} <= names
+
+
+def test_a_file_is_checked_whole_whichever_command_reads_it(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('ledger = "l.db"\ngrace = "soon"\n')
+    with pytest.raises(ConfigError, match=r"c.toml: grace: 'soon' is not a duration"):
+        config.load("history", {}, {}, str(path))
