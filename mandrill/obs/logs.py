@@ -18,9 +18,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import IO
 
-#: Extra fields (``extra={...}``) of most log lines about a message.
-CONTEXT_FIELDS = ("message_id", "host")
-
 #: The loggers routed through mandrill's handler: its own, and asyncio's (its debug-mode
 #: lines, "Executing <Task …> took 0.2 seconds", would otherwise go out raw through
 #: logging's last-resort handler, even with --log-format json).
@@ -30,22 +27,18 @@ LOGGERS = ("mandrill", "asyncio")
 _RECORD_ATTRIBUTES = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
-#: Python's level names as Cloud Logging's LogSeverity spells them.
-_SEVERITIES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
+_SEVERITIES = (
+    (logging.CRITICAL, "CRITICAL"),
+    (logging.ERROR, "ERROR"),
+    (logging.WARNING, "WARNING"),
+    (logging.INFO, "INFO"),
+)
 
 
 def severity(record: logging.LogRecord) -> str:
-    """Cloud Logging's severity for a record: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
-    name = record.levelname
-    if name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        return name
-    if name in _SEVERITIES:
-        return _SEVERITIES[name]
-    # A custom level: the nearest standard one below it.
-    for level, standard in ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO")):
-        if record.levelno >= level:
-            return standard
-    return "DEBUG"
+    """Cloud Logging's severity for a record: DEBUG, INFO, WARNING, ERROR or CRITICAL (a
+    custom level takes the nearest standard one below it)."""
+    return next((name for level, name in _SEVERITIES if record.levelno >= level), "DEBUG")
 
 
 class JsonFormatter(logging.Formatter):
