@@ -22,6 +22,7 @@ import aiohttp
 import anyio
 
 from mandrill.errors import RestartFailed
+from mandrill.google_cloud import google_error
 from mandrill.message import Message
 from mandrill.sources.bridge import AsyncioBridge
 
@@ -71,15 +72,6 @@ async def _post(
     # without it with 411.
     async with session.post(url, data=b"", headers=headers, timeout=limits) as response:
         return response.status, await response.read()
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        document = json.loads(body)
-        message = document["error"]["message"]
-    except (ValueError, TypeError, KeyError):
-        message = body.decode("utf-8", "replace")
-    return " ".join(str(message).split())[:200] or "no message"
 
 
 def _operation_error(operation: dict[str, Any]) -> str | None:
@@ -216,10 +208,10 @@ class GceRestarter:
                 problem = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
                 continue
             if status == 429 or status >= 500:
-                problem = f"HTTP {status}: {_error_message(body)}"
+                problem = f"HTTP {status}: {google_error(body)}"
                 continue
             if status >= 400:
-                raise RestartFailed(f"HTTP {status}: {_error_message(body)}")
+                raise RestartFailed(f"HTTP {status}: {google_error(body)}")
             try:
                 document = json.loads(body)
             except ValueError:

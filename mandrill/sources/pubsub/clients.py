@@ -1,0 +1,64 @@
+"""The lifetime of gcloud-aio-pubsub's clients: one aiohttp session, one token, a
+subscriber and a publisher, all created and closed on the asyncio bridge's loop.
+
+Where requests go: ``api_root`` if given, else the emulator named by ``PUBSUB_EMULATOR_HOST``
+(no credentials), else the real service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import anyio
+from gcloud.aio.auth import Token
+from gcloud.aio.pubsub import PublisherClient, SubscriberClient
+
+from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
+
+#: Client-side timeout of every request but a pull.
+DEFAULT_REQUEST_TIMEOUT: Final = 10.0
+#: How long closing the clients may take once the caller is cancelled.
+CLOSE_SECONDS: Final = 5.0
+#: The scope of the clients' access tokens.
+PUBSUB_SCOPES: Final = ["https://www.googleapis.com/auth/pubsub"]
+
+
+@dataclass(frozen=True, slots=True)
+class Clients:
+    session: aiohttp.ClientSession
+    subscriber: SubscriberClient
+    publisher: PublisherClient
+
+
+async def _make_clients(api_root: str | None) -> Clients:
+    # Runs on the asyncio loop: an aiohttp session binds to the loop it is created on.
+    # One session (one connection pool) and one token serve both clients.
+    session = aiohttp.ClientSession()
+    token = Token(scopes=PUBSUB_SCOPES, session=session)
+    return Clients(
+        session=session,
+        subscriber=SubscriberClient(session=session, token=token, api_root=api_root),
+        publisher=PublisherClient(session=session, token=token, api_root=api_root),
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_clients(
+    backend: str, bridge: AsyncioBridge | None, api_root: str | None
+) -> AsyncIterator[tuple[AsyncioBridge, Clients]]:
+    """The clients, on ``bridge`` (shared, not closed) or on a bridge of their own for
+    ``backend``; closing closes their session, shielded but bounded by ``CLOSE_SECONDS``."""
+    async with contextlib.AsyncExitStack() as stack:
+        if bridge is None:
+            bridge = await stack.enter_async_context(open_asyncio_bridge(backend))
+        clients = await bridge.call(_make_clients, api_root)
+        try:
+            yield bridge, clients
+        finally:
+            # Close even when cancelled, but never hang a shutdown on it.
+            with anyio.move_on_after(CLOSE_SECONDS, shield=True):
+                await bridge.call(clients.session.close)
