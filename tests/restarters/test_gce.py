@@ -19,6 +19,7 @@ from mandrill.message import Message
 from mandrill.restarters import GceRestarter
 from mandrill.restarters.gce import request_id
 from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
+from tests.support.metadata import ACCESS_TOKEN
 
 TOKEN = "test-token"
 
@@ -45,6 +46,8 @@ class FakeCompute:
     resets_applied: list[str] = field(default_factory=list)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     token_requests: int = 0
+    #: The access token requests must carry.
+    access_token: str = TOKEN
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -63,7 +66,7 @@ class FakeCompute:
                 request.headers.get("Content-Length"),
             )
         )
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if request.headers.get("Authorization") != f"Bearer {self.access_token}":
             return error(401, "Request had invalid authentication credentials.")
         return None
 
@@ -313,6 +316,17 @@ async def test_with_a_real_gcloud_token_from_a_service_file(bridge, api_root, co
     assert compute.token_requests == 1
     assert {r.authorization for r in compute.requests} == {f"Bearer {TOKEN}"}
     assert compute.resets_applied == ["web-1", "web-2"]
+
+
+async def test_a_failed_token_request_is_retried(bridge, api_root, compute, metadata_server):
+    # Credentials from the metadata server, as on a GCE instance; its first answer is a 503,
+    # which gcloud-aio-auth retries (with tenacity, whose sleep follows sniffio).
+    metadata_server.fail_next(1)
+    compute.access_token = ACCESS_TOKEN
+    async with restarter(bridge, api_root, token=None) as gce:
+        assert await gce.restart(message()) == "operation operation-1"
+    assert [r.status for r in metadata_server.token_requests] == [503, 200]
+    assert compute.resets_applied == ["web-1"]
 
 
 def test_bad_construction():

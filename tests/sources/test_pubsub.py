@@ -34,7 +34,8 @@ from mandrill.sources.pubsub import (
     open_pubsub_topic,
     setup_pubsub,
 )
-from tests.fixtures.emulator import PubSubNames
+from tests.fixtures.emulator import PubSubEmulator, PubSubNames
+from tests.support.metadata import FakeMetadataServer
 
 #: Every wait on the emulator is bounded by this; a healthy one answers in milliseconds.
 WAIT = 15.0
@@ -124,6 +125,39 @@ async def test_setup_is_idempotent(pubsub_names: PubSubNames, backend_name: str)
         project=n.project, subscription=n.subscription, backend=backend_name
     ) as source:
         assert source.ack_deadline == 20
+
+
+@pytest.mark.emulator
+async def test_with_an_api_root_tokens_are_fetched_and_a_failed_request_retried(
+    pubsub_names: PubSubNames,
+    backend_name: str,
+    pubsub_emulator: PubSubEmulator,
+    metadata_server: FakeMetadataServer,
+) -> None:
+    # The emulator reached through an API root stands in for the real service: every client
+    # gets its token from the (fake) metadata server, whose first answer is a 503.
+    n = pubsub_names
+    api_root = f"{pubsub_emulator.url}/v1"
+    metadata_server.fail_next(1)
+    await setup_pubsub(
+        project=n.project,
+        topic=n.topic,
+        subscription=n.subscription,
+        backend=backend_name,
+        api_root=api_root,
+    )
+    async with open_pubsub_topic(
+        project=n.project, topic=n.topic, backend=backend_name, api_root=api_root
+    ) as topic:
+        (message_id,) = await topic.publish([(b"via-tokens", {})])
+    async with open_pubsub_source(
+        project=n.project, subscription=n.subscription, backend=backend_name, api_root=api_root
+    ) as source:
+        (delivery,) = await pull_at_least(source, 1)
+        await source.acknowledge([delivery.ack_id])
+    assert delivery.message_id == message_id
+    # One token per opening (setup, topic, source); setup's first request was retried.
+    assert [r.status for r in metadata_server.token_requests] == [503, 200, 200, 200]
 
 
 @pytest.mark.emulator
@@ -297,7 +331,9 @@ async def test_missing_topic_is_a_permanent_error(
     )
 
 
-async def test_unreachable_service_gives_up_after_the_retry_budget(backend_name: str) -> None:
+async def test_unreachable_service_gives_up_after_the_retry_budget(
+    backend_name: str, metadata_server: FakeMetadataServer
+) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

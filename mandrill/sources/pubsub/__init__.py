@@ -23,6 +23,7 @@ from mandrill.sources.pubsub.clients import (
     CLOSE_SECONDS,
     DEFAULT_REQUEST_TIMEOUT,
     PUBSUB_SCOPES,
+    uses_credentials,
 )
 from mandrill.sources.pubsub.errors import DEFAULT_RETRY, PubSubError, call_with_retries
 from mandrill.sources.pubsub.names import subscription_path, topic_path
@@ -68,4 +69,5 @@ __all__ = [
     "setup_pubsub",
     "subscription_path",
     "topic_path",
+    "uses_credentials",
 ]

@@ -1,13 +1,15 @@
 """The lifetime of gcloud-aio-pubsub's clients: one aiohttp session, one token, a
 subscriber and a publisher, all created and closed on the asyncio bridge's loop.
 
-Where requests go: ``api_root`` if given, else the emulator named by ``PUBSUB_EMULATOR_HOST``
-(no credentials), else the real service.
+Where requests go: ``api_root`` if given (a regional endpoint, or a test's emulator reached
+with tokens), else the emulator named by ``PUBSUB_EMULATOR_HOST`` (no credentials), else the
+real service.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
@@ -25,6 +27,13 @@ DEFAULT_REQUEST_TIMEOUT: Final = 10.0
 CLOSE_SECONDS: Final = 5.0
 #: The scope of the clients' access tokens.
 PUBSUB_SCOPES: Final = ["https://www.googleapis.com/auth/pubsub"]
+EMULATOR_HOST_VARIABLE: Final = "PUBSUB_EMULATOR_HOST"
+
+
+def uses_credentials(api_root: str | None) -> bool:
+    """Whether calls need access tokens: always with an ``api_root``, never for the emulator
+    named by ``PUBSUB_EMULATOR_HOST`` (gcloud-aio's convention)."""
+    return api_root is not None or not os.environ.get(EMULATOR_HOST_VARIABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +48,15 @@ async def _make_clients(api_root: str | None) -> Clients:
     # One session (one connection pool) and one token serve both clients.
     session = aiohttp.ClientSession()
     token = Token(scopes=PUBSUB_SCOPES, session=session)
+    # gcloud-aio treats any api_root as a development server (no token, no TLS checks)
+    # unless told otherwise; ours is a real endpoint, or a test standing in for one.
+    dev = None if api_root is None else False
     return Clients(
         session=session,
-        subscriber=SubscriberClient(session=session, token=token, api_root=api_root),
-        publisher=PublisherClient(session=session, token=token, api_root=api_root),
+        subscriber=SubscriberClient(
+            session=session, token=token, api_root=api_root, api_is_dev=dev
+        ),
+        publisher=PublisherClient(session=session, token=token, api_root=api_root, api_is_dev=dev),
     )
 
 
