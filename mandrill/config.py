@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from mandrill import safety
 from mandrill.errors import ConfigError
@@ -162,6 +163,19 @@ def _metrics_addr(value: object) -> str | None:
     return str(value).strip()
 
 
+def _api_root(value: object) -> str | None:
+    """An http(s) URL of a Google API endpoint; a bare host gets the API's ``/v1`` path."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(
+            f"{value!r} is not an http(s) URL such as https://europe-west1-pubsub.googleapis.com"
+        )
+    return text if parts.path else f"{text}/v1"
+
+
 def _optional_ms(value: object) -> float | None:
     if value in (None, ""):
         return None
@@ -216,6 +230,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("topic", optional_text, "mandrill", "Pub/Sub topic to publish to", PUBSUB),
     _s("dead_letter_topic", optional_text, None,
        "topic receiving invalid and poison messages", PUBSUB),
+    _s("pubsub_api_root", _api_root, None,
+       "Pub/Sub endpoint, e.g. a regional https://europe-west1-pubsub.googleapis.com"
+       " (default: PUBSUB_EMULATOR_HOST's emulator, without credentials, else the global"
+       " endpoint); always used with credentials", PUBSUB, "URL"),
     _s("ledger", text, "mandrill.db",
        "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER, "URL"),
     _s("ledger_outage_limit", duration, 60.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -72,9 +72,10 @@ def safety_controls(cfg: Any) -> SafetyControls | None:
 
 @contextlib.asynccontextmanager
 async def open_source(
-    cfg: Any, counters: Counters | None = None
+    cfg: Any, counters: Counters | None = None, bridge: AsyncioBridge | None = None
 ) -> AsyncIterator[tuple[Source, Topic | None]]:
-    """The source to pull from and, for the embedded broker, the topic feeding it."""
+    """The source to pull from and, for the embedded broker, the topic feeding it;
+    Pub/Sub's clients run on ``bridge`` (else on a bridge of their own)."""
     if cfg.source == "memory":
         broker = MemoryBroker(ack_deadline=cfg.ack_deadline)
         yield broker, broker
@@ -91,6 +92,8 @@ async def open_source(
         subscription=cfg.subscription,
         backend=cfg.backend,
         dead_letter_topic=cfg.dead_letter_topic,
+        bridge=bridge,
+        api_root=cfg.pubsub_api_root,
         on_transient_error=on_transient_error,
     ) as source:
         yield source, None
@@ -98,8 +101,10 @@ async def open_source(
 
 @contextlib.asynccontextmanager
 async def open_restarter(
-    cfg: Any, rng: random.Random, bridge: Callable[[], Any]
+    cfg: Any, rng: random.Random, bridge: AsyncioBridge | None = None
 ) -> AsyncIterator[Restarter]:
+    """The restarter ``cfg`` names; the gce restarter's HTTP client runs on ``bridge``
+    (else on a bridge of its own)."""
     if cfg.restarter == "simulated":
         from mandrill.restarters.simulated import SimulatedRestarter
 
@@ -116,17 +121,20 @@ async def open_restarter(
     else:
         from mandrill.restarters.gce import GceRestarter
 
-        try:
-            gce = GceRestarter(
-                await bridge(),
-                project=cfg.gce_project,
-                zone=cfg.gce_zone,
-                api_root=cfg.gce_api_root,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"--gce-api-root: {exc}") from None
-        async with gce:
-            yield gce
+        async with contextlib.AsyncExitStack() as stack:
+            if bridge is None:
+                bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
+            try:
+                gce = GceRestarter(
+                    bridge,
+                    project=cfg.gce_project,
+                    zone=cfg.gce_zone,
+                    api_root=cfg.gce_api_root,
+                )
+            except ValueError as exc:
+                raise ConfigError(f"--gce-api-root: {exc}") from None
+            async with gce:
+                yield gce
 
 
 @contextlib.asynccontextmanager
@@ -135,18 +143,21 @@ async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterato
     reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
     rng = random.Random(cfg.seed)
     async with contextlib.AsyncExitStack() as stack:
-        bridges: list[AsyncioBridge] = []
-
-        async def bridge() -> AsyncioBridge:
-            if not bridges:
-                bridges.append(await stack.enter_async_context(open_asyncio_bridge(cfg.backend)))
-            return bridges[0]
-
+        bridge = None
+        if cfg.source == "pubsub" or cfg.restarter == "gce":
+            # One asyncio thread (on trio) for every Google client; it closes last.
+            bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
+            await check_google_credentials(
+                bridge,
+                pubsub=cfg.source == "pubsub",
+                pubsub_api_root=cfg.pubsub_api_root,
+                gce=cfg.restarter == "gce" and not is_dry_run(cfg),
+            )
         ledger: Ledger = await open_ledger(
             cfg.ledger, outage_limit=cfg.ledger_outage_limit, journal=cfg.outcome_journal
         )
         stack.push_async_callback(ledger.aclose)
-        source, topic = await stack.enter_async_context(open_source(cfg, counters))
+        source, topic = await stack.enter_async_context(open_source(cfg, counters, bridge))
         restarter = await stack.enter_async_context(open_restarter(cfg, rng, bridge))
         parts = Parts(source, ledger, restarter)
         if topic is not None and cfg.publish:
@@ -154,6 +165,37 @@ async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterato
         if cfg.notify_url:
             add_notifier(parts, cfg.notify_url)
         yield parts
+
+
+async def check_google_credentials(
+    bridge: AsyncioBridge, *, pubsub: bool, pubsub_api_root: str | None = None, gce: bool = False
+) -> None:
+    """Get one access token for the Google clients that will need one (Pub/Sub unless it is
+    the emulator without an API root; a live gce restarter), so that missing credentials
+    stop the command at start with one line (``CredentialsError``). Logs each transient
+    failure as it happens."""
+    from mandrill.google_cloud import check_credentials, describe_error
+
+    scopes: list[str] = []
+    if pubsub:
+        from mandrill.sources.pubsub import PUBSUB_SCOPES, uses_credentials
+
+        if uses_credentials(pubsub_api_root):
+            scopes += PUBSUB_SCOPES
+    if gce:
+        from mandrill.restarters.gce import COMPUTE_SCOPE
+
+        scopes.append(COMPUTE_SCOPE)
+    if not scopes:
+        return
+
+    def on_retry(source: str, error: BaseException, delay: float) -> None:
+        log.warning(
+            "getting an access token from %s failed, retrying in %.1fs: %s",
+            source, delay, describe_error(error),
+        )
+
+    await check_credentials(bridge, scopes, on_retry=on_retry)
 
 
 def add_notifier(parts: Parts, url: str) -> None:

@@ -22,7 +22,7 @@ import aiohttp
 import anyio
 
 from mandrill.errors import RestartFailed
-from mandrill.google_cloud import google_error
+from mandrill.google_cloud import google_error, make_token
 from mandrill.message import Message
 from mandrill.sources.bridge import AsyncioBridge
 
@@ -128,14 +128,8 @@ class GceRestarter:
     async def __aenter__(self) -> Self:
         self._session = await self._bridge.call(_new_session)
         if self._token is None:
-            # Imported here: gcloud-aio-auth pulls in cryptography and jwt, which only this
-            # restarter needs.
-            from gcloud.aio.auth import Token
-
             try:
-                self._token = Token(
-                    service_file=self._service_file, session=self._session, scopes=[COMPUTE_SCOPE]
-                )
+                self._token = make_token(self._session, [COMPUTE_SCOPE], self._service_file)
             except BaseException:
                 await self.__aexit__(None, None, None)
                 raise

@@ -16,9 +16,9 @@ from typing import Final
 
 import aiohttp
 import anyio
-from gcloud.aio.auth import Token
 from gcloud.aio.pubsub import PublisherClient, SubscriberClient
 
+from mandrill.google_cloud import make_token
 from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
 
 #: Client-side timeout of every request but a pull.
@@ -47,7 +47,7 @@ async def _make_clients(api_root: str | None) -> Clients:
     # Runs on the asyncio loop: an aiohttp session binds to the loop it is created on.
     # One session (one connection pool) and one token serve both clients.
     session = aiohttp.ClientSession()
-    token = Token(scopes=PUBSUB_SCOPES, session=session)
+    token = make_token(session, PUBSUB_SCOPES)
     # gcloud-aio treats any api_root as a development server (no token, no TLS checks)
     # unless told otherwise; ours is a real endpoint, or a test standing in for one.
     dev = None if api_root is None else False
