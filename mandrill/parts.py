@@ -119,22 +119,22 @@ async def open_restarter(
             raise ConfigError(f"--restart-command: {exc}") from None
         yield restarter
     else:
-        from mandrill.restarters.gce import GceRestarter
+        from mandrill.restarters.gce import GceRestarter, GceSettingError
 
         async with contextlib.AsyncExitStack() as stack:
             if bridge is None:
                 bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
             try:
                 gce = GceRestarter(
-                    bridge,
-                    project=cfg.gce_project,
-                    zone=cfg.gce_zone,
-                    api_root=cfg.gce_api_root,
+                    bridge, project=cfg.gce_project, zone=cfg.gce_zone, api_root=cfg.gce_api_root
                 )
-            except ValueError as exc:
-                raise ConfigError(f"--gce-api-root: {exc}") from None
-            async with gce:
-                yield gce
+                await stack.enter_async_context(gce)
+            except GceSettingError as exc:
+                flag = "--gce-" + exc.setting.replace("_", "-")
+                raise ConfigError(f"{flag}: {exc}") from None
+            if not gce.zone:
+                log.warning("no --gce-zone: every message must name its zone (attribute 'zone')")
+            yield gce
 
 
 @contextlib.asynccontextmanager
