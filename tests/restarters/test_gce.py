@@ -388,3 +388,23 @@ async def test_the_cli_checks_project_and_zone_at_start(
     assert code == 2, err
     (line,) = [line for line in err.splitlines() if line.startswith("mandrill: error:")]
     assert error in line
+
+
+@pytest.mark.slow
+async def test_the_daemon_restarts_live_with_metadata_credentials_after_a_failed_token_request(
+    api_root, compute, metadata_server, backend_name, tmp_path
+):
+    # The repro: `mandrill run --restarter gce --live` with the metadata server
+    # answering 503 once. The start-up check meets the 503, logs it, and retries.
+    metadata_server.fail_next(1)
+    compute.access_token = ACCESS_TOKEN
+    code, _, err = await run_to_end([
+        "run", "--restarter", "gce", "--gce-project", "my-project",
+        "--gce-zone", "europe-west1-b", "--gce-api-root", api_root, "--live",
+        "--backend", backend_name, "--count", "1", "--rate", "0",
+        "--ledger", str(tmp_path / "l.db"), "--log-format", "json",
+    ])
+    assert code == 0, err
+    assert "getting an access token from the metadata server" in err
+    assert len(compute.resets_applied) == 1
+    assert [r.status for r in metadata_server.token_requests][:2] == [503, 200]
