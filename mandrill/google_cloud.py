@@ -113,10 +113,11 @@ def _metadata_host() -> str:
     return urlsplit(token.GCE_METADATA_BASE).netloc
 
 
-def credentials_source(service_file: str | None = None) -> str:
+def credentials_source(service_file: str | None = None, *, why: bool = False) -> str:
     """Where gcloud-aio-auth will take credentials from, in its order, as words for a log
     or an error: the key file ``service_file`` or ``GOOGLE_APPLICATION_CREDENTIALS`` names,
-    else application default credentials, else the metadata server."""
+    else application default credentials, else the metadata server (with ``why``: and
+    what was not found before it)."""
     if service_file:
         return f"the credentials file {service_file}"
     explicit = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
@@ -125,9 +126,12 @@ def credentials_source(service_file: str | None = None) -> str:
     adc = _adc_path()
     if os.path.exists(adc):
         return f"the application default credentials {adc}"
+    metadata = f"the metadata server {_metadata_host()}"
+    if not why:
+        return metadata
     return (
-        f"the metadata server {_metadata_host()} (GOOGLE_APPLICATION_CREDENTIALS is unset,"
-        f" and there are no application default credentials at {adc})"
+        f"{metadata} (GOOGLE_APPLICATION_CREDENTIALS is unset, and there are no application"
+        f" default credentials at {adc})"
     )
 
 
@@ -200,5 +204,6 @@ async def check_credentials(
         failure = f"no token within {CREDENTIALS_CHECK_SECONDS:.0f} s"
     if failure is not None:
         raise CredentialsError(
-            f"no Google Cloud access token from {source}: {failure}; {_WHAT_TO_DO}"
+            f"no Google Cloud access token from {credentials_source(service_file, why=True)}:"
+            f" {failure}; {_WHAT_TO_DO}"
         )

@@ -36,7 +36,10 @@ def test_credentials_source_follows_gcloud_aio_auth_order(
 ) -> None:
     config = hide_credentials(monkeypatch, tmp_path)
     point_at_metadata_host(monkeypatch, "127.0.0.1:9")
-    assert credentials_source().startswith("the metadata server 127.0.0.1:9 (")
+    assert credentials_source() == "the metadata server 127.0.0.1:9"
+    assert credentials_source(why=True).startswith(
+        "the metadata server 127.0.0.1:9 (GOOGLE_APPLICATION_CREDENTIALS is unset, and there"
+    )
     adc = config / "application_default_credentials.json"
     adc.write_text("{}")
     assert credentials_source() == f"the application default credentials {adc}"
