@@ -29,6 +29,7 @@ from mandrill.publisher import MAX_BATCH, publish_chaos
 from mandrill.service import serve
 from mandrill.sources.base import Topic
 from mandrill.sources.bridge import open_asyncio_bridge
+from mandrill.sources.limits import MAX_SUBSCRIPTION_ACK_DEADLINE, MIN_SUBSCRIPTION_ACK_DEADLINE
 
 log = logging.getLogger("mandrill")
 
@@ -100,8 +101,11 @@ async def history(cfg: Any) -> int:
 async def setup(cfg: Any) -> int:
     from mandrill.sources.pubsub import setup_pubsub
 
-    if not 10 <= cfg.ack_deadline <= 600:
-        raise ConfigError(f"--ack-deadline: {cfg.ack_deadline:g}s is not between 10s and 600s")
+    low, high = MIN_SUBSCRIPTION_ACK_DEADLINE, MAX_SUBSCRIPTION_ACK_DEADLINE
+    if not low <= cfg.ack_deadline <= high:
+        raise ConfigError(
+            f"--ack-deadline: {cfg.ack_deadline:g}s is not between {low}s and {high}s"
+        )
     project = require(cfg, "project")
     async with open_asyncio_bridge(cfg.backend) as bridge:
         await check_google_credentials(bridge, pubsub=True, pubsub_api_root=cfg.pubsub_api_root)
