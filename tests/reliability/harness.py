@@ -290,10 +290,6 @@ def run_args(
 # -- Pub/Sub ------------------------------------------------------------------------------
 
 
-def api_root(emulator: str) -> str:
-    return f"http://{emulator}/v1"
-
-
 @dataclass
 class PubSub:
     """The harness's own Pub/Sub client calls (on the harness's event loop)."""
@@ -317,7 +313,7 @@ class PubSub:
             ack_deadline=ack_deadline,
             dead_letter_topic=names.dead_letter_topic if dead_letters else None,
             max_delivery_attempts=max_delivery_attempts,
-            api_root=api_root(self.emulator),
+            emulator_host=self.emulator,
         )
 
     async def publish(
@@ -332,7 +328,7 @@ class PubSub:
         suite turns warnings into errors); returns the message ids in order."""
         ids: list[str] = []
         async with open_pubsub_topic(
-            project=project, topic=topic, backend=self.backend, api_root=api_root(self.emulator)
+            project=project, topic=topic, backend=self.backend, emulator_host=self.emulator
         ) as handle:
             for chunk in _chunks(messages, max_bytes=MAX_REQUEST_BYTES):
                 ids += await handle.publish(chunk)
@@ -344,7 +340,7 @@ class PubSub:
         got: list = []
         async with open_pubsub_source(
             project=project, subscription=subscription, backend=self.backend,
-            api_root=api_root(self.emulator), pull_wait=2,
+            emulator_host=self.emulator, pull_wait=2,
         ) as source:
             with anyio.move_on_after(seconds):
                 while len(got) < want:

@@ -161,6 +161,28 @@ async def test_with_an_api_root_tokens_are_fetched_and_a_failed_request_retried(
 
 
 @pytest.mark.emulator
+async def test_an_emulator_host_is_used_without_tokens(
+    pubsub_names: PubSubNames,
+    backend_name: str,
+    pubsub_emulator: PubSubEmulator,
+    metadata_server: FakeMetadataServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST")
+    n = pubsub_names
+    host = pubsub_emulator.host
+    await setup_pubsub(
+        project=n.project, topic=n.topic, subscription=n.subscription, backend=backend_name,
+        emulator_host=host,
+    )
+    async with open_pubsub_source(
+        project=n.project, subscription=n.subscription, backend=backend_name, emulator_host=host
+    ):
+        pass
+    assert metadata_server.token_requests == []
+
+
+@pytest.mark.emulator
 async def test_setup_reports_a_differing_subscription(
     pubsub_names: PubSubNames, backend_name: str
 ) -> None:
@@ -331,9 +353,7 @@ async def test_missing_topic_is_a_permanent_error(
     )
 
 
-async def test_unreachable_service_gives_up_after_the_retry_budget(
-    backend_name: str, metadata_server: FakeMetadataServer
-) -> None:
+async def test_unreachable_service_gives_up_after_the_retry_budget(backend_name: str) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -346,7 +366,7 @@ async def test_unreachable_service_gives_up_after_the_retry_budget(
             subscription="nothing",
             backend=backend_name,
             retry=policy,
-            api_root=f"http://127.0.0.1:{port}/v1",
+            emulator_host=f"127.0.0.1:{port}",
         ):
             pass
 

@@ -1,9 +1,10 @@
 """The lifetime of gcloud-aio-pubsub's clients: one aiohttp session, one token, a
 subscriber and a publisher, all created and closed on the asyncio bridge's loop.
 
-Where requests go: ``api_root`` if given (a regional endpoint, or a test's emulator reached
-with tokens), else the emulator named by ``PUBSUB_EMULATOR_HOST`` (no credentials), else the
-real service.
+Where requests go: ``emulator_host`` if given (an emulator's ``host:port``, no credentials),
+else ``api_root`` (a regional endpoint, or an emulator standing in for the real service:
+with credentials), else the emulator named by ``PUBSUB_EMULATOR_HOST`` (no credentials),
+else the real service.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ PUBSUB_SCOPES: Final = ["https://www.googleapis.com/auth/pubsub"]
 EMULATOR_HOST_VARIABLE: Final = "PUBSUB_EMULATOR_HOST"
 
 
-def uses_credentials(api_root: str | None) -> bool:
-    """Whether calls need access tokens: always with an ``api_root``, never for the emulator
-    named by ``PUBSUB_EMULATOR_HOST`` (gcloud-aio's convention)."""
+def uses_credentials(api_root: str | None, emulator_host: str | None = None) -> bool:
+    """Whether calls need access tokens: never for an emulator (``emulator_host``, or
+    ``PUBSUB_EMULATOR_HOST`` without an ``api_root``: gcloud-aio's convention), else always."""
+    if emulator_host:
+        return False
     return api_root is not None or not os.environ.get(EMULATOR_HOST_VARIABLE)
 
 
@@ -43,14 +46,18 @@ class Clients:
     publisher: PublisherClient
 
 
-async def _make_clients(api_root: str | None) -> Clients:
+async def _make_clients(api_root: str | None, emulator_host: str | None) -> Clients:
     # Runs on the asyncio loop: an aiohttp session binds to the loop it is created on.
     # One session (one connection pool) and one token serve both clients.
     session = aiohttp.ClientSession()
     token = make_token(session, PUBSUB_SCOPES)
     # gcloud-aio treats any api_root as a development server (no token, no TLS checks)
-    # unless told otherwise; ours is a real endpoint, or a test standing in for one.
-    dev = None if api_root is None else False
+    # unless told otherwise: only an emulator is one.
+    dev: bool | None = None
+    if emulator_host:
+        api_root, dev = f"http://{emulator_host}/v1", True
+    elif api_root is not None:
+        dev = False
     return Clients(
         session=session,
         subscriber=SubscriberClient(
@@ -62,14 +69,17 @@ async def _make_clients(api_root: str | None) -> Clients:
 
 @contextlib.asynccontextmanager
 async def open_clients(
-    backend: str, bridge: AsyncioBridge | None, api_root: str | None
+    backend: str,
+    bridge: AsyncioBridge | None,
+    api_root: str | None,
+    emulator_host: str | None = None,
 ) -> AsyncIterator[tuple[AsyncioBridge, Clients]]:
     """The clients, on ``bridge`` (shared, not closed) or on a bridge of their own for
     ``backend``; closing closes their session, shielded but bounded by ``CLOSE_SECONDS``."""
     async with contextlib.AsyncExitStack() as stack:
         if bridge is None:
             bridge = await stack.enter_async_context(open_asyncio_bridge(backend))
-        clients = await bridge.call(_make_clients, api_root)
+        clients = await bridge.call(_make_clients, api_root, emulator_host)
         try:
             yield bridge, clients
         finally:

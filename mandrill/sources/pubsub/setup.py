@@ -29,6 +29,7 @@ async def setup_pubsub(
     retry: RetryPolicy = DEFAULT_RETRY,
     bridge: AsyncioBridge | None = None,
     api_root: str | None = None,
+    emulator_host: str | None = None,
 ) -> list[str]:
     """Create what mandrill needs, keeping whatever already exists; safe to run again.
 
@@ -48,7 +49,7 @@ async def setup_pubsub(
     dead_name = topic_path(project, dead_letter_topic) if dead_letter_topic else None
     timeout = whole_seconds(DEFAULT_REQUEST_TIMEOUT)
     report: list[str] = []
-    async with open_clients(backend, bridge, api_root) as (bridge, clients):
+    async with open_clients(backend, bridge, api_root, emulator_host) as (bridge, clients):
 
         async def create(kind: str, name: str, fn: Callable[[], Awaitable[object]]) -> bool:
             try:

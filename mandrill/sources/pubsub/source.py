@@ -202,13 +202,15 @@ async def open_pubsub_source(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     bridge: AsyncioBridge | None = None,
     api_root: str | None = None,
+    emulator_host: str | None = None,
     on_transient_error: Callable[[str, BaseException, float], None] | None = None,
 ) -> AsyncIterator[PubSubSource]:
     """Open ``subscription`` (a name in ``project``, or a full path) for pulling.
 
     ``backend`` is the one given to ``anyio.run``; on trio the clients run behind an
     asyncio bridge, this one's own unless ``bridge`` is given (then it is shared, not
-    closed). ``api_root`` overrides the endpoint (else ``PUBSUB_EMULATOR_HOST`` or the
+    closed). ``api_root`` overrides the endpoint, used with credentials (a regional one, say);
+    ``emulator_host`` names an emulator, used without (else ``PUBSUB_EMULATOR_HOST`` or the
     real service). Reads the subscription's ack deadline first: raises
     :class:`PubSubError` (status 404) if the subscription does not exist, or as any call
     does. The dead-letter topic is not checked until something is dead-lettered. Closing
@@ -216,7 +218,7 @@ async def open_pubsub_source(
     """
     path = subscription_path(project, subscription)
     dead_letter_path = topic_path(project, dead_letter_topic) if dead_letter_topic else None
-    async with open_clients(backend, bridge, api_root) as (bridge, clients):
+    async with open_clients(backend, bridge, api_root, emulator_host) as (bridge, clients):
         what = f"get subscription {path}"
         try:
             info = await call_with_retries(

@@ -100,11 +100,13 @@ async def open_pubsub_topic(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     bridge: AsyncioBridge | None = None,
     api_root: str | None = None,
+    emulator_host: str | None = None,
 ) -> AsyncIterator[PubSubTopic]:
     """Open ``topic`` (a name in ``project``, or a full path) for publishing; no request is
     made until the first publish (a missing topic raises :class:`PubSubError` there).
-    ``backend``, ``bridge`` and ``api_root`` are as for :func:`open_pubsub_source`."""
-    async with open_clients(backend, bridge, api_root) as (bridge, clients):
+    ``backend``, ``bridge``, ``api_root`` and ``emulator_host`` are as for
+    :func:`open_pubsub_source`."""
+    async with open_clients(backend, bridge, api_root, emulator_host) as (bridge, clients):
         yield PubSubTopic(
             bridge=bridge,
             clients=clients,
