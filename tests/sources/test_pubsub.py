@@ -358,17 +358,22 @@ async def test_unreachable_service_gives_up_after_the_retry_budget(backend_name:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     policy = RetryPolicy(initial=0.01, cap=0.05, total=0.3)
+    told: list[str] = []
     with pytest.raises(
-        PubSubError, match=r"gave up after \d+ attempts in \d+\.\d s: Client\w*Error"
-    ):
+        PubSubError, match=r"gave up after (\d+) attempts in \d+\.\d s: Client\w*Error"
+    ) as caught:
         async with open_pubsub_source(
             project="nowhere",
             subscription="nothing",
             backend=backend_name,
             retry=policy,
             emulator_host=f"127.0.0.1:{port}",
+            on_transient_error=lambda what, error, delay: told.append(what),
         ):
             pass
+    # Every failure but the last was reported as it happened.
+    attempts = int(str(caught.value).split("gave up after ")[1].split()[0])
+    assert told == ["get subscription projects/nowhere/subscriptions/nothing"] * (attempts - 1)
 
 
 async def test_topic_protocol(backend_name: str) -> None:

@@ -232,6 +232,8 @@ async def open_pubsub_source(
                     ),
                 ),
                 retry,
+                # At start too, each failure is logged as it happens, not only the last.
+                on_transient_error=on_transient_error,
             )
         except PubSubError as exc:
             if exc.status == _NOT_FOUND:
