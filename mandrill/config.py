@@ -42,6 +42,13 @@ def duration(value: object) -> float:
     return seconds
 
 
+def positive_duration(value: object) -> float:
+    seconds = duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be a duration > 0")
+    return seconds
+
+
 def positive_int(value: object) -> int:
     number = _int(value)
     if number < 1:
@@ -255,8 +262,12 @@ SETTINGS: tuple[Setting, ...] = (
        "setup: deliveries after which Pub/Sub forwards a message to the dead-letter topic",
        frozenset({"setup"})),
     _s("max_lease", duration, 3600.0, "longest a message is kept leased while worked on", RUN),
-    _s("stale_claim_after", duration, 3600.0,
-       "a restart claim older than this is from a daemon that died mid-restart", RUN),
+    _s("instance_timeout", positive_duration, 30.0,
+       "a daemon silent in the ledger this long is dead: its restart claims are resolved as"
+       " 'unknown' by the others (it heartbeats 6 times as often)", RUN),
+    _s("retry_unknown", boolean, False,
+       "restart again a host whose restart outcome is unknown (its daemon died mid-restart)"
+       " instead of counting it as restarted", RUN),
     _s("max_attempts", positive_int, 5,
        "failed restarts of one message before it is dead-lettered", RUN),
     _s("restarter", choice("simulated", "command", "gce"), "simulated",

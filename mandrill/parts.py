@@ -50,7 +50,7 @@ def worker_settings(cfg: Any) -> WorkerSettings:
     return WorkerSettings(
         domain=cfg.domain,
         min_restart_interval=cfg.min_restart_interval,
-        stale_claim_after=cfg.stale_claim_after,
+        retry_unknown=cfg.retry_unknown,
         max_attempts=cfg.max_attempts,
         dry_run=is_dry_run(cfg),
         max_concurrent_restarts=cfg.max_concurrent_restarts,
@@ -59,6 +59,15 @@ def worker_settings(cfg: Any) -> WorkerSettings:
         else None,
         skip_checks=[controls.skip_reason] if controls is not None else [],
     )
+
+
+def ledger_subscription(cfg: Any) -> str:
+    """What the ledger records messages under: message ids are unique per subscription."""
+    if cfg.source != "pubsub":
+        return str(cfg.source)
+    from mandrill.sources.pubsub import subscription_path
+
+    return subscription_path(require(cfg, "project"), cfg.subscription)
 
 
 def safety_controls(cfg: Any) -> SafetyControls | None:
@@ -154,7 +163,8 @@ async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterato
                 gce=cfg.restarter == "gce" and not is_dry_run(cfg),
             )
         ledger: Ledger = await open_ledger(
-            cfg.ledger, outage_limit=cfg.ledger_outage_limit, journal=cfg.outcome_journal
+            cfg.ledger, outage_limit=cfg.ledger_outage_limit, journal=cfg.outcome_journal,
+            subscription=ledger_subscription(cfg), instance_timeout=cfg.instance_timeout,
         )
         stack.push_async_callback(ledger.aclose)
         source, topic = await stack.enter_async_context(open_source(cfg, counters, bridge))
