@@ -47,8 +47,9 @@ from tests.support.net import answers, free_port
 T = TypeVar("T")
 LogLine = dict[str, Any]
 
-#: Outcomes and statuses that end a message's story (the brief's "processed").
-FINAL_OUTCOMES = ("restarted", "skipped", "dry_run")
+#: Outcomes and statuses that end a message's story (the brief's "processed"). ``unknown``
+#: is a dead daemon's claim resolved by another one: settled, counted as a restart.
+FINAL_OUTCOMES = ("restarted", "skipped", "dry_run", "unknown")
 #: Longest log line read (JSON lines of mandrill are short; this only bounds a runaway).
 MAX_LINE_BYTES = 16 * 1024 * 1024
 #: How long a freshly started emulator may take to answer (a cold JVM on a busy box).
