@@ -83,12 +83,22 @@ def lock_host(cur: sql.Cursor, hostname: str) -> None:
     )
 
 
+def try_lock_host(cur: sql.Cursor, hostname: str) -> bool:
+    """Take the host's lock if it is free (released at commit or rollback); never waits."""
+    cur.execute(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
+        (_HOST_LOCK_PREFIX + hostname,),
+    )
+    return bool(cur.fetchone()[0])
+
+
 DIALECT = sql.Dialect(
     name="postgresql",
     placeholder="%s",
     blob_type="BYTEA",
     id_column="BIGSERIAL PRIMARY KEY",
     lock_host=lock_host,
+    try_lock_host=try_lock_host,
     # In the connection's search_path, as every other statement.
     table_exists="SELECT to_regclass(?) IS NOT NULL",
 )

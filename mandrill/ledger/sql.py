@@ -42,6 +42,9 @@ class Dialect:
     #: Serialises restart decisions for one host across processes (no-op where the whole
     #: database is locked by the write transaction, as in SQLite).
     lock_host: Callable[[Cursor, str], None]
+    #: Takes the host's lock if no other transaction holds it; False, waiting for
+    #: nothing, if one does.
+    try_lock_host: Callable[[Cursor, str], bool]
     #: A query with one parameter, a table name, whose first row's first column is true
     #: when that table exists.
     table_exists: str
@@ -134,6 +137,9 @@ def _v2(d: Dialect) -> list[str]:
             last_seen DOUBLE PRECISION NOT NULL,
             stopped_at DOUBLE PRECISION
         )""",
+        # The claims under way, few at any time among all the restarts ever decided: found
+        # by every claim on their host and by every heartbeat's sweep.
+        "CREATE INDEX restarts_under_way ON restarts (hostname) WHERE outcome = 'restarting'",
         "CREATE TABLE schema_version (version INTEGER NOT NULL)",
         "INSERT INTO schema_version (version) VALUES (1)",
     ]
@@ -369,7 +375,35 @@ def _orphaned(
     if claimant is None:
         # A claim from before instances existed: only its age can tell.
         return bool(decided_at < owner.alive_since)
+    if claimant == owner.instance_id:
+        return False  # this daemon's own, alive however late its last heartbeat
     return last_seen is None or stopped_at is not None or last_seen < owner.alive_since
+
+
+def resolve_orphans(cur: Cursor, d: Dialect, owner: Owner, now: float) -> int:
+    """Resolve every orphaned claim of the ledger as unknown (a heartbeat's sweep), so that
+    the record is right even if no message for its host comes again; returns how many.
+
+    A host being decided by another transaction right now is left to that claim, which
+    resolves it itself: the sweep only takes host locks that are free, so it never waits
+    for one and can never be part of a deadlock.
+    """
+    cur.execute(
+        d.sql(
+            "SELECT r.id, r.hostname, r.decided_at, r.owner, i.last_seen, i.stopped_at"
+            " FROM restarts r LEFT JOIN instances i ON i.instance_id = r.owner"
+            " WHERE r.outcome = ?"
+        ),
+        (Outcome.RESTARTING,),
+    )
+    resolved = 0
+    for row_id, hostname, decided_at, claimant, last_seen, stopped_at in cur.fetchall():
+        if _orphaned(owner, claimant, decided_at, last_seen, stopped_at) and d.try_lock_host(
+            cur, hostname
+        ):
+            resolve_orphan(cur, d, int(row_id), claimant, last_seen, now)
+            resolved += 1
+    return resolved
 
 
 def resolve_orphan(

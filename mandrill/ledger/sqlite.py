@@ -29,6 +29,7 @@ DIALECT = sql.Dialect(
     id_column="INTEGER PRIMARY KEY AUTOINCREMENT",
     # BEGIN IMMEDIATE already locks the whole database for the batch.
     lock_host=lambda cur, host: None,
+    try_lock_host=lambda cur, host: True,
     table_exists="SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
 )
 

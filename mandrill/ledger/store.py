@@ -99,12 +99,13 @@ class SQLLedger:
         """
         async with anyio.create_task_group() as tg:
             await tg.start(self._batcher.run)
-            # Before any claim names this instance as its owner.
-            await self._heartbeat(forget=True)
             if self.journal is not None:
-                # Before anyone claims: a redelivered message must find its restart's outcome.
+                # Before anyone claims: a redelivered message must find its restart's outcome
+                # (and before the sweep below takes it for unknown).
                 await self.record_kept_outcomes()
                 tg.start_soon(self._replay_journal)
+            # Before any claim names this instance as its owner.
+            await self._heartbeat(forget=True)
             task_status.started()
             while True:
                 await anyio.sleep(self.instance_timeout / HEARTBEATS_PER_TIMEOUT)
@@ -113,14 +114,26 @@ class SQLLedger:
                     await self._heartbeat()
 
     def _heartbeat(self, *, forget: bool = False) -> Op[None]:
-        d, instance, now = self._dialect, self.instance, self._clock()
+        """Say this instance is alive, and resolve the claims of those that are not."""
+        d, instance, owner, now = self._dialect, self.instance, self._owner(), self._clock()
 
         def beat(cur: sql.Cursor) -> None:
+            # The sweep first, while this transaction holds no lock (see resolve_orphans).
+            resolved = sql.resolve_orphans(cur, d, owner, now)
+            if resolved:
+                log.warning("resolved %d restart claims of stopped daemons as unknown",
+                            resolved)
             sql.heartbeat(cur, d, instance, now)
             if forget:
                 sql.forget_instances(cur, d, now - FORGET_INSTANCES_AFTER)
 
         return self._batcher.submit(beat)
+
+    def _owner(self) -> sql.Owner:
+        # Liveness on the ledger's own clock, the one its heartbeats are written with.
+        return sql.Owner(
+            self.instance.instance_id, self.subscription, self._clock() - self.instance_timeout
+        )
 
     async def _replay_journal(self) -> None:
         while True:
@@ -146,11 +159,7 @@ class SQLLedger:
         *,
         retry_unknown: bool = False,
     ) -> Claim:
-        d = self._dialect
-        # Liveness on the ledger's own clock, the one its heartbeats are written with.
-        owner = sql.Owner(
-            self.instance.instance_id, self.subscription, self._clock() - self.instance_timeout
-        )
+        d, owner = self._dialect, self._owner()
         key = f"host:{message.hostname}"
         return await self._batcher.submit(
             lambda cur: sql.claim(

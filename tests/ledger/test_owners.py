@@ -149,3 +149,17 @@ async def test_messages_are_keyed_by_subscription(durable_url: str) -> None:
             ("1", "web-2.example.net"),
         ]
         assert (await a.counts())["deliveries_received"] == 2
+
+
+async def test_any_daemons_heartbeat_resolves_orphans_without_a_message(
+    durable_url: str,
+) -> None:
+    # No message for the host comes again: the record is right all the same.
+    dead, alive = Clock(), Clock(T0 + 1)
+    async with daemon(durable_url, dead, instance_timeout=0.3) as a, \
+            daemon(durable_url, alive, instance_timeout=0.3) as b:
+        await a.claim(message("m1"), T0, WEEK)
+        with anyio.fail_after(10):
+            # Polled: another daemon's heartbeat (every 50 ms here) tells nobody in-process.
+            while [h.outcome for h in await b.history()] != ["unknown"]:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
