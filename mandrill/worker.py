@@ -256,8 +256,8 @@ class Worker:
         try:
             await self._ledger.finish(restart_id, self._wall_clock(), outcome, detail)
         except LedgerError as exc:
-            # Without a journal: the claim stays 'restarting' until this daemon stops
-            # heartbeating, then another daemon resolves it as 'unknown'.
+            # Journal and ledger both failed: the claim stays 'restarting' (its host waits)
+            # while this daemon runs; once it stops, any daemon resolves it as 'unknown'.
             log.error("could not record outcome %s of restart %d: %s", outcome, restart_id, exc)
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
