@@ -15,6 +15,7 @@ from mandrill.errors import RestartFailed
 from mandrill.message import Message
 from mandrill.restarters import CommandRestarter
 from mandrill.restarters.command import parse_template
+from tests.support.daemon import start as start_daemon
 
 RECORDER = """
 import json, sys
@@ -286,3 +287,29 @@ def test_parse_template_keeps_an_argv_as_is():
 def test_bad_timeout(timeout):
     with pytest.raises(ValueError, match="timeout"):
         CommandRestarter("true", timeout=timeout)
+
+
+async def test_a_daemons_shutdown_leaves_no_restart_process_behind(tmp_path, backend_name):
+    # At shutdown, restarts still running after the grace are cancelled: each command's
+    # process group goes with them. The daemon runs as a real process, as in production.
+    script = tmp_path / "grandchild.py"
+    script.write_text(GRANDCHILD)
+    line = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}"
+    command = shlex.join(
+        ["/bin/sh", "-c", f"{line} {shlex.quote(str(tmp_path))}/{{hostname}}.pid polite; true"]
+    )
+    daemon = await start_daemon([
+        "run", "--backend", backend_name, "--ledger", str(tmp_path / "ledger.db"),
+        "--restarter", "command", "--live", "--restart-command", command,
+        "--grace", "0.2s", "--rate", "20", "--seed", "1",
+    ])
+    async with daemon.process:
+        with anyio.fail_after(30):
+            while not (pid_files := list(tmp_path.glob("*.pid"))):  # noqa: ASYNC110
+                await anyio.sleep(0.02)  # polled: files tell no event
+            await started(pid_files[0])
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.finish() == 0
+    pids = [pid for path in tmp_path.glob("*.pid") if (pid := pid_in(path)) is not None]
+    assert pids
+    assert [pid for pid in pids if running(pid)] == []
