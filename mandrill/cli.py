@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  action=argparse.BooleanOptionalAction, help=setting.help + env)
             else:
                 sub.add_argument(setting.flag, dest=setting.name, default=None,
+                                 action="append" if setting.repeat else "store",
                                  metavar=setting.metavar or setting.name.upper(),
                                  help=setting.help + env)
         if name in ("history", "replay"):

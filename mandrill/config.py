@@ -183,6 +183,27 @@ def _api_root(value: object) -> str | None:
     return text if parts.path else f"{text}/v1"
 
 
+def _positive_duration(value: object) -> float:
+    seconds = duration(value)
+    if seconds == 0:
+        raise ValueError(f"{value!r} must be longer than 0")
+    return seconds
+
+
+def _notify_headers(value: object) -> tuple[tuple[str, str], ...]:
+    from mandrill.notification import parse_headers
+
+    return parse_headers(value, os.environ)
+
+
+def _notify_template(value: object) -> Any:
+    from mandrill.notification import BodyTemplate
+
+    if value in (None, ""):
+        return None
+    return BodyTemplate.from_option(str(value))
+
+
 def _optional_ms(value: object) -> float | None:
     if value in (None, ""):
         return None
@@ -203,6 +224,8 @@ class Setting:
     metavar: str | None = None
     #: A boolean switch (``--live``) rather than a flag taking a value.
     switch: bool = False
+    #: A flag that may be given several times; the parser receives the list.
+    repeat: bool = False
 
     @property
     def flag(self) -> str:
@@ -220,8 +243,9 @@ ALL = frozenset({"run", "publish", "setup", "history", "replay"})
 
 
 def _s(name: str, parse: Callable[[object], Any], default: Any, help: str,
-       commands: frozenset[str], metavar: str | None = None, switch: bool = False) -> Setting:
-    return Setting(name, parse, default, help, commands, metavar, switch)
+       commands: frozenset[str], metavar: str | None = None, switch: bool = False,
+       repeat: bool = False) -> Setting:
+    return Setting(name, parse, default, help, commands, metavar, switch, repeat)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -311,6 +335,15 @@ SETTINGS: tuple[Setting, ...] = (
     _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN),
     _s("notify_url", optional_text, None,
        "POST a JSON document for every restart and skip to this URL", RUN, "URL"),
+    _s("notify_header", _notify_headers, (),
+       "notifications: a request header; ${VAR} takes VAR from the environment (repeat the"
+       " flag for more; one per line in the environment variable; a list in TOML)",
+       RUN, "NAME=VALUE", repeat=True),
+    _s("notify_template", _notify_template, None,
+       "notifications: the body, a JSON document (or @FILE holding one) whose strings may"
+       " hold {host} {message_id} {outcome} {detail} {time}", RUN, "JSON|@FILE"),
+    _s("notify_timeout", _positive_duration, 10.0,
+       "notifications: bound on one POST, answer included", RUN),
     # -- observability --
     _s("metrics_addr", _metrics_addr, None,
        "serve /metrics, /healthz, /readyz on HOST:PORT (off unless given)", RUN, "HOST:PORT"),

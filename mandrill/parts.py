@@ -8,7 +8,7 @@ import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
@@ -24,6 +24,9 @@ from mandrill.sources.base import Source, Topic
 from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
 from mandrill.sources.memory import MemoryBroker
 from mandrill.worker import WorkerSettings
+
+if TYPE_CHECKING:
+    from mandrill.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,7 @@ async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterato
     """Open the source, ledger, restarter and notifier ``cfg`` names; close them in
     reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
     rng = random.Random(cfg.seed)
+    notifier = make_notifier(cfg)
     async with contextlib.AsyncExitStack() as stack:
         bridge = None
         if cfg.source == "pubsub" or cfg.restarter == "gce":
@@ -172,8 +176,8 @@ async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterato
         parts = Parts(source, ledger, restarter)
         if topic is not None and cfg.publish:
             parts.publisher = partial(publish_chaos, topic, count=cfg.count, rate=cfg.rate, rng=rng)
-        if cfg.notify_url:
-            add_notifier(parts, cfg.notify_url)
+        if notifier is not None:
+            add_notifier(parts, notifier)
         yield parts
 
 
@@ -208,13 +212,30 @@ async def check_google_credentials(
     await check_credentials(bridge, scopes, on_retry=on_retry)
 
 
-def add_notifier(parts: Parts, url: str) -> None:
-    from mandrill.notify import Notification, Notifier
+def make_notifier(cfg: Any) -> Notifier | None:
+    """The notifier the ``notify_*`` settings describe, or None; raises ``ConfigError``
+    (one line) for settings it cannot work with. Called before anything is opened."""
+    if not cfg.notify_url:
+        if cfg.notify_header or cfg.notify_template is not None:
+            given = "--notify-header" if cfg.notify_header else "--notify-template"
+            raise ConfigError(f"{given} needs --notify-url")
+        return None
+    from mandrill.notify import Notifier
 
     try:
-        notifier = Notifier(url)
+        return Notifier(
+            cfg.notify_url,
+            headers=cfg.notify_header,
+            template=cfg.notify_template,
+            request_timeout=cfg.notify_timeout,
+        )
     except ValueError as exc:
         raise ConfigError(f"--notify-url: {exc}") from None
+
+
+def add_notifier(parts: Parts, notifier: Notifier) -> None:
+    """Run ``notifier`` beside the service and tell it every restart decision."""
+    from mandrill.notify import Notification
 
     def on_decision(message: Message, outcome: str, detail: str) -> None:
         notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))

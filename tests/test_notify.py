@@ -1,4 +1,5 @@
-"""The notifier against a real HTTP receiver on 127.0.0.1 (a stdlib server in a thread)."""
+"""The notifier against a real HTTP receiver on 127.0.0.1 (a stdlib server in a thread), and
+the notification settings through the CLI."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from mandrill.notification import BodyTemplate, Notification, parse_headers
 from mandrill.notify import Notifier
 from mandrill.retry import RetryPolicy
+from tests.support.daemon import run_to_end
 from tests.support.net import free_port
 
 TIME = datetime(2026, 1, 5, 12, 0, 30, tzinfo=timezone(timedelta(hours=1)))
@@ -331,3 +333,69 @@ async def test_what_is_queued_at_shutdown_is_still_sent(receiver):
 def test_bad_construction(url, options, error):
     with pytest.raises(ValueError, match=error):
         Notifier(url, **options)
+
+
+# -- through the CLI, as an operator configures it --
+
+SLACK = '{"text": "{host}: {outcome} ({detail})"}'
+
+
+@pytest.mark.slow
+async def test_the_cli_sends_headers_from_the_environment_and_a_template(
+    receiver, tmp_path, backend_name, monkeypatch
+):
+    monkeypatch.setenv("NOTIFY_TOKEN", "s3cret")
+    template = tmp_path / "slack.json"
+    template.write_text(SLACK)
+    code, _, err = await run_to_end([
+        "run", "--backend", backend_name, "--count", "3", "--rate", "0",
+        "--restart-latency", "0s", "--restart-failure-rate", "0", "--grace", "2s",
+        "--ledger", str(tmp_path / "ledger.db"), "--notify-url", receiver.url,
+        "--notify-header", "Authorization=Bearer ${NOTIFY_TOKEN}",
+        "--notify-header", "X-Source=mandrill", "--notify-template", f"@{template}",
+    ])
+    assert code == 0, err
+    assert receiver.received
+    for received in receiver.received:
+        assert received.headers["Authorization"] == "Bearer s3cret"
+        assert received.headers["X-Source"] == "mandrill"
+        assert set(received.document) == {"text"}
+        assert ".example.net: " in received.document["text"]
+    assert "s3cret" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--notify-header", "Authorization=Bearer ${NOTIFY_TOKEN_UNSET}"],
+         "--notify-header: header Authorization: environment variable NOTIFY_TOKEN_UNSET"
+         " is not set"),
+        (["--notify-header", "Authorization: Bearer s3cret"],
+         "--notify-header: expected NAME=VALUE"),
+        (["--notify-template", '{"text": "{hostname}"}'],
+         "--notify-template: unknown placeholder(s) {hostname}; known: {host}"),
+        (["--notify-template", "{text: 1}"], "--notify-template: not valid JSON"),
+        (["--notify-template", "@/nonexistent/slack.json"],
+         "--notify-template: cannot read template file /nonexistent/slack.json"),
+        (["--notify-timeout", "0s"], "--notify-timeout: '0s' must be longer than 0"),
+    ],
+)
+async def test_bad_notification_settings_exit_2_with_one_line(tmp_path, args, expected):
+    code, _, err = await run_to_end([
+        "run", "--ledger", str(tmp_path / "l.db"), "--notify-url", "http://127.0.0.1:9/",
+        *args,
+    ])
+    assert code == 2, err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"mandrill: error: {expected}"), line
+    assert "s3cret" not in err
+
+
+@pytest.mark.slow
+async def test_notification_settings_without_a_url_exit_2(tmp_path):
+    code, _, err = await run_to_end([
+        "run", "--ledger", str(tmp_path / "l.db"), "--notify-template", SLACK,
+    ])
+    assert code == 2, err
+    assert "mandrill: error: --notify-template needs --notify-url" in err
