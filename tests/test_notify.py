@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anyio
 import pytest
 
+from mandrill import config
 from mandrill.notification import BodyTemplate, Notification, parse_headers
 from mandrill.notify import Notifier
 from mandrill.retry import RetryPolicy
@@ -399,3 +400,15 @@ async def test_notification_settings_without_a_url_exit_2(tmp_path):
     ])
     assert code == 2, err
     assert "mandrill: error: --notify-template needs --notify-url" in err
+
+
+def test_headers_come_from_an_environment_variable_or_a_toml_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_TOKEN", "s3cret")
+    environ = {"MANDRILL_NOTIFY_HEADER": "Authorization=Bearer ${NOTIFY_TOKEN}\nX-A=1\n"}
+    loaded = config.load("run", {}, environ)
+    assert loaded["notify_header"] == (("Authorization", "Bearer s3cret"), ("X-A", "1"))
+    toml = tmp_path / "mandrill.toml"
+    toml.write_text('notify_header = ["X-A=1", "X-B=${NOTIFY_TOKEN}"]\nnotify_timeout = "2s"\n')
+    loaded = config.load("run", {}, {}, str(toml))
+    assert loaded["notify_header"] == (("X-A", "1"), ("X-B", "s3cret"))
+    assert loaded["notify_timeout"] == 2.0
