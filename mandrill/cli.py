@@ -116,6 +116,7 @@ def _add_setting(group: Any, setting: config.Setting) -> None:
                            action=argparse.BooleanOptionalAction, help=help_text)
         return
     group.add_argument(setting.flag, dest=setting.name, default=None,
+                       action="append" if setting.repeat else "store",
                        metavar=setting.shown_metavar, help=help_text)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -18,9 +19,17 @@ from mandrill.ledger import open_ledger
 from mandrill.ledger.base import HistoryRow
 from mandrill.message import is_valid_label
 from mandrill.output import print_json_lines, print_rows
-from mandrill.parts import open_parts, service_settings, worker_settings
+from mandrill.parts import (
+    check_google_credentials,
+    open_parts,
+    service_settings,
+    worker_settings,
+)
 from mandrill.publisher import MAX_BATCH, publish_chaos
 from mandrill.service import serve
+from mandrill.sources.base import Topic
+from mandrill.sources.bridge import open_asyncio_bridge
+from mandrill.sources.limits import MAX_SUBSCRIPTION_ACK_DEADLINE, MIN_SUBSCRIPTION_ACK_DEADLINE
 
 log = logging.getLogger("mandrill")
 
@@ -159,17 +168,25 @@ def _project(cfg: Any) -> str:
 async def setup(cfg: Any) -> int:
     from mandrill.sources.pubsub import setup_pubsub
 
-    if not 10 <= cfg.ack_deadline <= 600:
-        raise ConfigError(f"--ack-deadline: {cfg.ack_deadline:g}s is not between 10s and 600s")
-    done = await setup_pubsub(
-        project=_project(cfg),
-        topic=cfg.topic,
-        subscription=cfg.subscription,
-        backend=cfg.backend,
-        ack_deadline=int(cfg.ack_deadline),
-        dead_letter_topic=cfg.dead_letter_topic,
-        max_delivery_attempts=cfg.max_delivery_attempts,
-    )
+    low, high = MIN_SUBSCRIPTION_ACK_DEADLINE, MAX_SUBSCRIPTION_ACK_DEADLINE
+    if not low <= cfg.ack_deadline <= high:
+        raise ConfigError(
+            f"--ack-deadline: {cfg.ack_deadline:g}s is not between {low}s and {high}s"
+        )
+    project = _project(cfg)
+    async with open_asyncio_bridge(cfg.backend) as bridge:
+        await check_google_credentials(bridge, pubsub=True, pubsub_api_root=cfg.pubsub_api_root)
+        done = await setup_pubsub(
+            project=project,
+            topic=cfg.topic,
+            subscription=cfg.subscription,
+            backend=cfg.backend,
+            ack_deadline=int(cfg.ack_deadline),
+            dead_letter_topic=cfg.dead_letter_topic,
+            max_delivery_attempts=cfg.max_delivery_attempts,
+            bridge=bridge,
+            api_root=cfg.pubsub_api_root,
+        )
     for line in done:
         print(line)
     return 0
@@ -177,8 +194,6 @@ async def setup(cfg: Any) -> int:
 
 async def publish(cfg: Any) -> int:
     """The talk's publisher against a real topic, with a progress bar on a terminal."""
-    from mandrill.sources.pubsub import open_pubsub_topic
-
     project = _project(cfg)
     console = Console(stderr=True)
     # auto_refresh would start a thread of rich's own; refresh from the loop instead.
@@ -201,7 +216,7 @@ async def publish(cfg: Any) -> int:
             progress.update(task, advance=n, rate=f"{done / elapsed:,.0f}/s")
             progress.refresh()
 
-        async with open_pubsub_topic(project=project, topic=cfg.topic, backend=cfg.backend) as t:
+        async with open_pubsub_topic_checked(cfg, project) as t:
             published = await publish_chaos(
                 t, count=cfg.count, rate=cfg.rate, rng=random.Random(cfg.seed),
                 on_published=advance,
@@ -212,8 +227,6 @@ async def publish(cfg: Any) -> int:
 
 async def replay(cfg: Any) -> int:
     """Republish saved messages (received, or dead-lettered with --dead-letters)."""
-    from mandrill.sources.pubsub import open_pubsub_topic
-
     args = cfg.args
     project = _project(cfg)
     since = parse_since(args.since, "--since")
@@ -232,12 +245,29 @@ async def replay(cfg: Any) -> int:
     messages = [
         (m.data, {**m.attributes, "mandrill_replay_of": m.message_id}) for m in saved
     ]
-    async with open_pubsub_topic(project=project, topic=cfg.topic, backend=cfg.backend) as t:
+    async with open_pubsub_topic_checked(cfg, project) as t:
         for start in range(0, len(messages), MAX_BATCH):
             await t.publish(messages[start : start + MAX_BATCH])
     log.info("replayed %d messages to %s", len(messages), cfg.topic)
     print(len(messages))
     return 0
+
+
+@contextlib.asynccontextmanager
+async def open_pubsub_topic_checked(cfg: Any, project: str) -> AsyncIterator[Topic]:
+    """``cfg``'s topic, on a bridge of its own, once credentials were found to work."""
+    from mandrill.sources.pubsub import open_pubsub_topic
+
+    async with open_asyncio_bridge(cfg.backend) as bridge:
+        await check_google_credentials(bridge, pubsub=True, pubsub_api_root=cfg.pubsub_api_root)
+        async with open_pubsub_topic(
+            project=project,
+            topic=cfg.topic,
+            backend=cfg.backend,
+            bridge=bridge,
+            api_root=cfg.pubsub_api_root,
+        ) as topic:
+            yield topic
 
 
 async def open_existing_ledger(url: str) -> Any:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from mandrill import safety
 from mandrill.errors import ConfigError
@@ -55,6 +56,13 @@ def parse_since(value: str | None, flag: str) -> float | None:
         return datetime.now(UTC).timestamp() - duration(value)
     except ValueError as exc:
         raise ConfigError(f"{flag}: {exc}") from None
+
+
+def positive_duration(value: object) -> float:
+    seconds = duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be a duration > 0")
+    return seconds
 
 
 def positive_int(value: object) -> int:
@@ -193,6 +201,33 @@ def _new_file(value: object) -> str | None:
     return path
 
 
+def _api_root(value: object) -> str | None:
+    """An http(s) URL of a Google API endpoint; a bare host gets the API's ``/v1`` path."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(
+            f"{value!r} is not an http(s) URL such as https://europe-west1-pubsub.googleapis.com"
+        )
+    return text if parts.path else f"{text}/v1"
+
+
+def _notify_headers(value: object) -> tuple[tuple[str, str], ...]:
+    from mandrill.notification import parse_headers
+
+    return parse_headers(value, os.environ)
+
+
+def _notify_template(value: object) -> Any:
+    from mandrill.notification import BodyTemplate
+
+    if value in (None, ""):
+        return None
+    return BodyTemplate.from_option(str(value))
+
+
 def _optional_ms(value: object) -> float | None:
     if value in (None, ""):
         return None
@@ -215,6 +250,8 @@ class Setting:
     switch: bool = False
     #: Where ``--help`` lists it (see :data:`GROUPS`).
     group: str = "general"
+    #: A flag that may be given several times; the parser receives the list.
+    repeat: bool = False
 
     @property
     def flag(self) -> str:
@@ -274,10 +311,11 @@ def format_duration(seconds: float) -> str:
         count = seconds / _UNITS[unit]
         if count >= 1 and count.is_integer():
             return f"{int(count)}{unit}"
-    milliseconds = seconds * 1000
-    if milliseconds.is_integer():
-        return f"{int(milliseconds)}ms"
-    return f"{seconds:g}s"
+    milliseconds = f"{round(seconds * 1000)}ms"
+    if duration(milliseconds) == seconds:
+        return milliseconds
+    # Enough digits to parse back to the same value ({:g}'s six would round 134217.727).
+    return f"{seconds:.15g}s"
 
 
 RUN = frozenset({"run"})
@@ -304,8 +342,8 @@ GROUPS = {
 
 def _s(name: str, parse: Callable[[object], Any], default: Any, help: str,
        commands: frozenset[str], metavar: str | None = None, switch: bool = False,
-       *, group: str) -> Setting:
-    return Setting(name, parse, default, help, commands, metavar, switch, group)
+       repeat: bool = False, *, group: str) -> Setting:
+    return Setting(name, parse, default, help, commands, metavar, switch, group, repeat)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -326,6 +364,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("topic", text, "mandrill", "Pub/Sub topic to publish to", TOPIC, group="source"),
     _s("dead_letter_topic", optional_text, None,
        "topic receiving invalid and poison messages", SUBSCRIPTION, group="source"),
+    _s("pubsub_api_root", _api_root, None,
+       "Pub/Sub endpoint, e.g. a regional https://europe-west1-pubsub.googleapis.com"
+       " (default: PUBSUB_EMULATOR_HOST's emulator, without credentials, else the global"
+       " endpoint); always used with credentials", PUBSUB, "URL", group="source"),
     _s("ack_deadline", duration, 10.0,
        "run: the embedded broker's ack deadline; setup: the subscription's (10s to 600s)",
        frozenset({"run", "setup"}), group="source"),
@@ -351,9 +393,12 @@ SETTINGS: tuple[Setting, ...] = (
        "file keeping restart outcomes while the ledger is unreachable (auto: beside a"
        " SQLite ledger; $XDG_STATE_HOME/mandrill/ for PostgreSQL)", RUN, "PATH",
        group="ledger"),
-    _s("stale_claim_after", duration, 3600.0,
-       "a restart claim older than this is from a daemon that died mid-restart", RUN,
-       group="ledger"),
+    _s("instance_timeout", positive_duration, 30.0,
+       "a daemon silent in the ledger this long is dead: its restart claims are resolved as"
+       " 'unknown' by the others (it heartbeats 6 times as often)", RUN, group="ledger"),
+    _s("retry_unknown", boolean, False,
+       "restart again a host whose restart outcome is unknown (its daemon died mid-restart)"
+       " instead of counting it as restarted", RUN, group="ledger"),
     # -- restarter --
     _s("restarter", choice("simulated", "command", "gce"), "simulated",
        "how hosts are restarted", RUN, group="restarter"),
@@ -410,6 +455,16 @@ SETTINGS: tuple[Setting, ...] = (
     _s("notify_url", optional_text, None,
        "POST a JSON document for every restart and skip to this URL", RUN, "URL",
        group="notifications"),
+    _s("notify_header", _notify_headers, (),
+       "notifications: a request header; ${VAR} takes VAR from the environment (repeat the"
+       " flag for more; one per line in the environment variable; a list in TOML)",
+       RUN, "NAME=VALUE", repeat=True, group="notifications"),
+    _s("notify_template", _notify_template, None,
+       "notifications: the body, a JSON document (or @FILE holding one) whose strings may"
+       " hold {host} {message_id} {outcome} {detail} {time}", RUN, "JSON|@FILE",
+       group="notifications"),
+    _s("notify_timeout", positive_duration, 10.0,
+       "notifications: bound on one POST, answer included", RUN, group="notifications"),
     # -- observability --
     _s("log_format", choice("auto", "text", "json"), "auto",
        "log format; auto: text on a terminal, JSON otherwise", ALL, group="observability"),

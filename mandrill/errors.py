@@ -11,6 +11,11 @@ class ConfigError(MandrillError):
     """A flag, environment variable or config file value is invalid (exit code 2)."""
 
 
+class CredentialsError(ConfigError):
+    """No usable Google Cloud credentials: a key file that cannot be read, or no token to
+    be had at start (exit code 2, like any configuration error)."""
+
+
 class InvalidMessage(MandrillError):
     """A message payload cannot be processed; ``reason`` says why, in one line."""
 

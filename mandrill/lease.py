@@ -11,11 +11,9 @@ from mandrill.holdings import Holdings
 from mandrill.obs.counters import Counters
 from mandrill.policy import leases_due
 from mandrill.sources.base import Source
+from mandrill.sources.limits import MAX_ACK_DEADLINE_SECONDS as MAX_EXTENSION
 
 log = logging.getLogger(__name__)
-
-#: Pub/Sub accepts lease extensions of at most 600 s.
-MAX_EXTENSION = 600
 
 
 class LeaseKeeper:

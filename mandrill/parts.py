@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
@@ -24,6 +24,9 @@ from mandrill.sources.base import Source, Topic
 from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
 from mandrill.sources.memory import MemoryBroker
 from mandrill.worker import WorkerSettings
+
+if TYPE_CHECKING:
+    from mandrill.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ def worker_settings(cfg: Any) -> WorkerSettings:
     return WorkerSettings(
         domain=cfg.domain,
         min_restart_interval=cfg.min_restart_interval,
-        stale_claim_after=cfg.stale_claim_after,
+        retry_unknown=cfg.retry_unknown,
         max_attempts=cfg.max_attempts,
         dry_run=is_dry_run(cfg),
         max_concurrent_restarts=cfg.max_concurrent_restarts,
@@ -59,6 +62,15 @@ def worker_settings(cfg: Any) -> WorkerSettings:
         else None,
         skip_checks=[controls.skip_reason] if controls is not None else [],
     )
+
+
+def ledger_subscription(cfg: Any) -> str:
+    """What the ledger records messages under: message ids are unique per subscription."""
+    if cfg.source != "pubsub":
+        return str(cfg.source)
+    from mandrill.sources.pubsub import subscription_path
+
+    return subscription_path(require(cfg, "project"), cfg.subscription)
 
 
 def safety_controls(cfg: Any) -> SafetyControls | None:
@@ -72,9 +84,10 @@ def safety_controls(cfg: Any) -> SafetyControls | None:
 
 @contextlib.asynccontextmanager
 async def open_source(
-    cfg: Any, counters: Counters | None = None
+    cfg: Any, counters: Counters | None = None, bridge: AsyncioBridge | None = None
 ) -> AsyncIterator[tuple[Source, Topic | None]]:
-    """The source to pull from and, for the embedded broker, the topic feeding it."""
+    """The source to pull from and, for the embedded broker, the topic feeding it;
+    Pub/Sub's clients run on ``bridge`` (else on a bridge of their own)."""
     if cfg.source == "memory":
         broker = MemoryBroker(ack_deadline=cfg.ack_deadline)
         yield broker, broker
@@ -91,6 +104,8 @@ async def open_source(
         subscription=cfg.subscription,
         backend=cfg.backend,
         dead_letter_topic=cfg.dead_letter_topic,
+        bridge=bridge,
+        api_root=cfg.pubsub_api_root,
         on_transient_error=on_transient_error,
     ) as source:
         yield source, None
@@ -98,8 +113,10 @@ async def open_source(
 
 @contextlib.asynccontextmanager
 async def open_restarter(
-    cfg: Any, rng: random.Random, bridge: Callable[[], Any]
+    cfg: Any, rng: random.Random, bridge: AsyncioBridge | None = None
 ) -> AsyncIterator[Restarter]:
+    """The restarter ``cfg`` names; the gce restarter's HTTP client runs on ``bridge``
+    (else on a bridge of its own)."""
     if cfg.restarter == "simulated":
         from mandrill.restarters.simulated import SimulatedRestarter
 
@@ -114,18 +131,21 @@ async def open_restarter(
             raise ConfigError(f"--restart-command: {exc}") from None
         yield restarter
     else:
-        from mandrill.restarters.gce import GceRestarter
+        from mandrill.restarters.gce import GceRestarter, GceSettingError
 
-        try:
-            gce = GceRestarter(
-                await bridge(),
-                project=cfg.gce_project,
-                zone=cfg.gce_zone,
-                api_root=cfg.gce_api_root,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"--gce-api-root: {exc}") from None
-        async with gce:
+        async with contextlib.AsyncExitStack() as stack:
+            if bridge is None:
+                bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
+            try:
+                gce = GceRestarter(
+                    bridge, project=cfg.gce_project, zone=cfg.gce_zone, api_root=cfg.gce_api_root
+                )
+                await stack.enter_async_context(gce)
+            except GceSettingError as exc:
+                flag = "--gce-" + exc.setting.replace("_", "-")
+                raise ConfigError(f"{flag}: {exc}") from None
+            if not gce.zone:
+                log.warning("no --gce-zone: every message must name its zone (attribute 'zone')")
             yield gce
 
 
@@ -134,35 +154,88 @@ async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterato
     """Open the source, ledger, restarter and notifier ``cfg`` names; close them in
     reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
     rng = random.Random(cfg.seed)
+    notifier = make_notifier(cfg)
     async with contextlib.AsyncExitStack() as stack:
-        bridges: list[AsyncioBridge] = []
-
-        async def bridge() -> AsyncioBridge:
-            if not bridges:
-                bridges.append(await stack.enter_async_context(open_asyncio_bridge(cfg.backend)))
-            return bridges[0]
-
+        bridge = None
+        if cfg.source == "pubsub" or cfg.restarter == "gce":
+            # One asyncio thread (on trio) for every Google client; it closes last.
+            bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
+            await check_google_credentials(
+                bridge,
+                pubsub=cfg.source == "pubsub",
+                pubsub_api_root=cfg.pubsub_api_root,
+                gce=cfg.restarter == "gce" and not is_dry_run(cfg),
+            )
         ledger: Ledger = await open_ledger(
-            cfg.ledger, outage_limit=cfg.ledger_outage_limit, journal=cfg.outcome_journal
+            cfg.ledger, outage_limit=cfg.ledger_outage_limit, journal=cfg.outcome_journal,
+            subscription=ledger_subscription(cfg), instance_timeout=cfg.instance_timeout,
         )
         stack.push_async_callback(ledger.aclose)
-        source, topic = await stack.enter_async_context(open_source(cfg, counters))
+        source, topic = await stack.enter_async_context(open_source(cfg, counters, bridge))
         restarter = await stack.enter_async_context(open_restarter(cfg, rng, bridge))
         parts = Parts(source, ledger, restarter)
         if topic is not None and cfg.publish:
             parts.publisher = partial(publish_chaos, topic, count=cfg.count, rate=cfg.rate, rng=rng)
-        if cfg.notify_url:
-            add_notifier(parts, cfg.notify_url)
+        if notifier is not None:
+            add_notifier(parts, notifier)
         yield parts
 
 
-def add_notifier(parts: Parts, url: str) -> None:
-    from mandrill.notify import Notification, Notifier
+async def check_google_credentials(
+    bridge: AsyncioBridge, *, pubsub: bool, pubsub_api_root: str | None = None, gce: bool = False
+) -> None:
+    """Get one access token for the Google clients that will need one (Pub/Sub unless it is
+    the emulator without an API root; a live gce restarter), so that missing credentials
+    stop the command at start with one line (``CredentialsError``). Logs each transient
+    failure as it happens."""
+    from mandrill.google_cloud import check_credentials, describe_error
+
+    scopes: list[str] = []
+    if pubsub:
+        from mandrill.sources.pubsub import PUBSUB_SCOPES, uses_credentials
+
+        if uses_credentials(pubsub_api_root):
+            scopes += PUBSUB_SCOPES
+    if gce:
+        from mandrill.restarters.gce import COMPUTE_SCOPE
+
+        scopes.append(COMPUTE_SCOPE)
+    if not scopes:
+        return
+
+    def on_retry(source: str, error: BaseException, delay: float) -> None:
+        log.warning(
+            "getting an access token from %s failed, retrying in %.1fs: %s",
+            source, delay, describe_error(error),
+        )
+
+    await check_credentials(bridge, scopes, on_retry=on_retry)
+
+
+def make_notifier(cfg: Any) -> Notifier | None:
+    """The notifier the ``notify_*`` settings describe, or None; raises ``ConfigError``
+    (one line) for settings it cannot work with. Called before anything is opened."""
+    if not cfg.notify_url:
+        if cfg.notify_header or cfg.notify_template is not None:
+            given = "--notify-header" if cfg.notify_header else "--notify-template"
+            raise ConfigError(f"{given} needs --notify-url")
+        return None
+    from mandrill.notify import Notifier
 
     try:
-        notifier = Notifier(url)
+        return Notifier(
+            cfg.notify_url,
+            headers=cfg.notify_header,
+            template=cfg.notify_template,
+            request_timeout=cfg.notify_timeout,
+        )
     except ValueError as exc:
         raise ConfigError(f"--notify-url: {exc}") from None
+
+
+def add_notifier(parts: Parts, notifier: Notifier) -> None:
+    """Run ``notifier`` beside the service and tell it every restart decision."""
+    from mandrill.notify import Notification
 
     def on_decision(message: Message, outcome: str, detail: str) -> None:
         notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))

@@ -14,6 +14,9 @@ class Outcome(StrEnum):
     """What the ledger records for one restart decision of one message."""
 
     RESTARTING = "restarting"  # claimed, restart under way
+    #: The daemon that claimed it stopped mid-restart (SIGKILL, crash): the restart may or
+    #: may not have happened. Counts as a restart unless the operator says to retry.
+    UNKNOWN = "unknown"
     RESTARTED = "restarted"
     FAILED = "failed"
     CANCELLED = "cancelled"  # shutdown cancelled the restart; the message was nacked
@@ -29,19 +32,25 @@ class Verdict(StrEnum):
     RESTART = "restart"
     SKIP = "skip"  # the host must not be restarted now (interval rule, safety control)
     DUPLICATE = "duplicate"  # this message was already decided
-    BUSY = "busy"  # another worker (maybe another daemon) is restarting for this message now
+    #: A restart of this message's host is under way (for this message or another one, in
+    #: this daemon or another): decided once that restart has an outcome.
+    BUSY = "busy"
 
 
 @dataclass(frozen=True, slots=True)
 class Prior:
     """What the ledger knows before deciding on one message."""
 
-    #: ``(outcome, decided_at)`` of this message's earlier decisions.
+    #: ``(outcome, decided_at)`` of this message's earlier decisions; a ``RESTARTING`` one
+    #: is live (the ledger resolves a dead daemon's claims as ``UNKNOWN`` first).
     message_decisions: Sequence[tuple[Outcome, float]] = ()
-    #: When the host was last restarted, or a live claim on it began (epoch seconds).
+    #: When the host's last restart that counts began (epoch seconds): a restart that
+    #: succeeded, or whose outcome is unknown (unless those are retried). Not one under way.
     host_last_restart: float | None = None
     #: Restarts (and live claims) across the fleet within the rate-limit window.
     fleet_restarts: int = 0
+    #: The message id of a live claim on this host by another message, if any.
+    host_busy_with: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,22 +73,31 @@ def decide_restart(
     prior: Prior,
     now: float,
     min_interval: float,
-    stale_after: float,
     rate_limit: RateLimit | None = None,
+    *,
+    retry_unknown: bool = False,
 ) -> Decision:
-    """Restart, skip, or recognise a duplicate.
+    """Restart, skip, wait (busy), or recognise a duplicate.
 
-    A ``RESTARTING`` claim older than ``stale_after`` seconds belongs to a daemon that died
-    mid-restart and no longer counts as live.
+    Only a restart that succeeded, or whose outcome is unknown, counts for the interval
+    rule: a message for a host whose restart is under way waits for its outcome (``BUSY``).
+    With ``retry_unknown``, an unknown outcome counts as a failed attempt instead.
     """
     failures = 0
-    for outcome, decided_at in prior.message_decisions:
+    for outcome, _decided_at in prior.message_decisions:
         if outcome in FINAL_OUTCOMES:
             return Decision(Verdict.DUPLICATE, f"already {outcome.value}", failures)
-        if outcome is Outcome.RESTARTING and now - decided_at < stale_after:
+        if outcome is Outcome.UNKNOWN:
+            if not retry_unknown:
+                return Decision(Verdict.DUPLICATE, UNKNOWN_REASON, failures)
+            failures += 1
+        if outcome is Outcome.RESTARTING:
             return Decision(Verdict.BUSY, "a restart for this message is under way", failures)
         if outcome is Outcome.FAILED:
             failures += 1
+    if prior.host_busy_with is not None:
+        reason = f"host is being restarted (message {prior.host_busy_with}); waiting for it"
+        return Decision(Verdict.BUSY, reason, failures)
     last = prior.host_last_restart
     if last is not None and now - last < min_interval:
         ago = format_duration(now - last)
@@ -91,6 +109,10 @@ def decide_restart(
         )
         return Decision(Verdict.SKIP, reason, failures)
     return Decision(Verdict.RESTART, "", failures)
+
+
+#: Why a message whose restart has an unknown outcome is settled without another restart.
+UNKNOWN_REASON = "restart outcome unknown (its daemon stopped mid-restart); counted as done"
 
 
 class Settlement(StrEnum):

@@ -10,10 +10,11 @@ import anyio
 
 from mandrill.message import encode_payload
 from mandrill.sources.base import Topic
+from mandrill.sources.limits import MAX_PUBLISH_MESSAGES
 
 _ALPHABET = string.ascii_lowercase + string.digits
-#: Pub/Sub accepts at most 1,000 messages per publish request.
-MAX_BATCH = 1000
+#: One publish request's worth of messages.
+MAX_BATCH = MAX_PUBLISH_MESSAGES
 
 
 def random_instance_name(rng: random.Random) -> str:

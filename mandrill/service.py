@@ -34,12 +34,11 @@ from mandrill.restarters.base import Restarter
 from mandrill.settler import Settler
 from mandrill.shutdown import Shutdown, watch_signals
 from mandrill.sources.base import Source
+from mandrill.sources.limits import MAX_PULL_MESSAGES as MAX_PULL
 from mandrill.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
-#: Pub/Sub returns at most 1,000 messages per pull.
-MAX_PULL = 1000
 #: Pause after a pull that brought less than asked for: a pull sent at once finds nothing
 #: and waits in the server, which answers it late (measured with the emulator: p99
 #: publish -> settle at 1,000 msg/s 78/104 ms without the pause, 35/33 ms with it).

@@ -19,7 +19,15 @@ from mandrill.errors import InvalidMessage, LedgerError, RestartFailed
 from mandrill.ledger.base import Ledger
 from mandrill.message import DEFAULT_DOMAIN, Delivery, Message, parse_delivery
 from mandrill.obs.counters import Counters, dead_letter_label, skip_label
-from mandrill.policy import Outcome, RateLimit, Result, Settlement, Verdict, settlement_for
+from mandrill.policy import (
+    UNKNOWN_REASON,
+    Outcome,
+    RateLimit,
+    Result,
+    Settlement,
+    Verdict,
+    settlement_for,
+)
 from mandrill.restarters.base import Restarter
 from mandrill.settler import Settler
 from mandrill.sources.base import Source
@@ -35,8 +43,9 @@ DAY = 86400.0
 class WorkerSettings:
     domain: str = DEFAULT_DOMAIN
     min_restart_interval: float = 7 * DAY
-    #: A restart claim older than this belongs to a daemon that died mid-restart.
-    stale_claim_after: float = 3600.0
+    #: Restart again a host whose restart has an unknown outcome (its daemon died
+    #: mid-restart) instead of counting it as restarted.
+    retry_unknown: bool = False
     #: Failed restarts of one message after which it is dead-lettered.
     max_attempts: int = 5
     dry_run: bool = False
@@ -138,8 +147,8 @@ class Worker:
                 message,
                 now,
                 settings.min_restart_interval,
-                settings.stale_claim_after,
                 settings.rate_limit,
+                retry_unknown=settings.retry_unknown,
             )
         except LedgerError as exc:
             self._counters.ledger_unavailable += 1
@@ -150,10 +159,14 @@ class Worker:
         decision = claim.decision
         if decision.verdict is Verdict.DUPLICATE:
             self._counters.duplicates += 1
-            log.info("duplicate message %s (%s)", message.message_id, decision.reason,
-                     extra=_context(message))
+            # A dead daemon's restart settled with an unknown outcome deserves more than info.
+            level = logging.WARNING if decision.reason == UNKNOWN_REASON else logging.INFO
+            log.log(level, "duplicate message %s (%s)", message.message_id, decision.reason,
+                    extra=_context(message))
             return Result.DUPLICATE, decision.failures
         if decision.verdict is Verdict.BUSY:
+            # Deferred, not decided: it comes back once the restart under way has an outcome
+            # (or its daemon is found dead), and is decided then.
             log.info("message %s: %s; retrying it later", message.message_id, decision.reason,
                      extra=_context(message))
             return Result.BUSY, decision.failures
@@ -243,7 +256,8 @@ class Worker:
         try:
             await self._ledger.finish(restart_id, self._wall_clock(), outcome, detail)
         except LedgerError as exc:
-            # The decision row stays 'restarting' and goes stale; the restart itself stands.
+            # Journal and ledger both failed: the claim stays 'restarting' (its host waits)
+            # while this daemon runs; once it stops, any daemon resolves it as 'unknown'.
             log.error("could not record outcome %s of restart %d: %s", outcome, restart_id, exc)
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.emulator", "tests.fixtures.postgres"]
+pytest_plugins = ["tests.fixtures.emulator", "tests.fixtures.metadata", "tests.fixtures.postgres"]
 
 
 @pytest.fixture(

@@ -115,3 +115,28 @@ def test_a_file_is_checked_whole_whichever_command_reads_it(tmp_path):
     path.write_text('ledger = "l.db"\ngrace = "soon"\n')
     with pytest.raises(ConfigError, match=r"c.toml: grace: 'soon' is not a duration"):
         config.load("history", {}, {}, str(path))
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("https://europe-west1-pubsub.googleapis.com", "https://europe-west1-pubsub.googleapis.com/v1"),
+        ("https://europe-west1-pubsub.googleapis.com/v1/", "https://europe-west1-pubsub.googleapis.com/v1"),
+        ("http://127.0.0.1:8085/v1", "http://127.0.0.1:8085/v1"),
+    ],
+)
+def test_pubsub_api_root_from_flag_env_or_file(tmp_path, given, expected):
+    toml = tmp_path / "m.toml"
+    toml.write_text(f'pubsub_api_root = "{given}"\n')
+    assert config.load("run", {"pubsub_api_root": given}, {})["pubsub_api_root"] == expected
+    assert config.load("publish", {}, {"MANDRILL_PUBSUB_API_ROOT": given})["pubsub_api_root"] == (
+        expected
+    )
+    assert config.load("setup", {}, {}, str(toml))["pubsub_api_root"] == expected
+    assert config.load("run", {}, {})["pubsub_api_root"] is None
+
+
+@pytest.mark.parametrize("given", ["pubsub.googleapis.com", "ftp://x/v1", "https://", "https://h/v1?x=1"])
+def test_a_bad_pubsub_api_root_is_one_line(given):
+    with pytest.raises(ConfigError, match=r"^--pubsub-api-root: .* is not an http\(s\) URL"):
+        config.load("run", {"pubsub_api_root": given}, {})

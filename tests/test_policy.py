@@ -2,6 +2,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mandrill.policy import (
+    UNKNOWN_REASON,
     Outcome,
     Prior,
     Result,
@@ -16,11 +17,10 @@ from mandrill.policy import (
 DAY = 86400.0
 WEEK = 7 * DAY
 NOW = 1_000_000_000.0
-STALE = 3600.0
 
 
-def decide(prior: Prior, now: float = NOW):
-    return decide_restart(prior, now, WEEK, STALE)
+def decide(prior: Prior, now: float = NOW, *, retry_unknown: bool = False):
+    return decide_restart(prior, now, WEEK, retry_unknown=retry_unknown)
 
 
 def test_a_fresh_host_is_restarted():
@@ -47,11 +47,27 @@ def test_a_message_already_decided_is_a_duplicate():
         assert decision.verdict is Verdict.DUPLICATE
 
 
-def test_a_live_claim_is_busy_and_a_stale_one_is_retried():
-    live = Prior(message_decisions=[(Outcome.RESTARTING, NOW - 10)])
-    assert decide(live).verdict is Verdict.BUSY
-    stale = Prior(message_decisions=[(Outcome.RESTARTING, NOW - STALE - 1)])
-    assert decide(stale).verdict is Verdict.RESTART
+def test_a_live_claim_is_busy_however_old():
+    for age in (10, 30 * DAY):
+        live = Prior(message_decisions=[(Outcome.RESTARTING, NOW - age)])
+        assert decide(live).verdict is Verdict.BUSY
+
+
+def test_a_host_being_restarted_makes_other_messages_wait():
+    decision = decide(Prior(host_busy_with="m1"))
+    assert (decision.verdict, decision.reason) == (
+        Verdict.BUSY, "host is being restarted (message m1); waiting for it"
+    )
+    # Even when the host's last restart would make it a skip: the outcome decides.
+    assert decide(Prior(host_last_restart=NOW - 1, host_busy_with="m1")).verdict is Verdict.BUSY
+
+
+def test_an_unknown_outcome_counts_as_done_unless_retried():
+    prior = Prior(message_decisions=[(Outcome.UNKNOWN, NOW - 10)])
+    decision = decide(prior)
+    assert (decision.verdict, decision.reason) == (Verdict.DUPLICATE, UNKNOWN_REASON)
+    retried = decide(prior, retry_unknown=True)
+    assert (retried.verdict, retried.failures) == (Verdict.RESTART, 1)
 
 
 def test_failures_are_counted_and_do_not_block_a_retry():

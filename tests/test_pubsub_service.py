@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import sqlite3
+from types import SimpleNamespace
 
 import anyio
 import pytest
 
+from mandrill import config
 from mandrill.ledger import open_ledger
 from mandrill.message import encode_payload
+from mandrill.parts import open_parts
 from mandrill.service import Parts, ServiceSettings, serve
 from mandrill.shutdown import Shutdown
+from mandrill.sources import bridge as bridge_module
 from mandrill.sources.pubsub import (
     DEAD_LETTER_REASON_ATTRIBUTE,
     open_pubsub_source,
@@ -19,6 +23,7 @@ from mandrill.sources.pubsub import (
 )
 from mandrill.worker import WorkerSettings
 from tests.fixtures.emulator import PubSubNames
+from tests.fixtures.metadata import hide_credentials
 from tests.support.daemon import run_to_end
 from tests.support.fakes import ScriptedRestarter, payloads
 
@@ -208,3 +213,29 @@ async def test_replay_republishes_what_the_ledger_saved(pubsub_names, backend_na
         "replay", *common, "--topic", names.topic, "--ledger", db, "--host", "db-1",
     ])
     assert (code, out.strip()) == (0, "1"), err
+
+
+async def test_pubsub_and_the_gce_restarter_share_one_bridge(
+    pubsub_names, backend_name, monkeypatch, tmp_path
+):
+    # On trio each bridge is an asyncio thread of its own: count the threads started.
+    await prepare(pubsub_names, backend_name)
+    hide_credentials(monkeypatch, tmp_path)
+    threads = []
+    start_portal = bridge_module.start_blocking_portal
+
+    def counting_start(*args, **kwargs):
+        threads.append(args)
+        return start_portal(*args, **kwargs)
+
+    monkeypatch.setattr(bridge_module, "start_blocking_portal", counting_start)
+    flags = {
+        "source": "pubsub", "project": pubsub_names.project,
+        "subscription": pubsub_names.subscription, "restarter": "gce",
+        "gce_project": "my-project", "gce_zone": "europe-west1-b", "backend": backend_name,
+        "ledger": str(tmp_path / "l.db"),
+    }
+    cfg = SimpleNamespace(**config.load("run", flags, {}))
+    async with open_parts(cfg) as parts:
+        assert parts.source._bridge is parts.restarter._bridge
+    assert len(threads) == (1 if backend_name == "trio" else 0)

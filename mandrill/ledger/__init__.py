@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 from mandrill.ledger.base import Claim, HistoryRow, Ledger, SavedMessage
 from mandrill.ledger.journal import OutcomeJournal, default_journal_path
-from mandrill.ledger.store import SQLLedger
+from mandrill.ledger.sql import SCHEMA_VERSION
+from mandrill.ledger.store import INSTANCE_TIMEOUT, SQLLedger
 
 #: ``open_ledger(journal=AUTO)``: the journal's default place for that ledger.
 AUTO = "auto"
 
 
 async def open_ledger(
-    url: str, *, outage_limit: float = float("inf"), journal: str | None = None
+    url: str,
+    *,
+    outage_limit: float = float("inf"),
+    journal: str | None = None,
+    subscription: str = "",
+    instance_timeout: float = INSTANCE_TIMEOUT,
+    clock: Callable[[], float] = time.time,
 ) -> SQLLedger:
     """Open the ledger a URL names: ``postgresql://…`` or a SQLite path (``:memory:`` too).
+    A ledger of an older mandrill is upgraded (in one transaction); a newer one's refused.
+
+    ``subscription`` names where the messages come from (message ids are unique within
+    one); ``instance_timeout`` bounds how long this daemon's heartbeat may be missing
+    before its restart claims are resolved by others; ``clock`` is wall time (for tests).
 
     ``journal`` is the file keeping restart outcomes while the ledger is unreachable
     (:mod:`mandrill.ledger.journal`): a path, ``AUTO`` (beside a SQLite file; under
@@ -28,14 +42,16 @@ async def open_ledger(
         from mandrill.ledger.postgres import open_postgres_ledger
 
         ledger = await open_postgres_ledger(
-            url, outage_limit=outage_limit, journal=_postgres_journal(url, journal)
+            url, outage_limit=outage_limit, journal=_postgres_journal(url, journal),
+            subscription=subscription, instance_timeout=instance_timeout, clock=clock,
         )
     else:
         from mandrill.ledger.sqlite import open_sqlite_ledger
 
         path = url.removeprefix("sqlite://")
         ledger = await open_sqlite_ledger(
-            path, outage_limit=outage_limit, journal=_sqlite_journal(path, journal)
+            path, outage_limit=outage_limit, journal=_sqlite_journal(path, journal),
+            subscription=subscription, instance_timeout=instance_timeout, clock=clock,
         )
     try:
         await ledger.check()
@@ -61,4 +77,14 @@ def _sqlite_journal(path: str, journal: str | None) -> OutcomeJournal | None:
     return None if journal_path is None else OutcomeJournal(journal_path, ledger_id)
 
 
-__all__ = ["AUTO", "Claim", "HistoryRow", "Ledger", "SQLLedger", "SavedMessage", "open_ledger"]
+__all__ = [
+    "AUTO",
+    "INSTANCE_TIMEOUT",
+    "SCHEMA_VERSION",
+    "Claim",
+    "HistoryRow",
+    "Ledger",
+    "SQLLedger",
+    "SavedMessage",
+    "open_ledger",
+]

@@ -70,11 +70,14 @@ class Ledger(Protocol):
         message: Message,
         now: float,
         min_interval: float,
-        stale_after: float,
         rate_limit: RateLimit | None = None,
+        *,
+        retry_unknown: bool = False,
     ) -> Claim:
         """Decide atomically (across daemons) whether this message restarts its host, under
-        the interval rule and the fleet's ``rate_limit``."""
+        the interval rule and the fleet's ``rate_limit``; a claimed restart is owned by this
+        daemon instance. First resolves the host's claims whose owner stopped heartbeating
+        as ``unknown`` (counted as restarts unless ``retry_unknown``)."""
         ...
 
     async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
@@ -82,7 +85,8 @@ class Ledger(Protocol):
         ...
 
     async def finish(self, restart_id: int, now: float, outcome: Outcome, detail: str) -> None:
-        """Record how a claimed restart ended."""
+        """Record how a claimed restart ended (also over an ``unknown`` resolution that
+        another daemon made while this one could not prove it was alive)."""
         ...
 
     async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:

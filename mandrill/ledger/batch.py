@@ -121,6 +121,9 @@ class Batcher:
         self._try_now: Callable[[list[Op[Any]]], bool] | None = getattr(
             db, "try_run_batch", None
         )
+        #: Ops queued when :meth:`run` stops, committed by its final flush (last words,
+        #: such as a daemon instance saying it has stopped).
+        self.on_close: list[Callable[[Any], object]] = []
 
     @property
     def healthy(self) -> bool:
@@ -172,6 +175,8 @@ class Batcher:
                 while self._queue:
                     await self._flush()
         finally:
+            for fn in self.on_close:
+                self.submit(fn)
             with anyio.move_on_after(FINAL_FLUSH_SECONDS, shield=True):
                 while self._queue:
                     await self._flush(final=True)

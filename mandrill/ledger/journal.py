@@ -1,10 +1,11 @@
 """Restart outcomes the ledger could not take, kept on local disk until it can.
 
-A restart that happens while the ledger is unreachable must not be forgotten: its claim
-would stay ``restarting``, the redelivered or next message would wait on it, and after
-``stale_claim_after`` the host would count as never restarted. Its outcome is appended
-here instead (one JSON line, fsynced) and written to the ledger once it is back, at the
-next start at the latest, before any message is claimed.
+A restart that happens while the ledger is unreachable must not be forgotten. Its claim
+stays ``restarting`` meanwhile, and since the daemon cannot heartbeat either, another
+daemon may resolve it as ``unknown`` (counted as a restart: never twice) once
+``instance_timeout`` has passed. Its outcome is appended here instead (one JSON line,
+fsynced) and written to the ledger once it is back, at the next start at the latest,
+before any message is claimed: the real outcome then replaces the ``unknown`` guess.
 
 Several daemons on one machine may share a journal (same ledger): every access holds an
 exclusive ``flock`` on a lock file beside it, and the journal is rewritten by atomic rename.

@@ -83,12 +83,24 @@ def lock_host(cur: sql.Cursor, hostname: str) -> None:
     )
 
 
+def try_lock_host(cur: sql.Cursor, hostname: str) -> bool:
+    """Take the host's lock if it is free (released at commit or rollback); never waits."""
+    cur.execute(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
+        (_HOST_LOCK_PREFIX + hostname,),
+    )
+    return bool(cur.fetchone()[0])
+
+
 DIALECT = sql.Dialect(
     name="postgresql",
     placeholder="%s",
     blob_type="BYTEA",
     id_column="BIGSERIAL PRIMARY KEY",
     lock_host=lock_host,
+    try_lock_host=try_lock_host,
+    # In the connection's search_path, as every other statement.
+    table_exists="SELECT to_regclass(?) IS NOT NULL",
 )
 
 
@@ -208,8 +220,9 @@ class PostgresDatabase:
                         pgsql.Identifier(self._schema)
                     )
                 )
-            for statement in sql.schema(DIALECT):
-                cur.execute(statement)
+            # In the same transaction as the lock: an older ledger is upgraded all at
+            # once or not at all, and a daemon starting meanwhile waits, then sees it done.
+            sql.migrate(cur, DIALECT)
 
 
 async def open_postgres_ledger(
@@ -218,8 +231,11 @@ async def open_postgres_ledger(
     outage_limit: float = math.inf,
     max_batch: int = 2000,
     journal: OutcomeJournal | None = None,
+    **options: Any,
 ) -> SQLLedger:
-    """Connect to a PostgreSQL ledger, creating its tables (and schema) if missing.
+    """Connect to a PostgreSQL ledger, creating its tables (and schema) if missing, or
+    upgrading those of an older mandrill (one transaction); ``options`` go to
+    :class:`SQLLedger`.
 
     ``url`` is a libpq URL, ``postgresql://user:password@host:port/dbname?param=value``;
     every libpq parameter is accepted (``options=-csearch_path%3Dname`` among them, for a
@@ -231,7 +247,7 @@ async def open_postgres_ledger(
 
     Blocks a worker thread for up to ``connect_timeout`` and is not cancellable sooner.
     Raises :class:`LedgerError` (one line, no password) if it cannot connect or create the
-    schema.
+    schema, or if the ledger is a newer mandrill's.
     """
     try:
         db = await anyio.to_thread.run_sync(PostgresDatabase, url)
@@ -239,8 +255,11 @@ async def open_postgres_ledger(
         raise LedgerError(
             f"cannot open PostgreSQL ledger {redact(url)}: {_one_line(exc)}"
         ) from exc
+    except LedgerError as exc:
+        raise LedgerError(f"PostgreSQL ledger {redact(url)}: {exc}") from None
     return SQLLedger(
-        db, DIALECT, max_batch=max_batch, outage_limit=outage_limit, journal=journal
+        db, DIALECT, max_batch=max_batch, outage_limit=outage_limit, journal=journal,
+        **options,
     )
 
 

@@ -11,9 +11,18 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mandrill.errors import LedgerError
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
 from mandrill.message import Delivery, Message
-from mandrill.policy import Decision, Outcome, Prior, RateLimit, Verdict, decide_restart
+from mandrill.policy import (
+    Decision,
+    Outcome,
+    Prior,
+    RateLimit,
+    Verdict,
+    decide_restart,
+    format_duration,
+)
 
 
 class Cursor(Protocol):
@@ -33,18 +42,32 @@ class Dialect:
     #: Serialises restart decisions for one host across processes (no-op where the whole
     #: database is locked by the write transaction, as in SQLite).
     lock_host: Callable[[Cursor, str], None]
+    #: Takes the host's lock if no other transaction holds it; False, waiting for
+    #: nothing, if one does.
+    try_lock_host: Callable[[Cursor, str], bool]
+    #: A query with one parameter, a table name, whose first row's first column is true
+    #: when that table exists.
+    table_exists: str
 
     def sql(self, text: str) -> str:
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
 
-def schema(dialect: Dialect) -> list[str]:
+# -- schema versions ---------------------------------------------------------------------
+#
+# Version 0 is an empty database. Each migration takes the schema from the version before
+# it to its own number; a fresh ledger runs them all, so a new ledger and an upgraded one
+# are built by the same statements. Version 1 is the schema of mandrill before versions
+# existed (it has no ``schema_version`` table; its ``messages`` table tells it apart).
+
+
+def _v1(d: Dialect) -> list[str]:
     return [
-        f"""CREATE TABLE IF NOT EXISTS messages (
+        f"""CREATE TABLE messages (
             message_id TEXT PRIMARY KEY,
             instance_name TEXT,
             hostname TEXT,
-            data {dialect.blob_type} NOT NULL,
+            data {d.blob_type} NOT NULL,
             attributes TEXT NOT NULL,
             publish_time DOUBLE PRECISION,
             first_seen DOUBLE PRECISION NOT NULL,
@@ -52,8 +75,8 @@ def schema(dialect: Dialect) -> list[str]:
             status TEXT NOT NULL,
             reason TEXT NOT NULL DEFAULT ''
         )""",
-        f"""CREATE TABLE IF NOT EXISTS restarts (
-            id {dialect.id_column},
+        f"""CREATE TABLE restarts (
+            id {d.id_column},
             message_id TEXT NOT NULL,
             hostname TEXT NOT NULL,
             decided_at DOUBLE PRECISION NOT NULL,
@@ -61,20 +84,114 @@ def schema(dialect: Dialect) -> list[str]:
             outcome TEXT NOT NULL,
             detail TEXT NOT NULL DEFAULT ''
         )""",
-        "CREATE INDEX IF NOT EXISTS restarts_by_host ON restarts (hostname, decided_at)",
-        "CREATE INDEX IF NOT EXISTS restarts_by_message ON restarts (message_id)",
-        "CREATE INDEX IF NOT EXISTS messages_by_seen ON messages (first_seen)",
+        "CREATE INDEX restarts_by_host ON restarts (hostname, decided_at)",
+        "CREATE INDEX restarts_by_message ON restarts (message_id)",
+        "CREATE INDEX messages_by_seen ON messages (first_seen)",
     ]
 
 
-def save(cur: Cursor, d: Dialect, message: Message, now: float) -> None:
+def _v2(d: Dialect) -> list[str]:
+    """Messages keyed by (subscription, message id); restart claims owned by a daemon
+    instance that proves it is alive (``instances``). Rows from before have subscription
+    ``''``: a message id of unknown subscription, matched by every subscription."""
+    if d.name == "sqlite":
+        # SQLite cannot change a primary key: the table is rebuilt.
+        messages = [
+            f"""CREATE TABLE messages_v2 (
+                subscription TEXT NOT NULL DEFAULT '',
+                message_id TEXT NOT NULL,
+                instance_name TEXT,
+                hostname TEXT,
+                data {d.blob_type} NOT NULL,
+                attributes TEXT NOT NULL,
+                publish_time DOUBLE PRECISION,
+                first_seen DOUBLE PRECISION NOT NULL,
+                deliveries INTEGER NOT NULL DEFAULT 1,
+                status TEXT NOT NULL,
+                reason TEXT NOT NULL DEFAULT '',
+                PRIMARY KEY (subscription, message_id)
+            )""",
+            "INSERT INTO messages_v2 (message_id, instance_name, hostname, data, attributes,"
+            " publish_time, first_seen, deliveries, status, reason) SELECT message_id,"
+            " instance_name, hostname, data, attributes, publish_time, first_seen, deliveries,"
+            " status, reason FROM messages",
+            "DROP TABLE messages",
+            "ALTER TABLE messages_v2 RENAME TO messages",
+            "CREATE INDEX messages_by_seen ON messages (first_seen)",
+        ]
+    else:
+        messages = [
+            "ALTER TABLE messages ADD COLUMN subscription TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE messages DROP CONSTRAINT messages_pkey",
+            "ALTER TABLE messages ADD PRIMARY KEY (subscription, message_id)",
+        ]
+    return [
+        *messages,
+        "ALTER TABLE restarts ADD COLUMN subscription TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE restarts ADD COLUMN owner TEXT",
+        """CREATE TABLE instances (
+            instance_id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started DOUBLE PRECISION NOT NULL,
+            last_seen DOUBLE PRECISION NOT NULL,
+            stopped_at DOUBLE PRECISION
+        )""",
+        # The claims under way, few at any time among all the restarts ever decided: found
+        # by every claim on their host and by every heartbeat's sweep.
+        "CREATE INDEX restarts_under_way ON restarts (hostname) WHERE outcome = 'restarting'",
+        "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+        "INSERT INTO schema_version (version) VALUES (1)",
+    ]
+
+
+#: Migration ``n`` (``MIGRATIONS[n - 1]``) takes the schema from version ``n - 1`` to ``n``.
+MIGRATIONS: tuple[Callable[[Dialect], list[str]], ...] = (_v1, _v2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(cur: Cursor, d: Dialect) -> int:
+    """The version of the schema the cursor's database has (0: none yet)."""
+    cur.execute(d.sql(d.table_exists), ("schema_version",))
+    if cur.fetchone()[0]:
+        cur.execute("SELECT MAX(version) FROM schema_version")
+        (version,) = cur.fetchone()
+        return int(version or 0)
+    cur.execute(d.sql(d.table_exists), ("messages",))
+    return 1 if cur.fetchone()[0] else 0
+
+
+def migrate(cur: Cursor, d: Dialect) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`, inside the caller's transaction (all of
+    it or nothing); returns the version found. Raises :class:`LedgerError` for a ledger
+    written by a newer mandrill, changing nothing."""
+    found = schema_version(cur, d)
+    if found > SCHEMA_VERSION:
+        raise LedgerError(
+            f"ledger schema version {found} is newer than this mandrill's"
+            f" ({SCHEMA_VERSION}): upgrade mandrill"
+        )
+    for migration in MIGRATIONS[found:]:
+        for statement in migration(d):
+            cur.execute(statement)
+    if found < SCHEMA_VERSION:
+        cur.execute(d.sql("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
+    return found
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+def save(cur: Cursor, d: Dialect, subscription: str, message: Message, now: float) -> None:
     cur.execute(
         d.sql(
-            "INSERT INTO messages (message_id, instance_name, hostname, data, attributes,"
-            " publish_time, first_seen, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'received')"
-            " ON CONFLICT (message_id) DO UPDATE SET deliveries = messages.deliveries + 1"
+            "INSERT INTO messages (subscription, message_id, instance_name, hostname, data,"
+            " attributes, publish_time, first_seen, status)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received') ON CONFLICT (subscription, message_id)"
+            " DO UPDATE SET deliveries = messages.deliveries + 1"
         ),
         (
+            subscription,
             message.message_id,
             message.instance_name,
             message.hostname,
@@ -86,15 +203,18 @@ def save(cur: Cursor, d: Dialect, message: Message, now: float) -> None:
     )
 
 
-def dead_letter(cur: Cursor, d: Dialect, delivery: Delivery, now: float, reason: str) -> None:
+def dead_letter(
+    cur: Cursor, d: Dialect, subscription: str, delivery: Delivery, now: float, reason: str
+) -> None:
     cur.execute(
         d.sql(
-            "INSERT INTO messages (message_id, data, attributes, publish_time, first_seen,"
-            " status, reason) VALUES (?, ?, ?, ?, ?, 'dead_letter', ?)"
-            " ON CONFLICT (message_id) DO UPDATE SET status = 'dead_letter',"
+            "INSERT INTO messages (subscription, message_id, data, attributes, publish_time,"
+            " first_seen, status, reason) VALUES (?, ?, ?, ?, ?, ?, 'dead_letter', ?)"
+            " ON CONFLICT (subscription, message_id) DO UPDATE SET status = 'dead_letter',"
             " reason = excluded.reason, deliveries = messages.deliveries + 1"
         ),
         (
+            subscription,
             delivery.message_id,
             delivery.data,
             json.dumps(dict(delivery.attributes)),
@@ -105,82 +225,235 @@ def dead_letter(cur: Cursor, d: Dialect, delivery: Delivery, now: float, reason:
     )
 
 
+# -- daemon instances ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """The daemon a ledger writes for: restart claims name it as their owner, and its
+    heartbeat (``last_seen``) proves they are still being worked on."""
+
+    instance_id: str
+    host: str
+    pid: int
+    started: float
+
+
+def heartbeat(cur: Cursor, d: Dialect, instance: Instance, now: float) -> None:
+    """Say that ``instance`` is alive at ``now`` (registering it the first time)."""
+    cur.execute(
+        d.sql(
+            "INSERT INTO instances (instance_id, host, pid, started, last_seen)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id)"
+            " DO UPDATE SET last_seen = excluded.last_seen, stopped_at = NULL"
+        ),
+        (instance.instance_id, instance.host, instance.pid, instance.started, now),
+    )
+
+
+def stopped(cur: Cursor, d: Dialect, instance: Instance, now: float) -> None:
+    """``instance`` has stopped: a claim it left (an outcome it could not record) needs
+    not wait for its heartbeat to age."""
+    cur.execute(
+        d.sql("UPDATE instances SET stopped_at = ?, last_seen = ? WHERE instance_id = ?"),
+        (now, now, instance.instance_id),
+    )
+
+
+def forget_instances(cur: Cursor, d: Dialect, before: float) -> None:
+    """Drop instances not seen since ``before`` that own no claim under way."""
+    cur.execute(
+        d.sql(
+            "DELETE FROM instances WHERE last_seen < ? AND instance_id NOT IN"
+            " (SELECT owner FROM restarts WHERE outcome = ? AND owner IS NOT NULL)"
+        ),
+        (before, Outcome.RESTARTING),
+    )
+
+
+# -- decisions -----------------------------------------------------------------------------
+
+
 #: The lock name that serialises rate-limited decisions across the fleet. It sorts before
 #: every ``host:`` and ``message:`` key, so batches always take it first (no deadlock).
 FLEET_LOCK = "*fleet*"
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who claims a restart, and which claims count as orphaned: those whose owner has not
+    heartbeated since ``alive_since`` (on the ledger's clock), or has stopped."""
+
+    instance_id: str
+    subscription: str
+    alive_since: float
+
+
 def claim(
     cur: Cursor,
     d: Dialect,
+    owner: Owner,
     message: Message,
     now: float,
     min_interval: float,
-    stale_after: float,
     rate_limit: RateLimit | None = None,
+    *,
+    retry_unknown: bool = False,
 ) -> Claim:
     if rate_limit is not None:
         d.lock_host(cur, FLEET_LOCK)
     d.lock_host(cur, message.hostname)
-    # One round trip: this message's decisions, then one row (outcome NULL) with the host's
-    # last restart or live claim.
+    counted = (Outcome.RESTARTED,) if retry_unknown else (Outcome.RESTARTED, Outcome.UNKNOWN)
+    # One round trip: this message's decisions and the host's claims under way (with their
+    # owner's heartbeat), then one row (id NULL) with the host's last counted restart.
     cur.execute(
         d.sql(
-            "SELECT outcome, decided_at FROM restarts WHERE message_id = ?"
-            " UNION ALL SELECT NULL, MAX(decided_at) FROM restarts WHERE hostname = ?"
-            " AND (outcome = ? OR (outcome = ? AND decided_at > ?))"
+            "SELECT r.id, r.subscription, r.message_id, r.outcome, r.decided_at, r.owner,"
+            " i.last_seen, i.stopped_at FROM restarts r"
+            " LEFT JOIN instances i ON i.instance_id = r.owner"
+            " WHERE (r.message_id = ? AND r.subscription IN (?, ''))"
+            " OR (r.hostname = ? AND r.outcome = ?)"
+            " UNION ALL SELECT NULL, NULL, NULL, NULL, MAX(decided_at), NULL, NULL, NULL"
+            f" FROM restarts WHERE hostname = ? AND outcome IN ({', '.join('?' * len(counted))})"
         ),
         (
             message.message_id,
+            owner.subscription,
             message.hostname,
-            Outcome.RESTARTED,
             Outcome.RESTARTING,
-            now - stale_after,
+            message.hostname,
+            *counted,
         ),
     )
-    last = None
-    decisions = []
-    for outcome, decided_at in cur.fetchall():
-        if outcome is None:
+    last: float | None = None
+    decisions: list[tuple[Outcome, float]] = []
+    busy_with: str | None = None
+    for row in cur.fetchall():
+        row_id, subscription, message_id, outcome, decided_at, claimant, last_seen, stopped_at = row
+        if row_id is None:
             last = decided_at
-        else:
-            decisions.append((Outcome(outcome), decided_at))
+            continue
+        outcome = Outcome(outcome)
+        if outcome is Outcome.RESTARTING and _orphaned(
+            owner, claimant, decided_at, last_seen, stopped_at
+        ):
+            resolve_orphan(cur, d, int(row_id), claimant, last_seen, now)
+            outcome = Outcome.UNKNOWN
+            if not retry_unknown:
+                last = decided_at if last is None else max(last, decided_at)
+        if message_id == message.message_id and subscription in (owner.subscription, ""):
+            decisions.append((outcome, decided_at))
+        elif outcome is Outcome.RESTARTING:
+            busy_with = message_id
     decisions.sort(key=lambda decision: decision[1])
     fleet = 0
     if rate_limit is not None:
         cur.execute(
-            d.sql(
-                "SELECT COUNT(*) FROM restarts WHERE decided_at > ? AND (outcome = ?"
-                " OR (outcome = ? AND decided_at > ?))"
-            ),
-            (now - rate_limit.window, Outcome.RESTARTED, Outcome.RESTARTING, now - stale_after),
+            d.sql("SELECT COUNT(*) FROM restarts WHERE decided_at > ? AND outcome IN (?, ?, ?)"),
+            (now - rate_limit.window, Outcome.RESTARTED, Outcome.RESTARTING, Outcome.UNKNOWN),
         )
         (fleet,) = cur.fetchone()
-    prior = Prior(decisions, last, int(fleet))
-    decision = decide_restart(prior, now, min_interval, stale_after, rate_limit)
+    prior = Prior(decisions, last, int(fleet), busy_with)
+    decision = decide_restart(prior, now, min_interval, rate_limit, retry_unknown=retry_unknown)
     if decision.verdict is Verdict.RESTART:
-        return Claim(decision, insert(cur, d, message, now, Outcome.RESTARTING, ""))
+        row_id = insert(cur, d, owner.subscription, message, now, Outcome.RESTARTING, "",
+                        owner=owner.instance_id)
+        return Claim(decision, row_id)
     if decision.verdict is Verdict.SKIP:
-        insert(cur, d, message, now, Outcome.SKIPPED, decision.reason, finished=True)
+        insert(cur, d, owner.subscription, message, now, Outcome.SKIPPED, decision.reason,
+               finished=True)
     return Claim(decision, None)
+
+
+def _orphaned(
+    owner: Owner,
+    claimant: str | None,
+    decided_at: float,
+    last_seen: float | None,
+    stopped_at: float | None,
+) -> bool:
+    if claimant is None:
+        # A claim from before instances existed: only its age can tell.
+        return bool(decided_at < owner.alive_since)
+    if claimant == owner.instance_id:
+        return False  # this daemon's own, alive however late its last heartbeat
+    return last_seen is None or stopped_at is not None or last_seen < owner.alive_since
+
+
+def resolve_orphans(cur: Cursor, d: Dialect, owner: Owner, now: float) -> int:
+    """Resolve every orphaned claim of the ledger as unknown (a heartbeat's sweep), so that
+    the record is right even if no message for its host comes again; returns how many.
+
+    A host being decided by another transaction right now is left to that claim, which
+    resolves it itself: the sweep only takes host locks that are free, so it never waits
+    for one and can never be part of a deadlock.
+    """
+    cur.execute(
+        d.sql(
+            "SELECT r.id, r.hostname, r.decided_at, r.owner, i.last_seen, i.stopped_at"
+            " FROM restarts r LEFT JOIN instances i ON i.instance_id = r.owner"
+            " WHERE r.outcome = ?"
+        ),
+        (Outcome.RESTARTING,),
+    )
+    resolved = 0
+    for row_id, hostname, decided_at, claimant, last_seen, stopped_at in cur.fetchall():
+        if _orphaned(owner, claimant, decided_at, last_seen, stopped_at) and d.try_lock_host(
+            cur, hostname
+        ):
+            resolve_orphan(cur, d, int(row_id), claimant, last_seen, now)
+            resolved += 1
+    return resolved
+
+
+def resolve_orphan(
+    cur: Cursor, d: Dialect, row_id: int, claimant: str | None, last_seen: float | None,
+    now: float,
+) -> None:
+    """Record that nobody knows how the restart of an orphaned claim ended."""
+    if claimant is None:
+        whose = "a daemon from before instance heartbeats"
+    elif last_seen is None:
+        whose = f"daemon {claimant} (never seen)"
+    else:
+        whose = f"daemon {claimant} (last seen {format_duration(max(0.0, now - last_seen))} ago)"
+    detail = f"{whose} stopped mid-restart; the restart may or may not have happened"
+    cur.execute(
+        d.sql(
+            "UPDATE restarts SET outcome = ?, finished_at = ?, detail = ?"
+            " WHERE id = ? AND outcome = ?"
+        ),
+        (Outcome.UNKNOWN, now, detail, row_id, Outcome.RESTARTING),
+    )
 
 
 def insert(
     cur: Cursor,
     d: Dialect,
+    subscription: str,
     message: Message,
     now: float,
     outcome: Outcome,
     detail: str,
     *,
     finished: bool = False,
+    owner: str | None = None,
 ) -> int:
     cur.execute(
         d.sql(
-            "INSERT INTO restarts (message_id, hostname, decided_at, finished_at, outcome, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id"
+            "INSERT INTO restarts (subscription, message_id, hostname, decided_at, finished_at,"
+            " outcome, detail, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
         ),
-        (message.message_id, message.hostname, now, now if finished else None, outcome, detail),
+        (
+            subscription,
+            message.message_id,
+            message.hostname,
+            now,
+            now if finished else None,
+            outcome,
+            detail,
+            owner,
+        ),
     )
     (row_id,) = cur.fetchone()
     return int(row_id)
@@ -190,12 +463,14 @@ def finish(
     cur: Cursor, d: Dialect, restart_id: int, now: float, outcome: Outcome, detail: str
 ) -> None:
     cur.execute(
-        # Only a live claim: a journaled outcome may be replayed twice (see ledger.journal).
+        # A live claim, or one another daemon resolved as unknown while this one could not
+        # heartbeat (a ledger outage, a pause): the real outcome replaces the guess. Never
+        # a final one: a journaled outcome may be replayed twice (see ledger.journal).
         d.sql(
             "UPDATE restarts SET finished_at = ?, outcome = ?, detail = ?"
-            " WHERE id = ? AND outcome = ?"
+            " WHERE id = ? AND outcome IN (?, ?)"
         ),
-        (now, outcome, detail, restart_id, Outcome.RESTARTING),
+        (now, outcome, detail, restart_id, Outcome.RESTARTING, Outcome.UNKNOWN),
     )
 
 
@@ -288,4 +563,4 @@ def _filters(
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
-__all__ = ["Cursor", "Decision", "Dialect"]
+__all__ = ["SCHEMA_VERSION", "Cursor", "Decision", "Dialect", "Instance", "Owner", "migrate"]

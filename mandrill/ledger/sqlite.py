@@ -29,6 +29,8 @@ DIALECT = sql.Dialect(
     id_column="INTEGER PRIMARY KEY AUTOINCREMENT",
     # BEGIN IMMEDIATE already locks the whole database for the batch.
     lock_host=lambda cur, host: None,
+    try_lock_host=lambda cur, host: True,
+    table_exists="SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
 )
 
 
@@ -47,8 +49,23 @@ class SQLiteDatabase:
             (mode,) = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
             self._conn.execute("PRAGMA synchronous = NORMAL")
             self.inline = str(mode).lower() == "wal"
-        for statement in sql.schema(DIALECT):
-            self._conn.execute(statement)
+        try:
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _migrate(self) -> None:
+        """Create or upgrade the schema in one transaction (an older mandrill's ledger);
+        raises :class:`LedgerError` for a newer one's."""
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")  # two daemons starting at once: one migrates
+        try:
+            sql.migrate(cur, DIALECT)
+            cur.execute("COMMIT")
+        except BaseException:
+            self._conn.rollback()
+            raise
 
     def try_run_batch(self, ops: list[Op[Any]]) -> bool:
         """Run the batch now, on the calling thread (the event loop's), unless that could
@@ -116,11 +133,19 @@ class SQLiteDatabase:
 
 
 async def open_sqlite_ledger(
-    path: str, *, outage_limit: float = float("inf"), journal: OutcomeJournal | None = None
+    path: str,
+    *,
+    outage_limit: float = float("inf"),
+    journal: OutcomeJournal | None = None,
+    **options: Any,
 ) -> SQLLedger:
-    """Open (and create) a SQLite ledger; raises :class:`LedgerError` if it cannot."""
+    """Open (and create, or upgrade) a SQLite ledger; ``options`` go to
+    :class:`SQLLedger`. Raises :class:`LedgerError` if it cannot, or if the file is a
+    newer mandrill's ledger."""
     try:
         db = await anyio.to_thread.run_sync(SQLiteDatabase, path)
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot open SQLite ledger {path!r}: {exc}") from exc
-    return SQLLedger(db, DIALECT, outage_limit=outage_limit, journal=journal)
+    except LedgerError as exc:
+        raise LedgerError(f"SQLite ledger {path!r}: {exc}") from None
+    return SQLLedger(db, DIALECT, outage_limit=outage_limit, journal=journal, **options)

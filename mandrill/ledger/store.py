@@ -1,10 +1,16 @@
-"""The ledger over any SQL database: batching, the shared SQL, and a dialect."""
+"""The ledger over any SQL database: batching, the shared SQL, and a dialect; and the
+daemon instance it writes for, kept alive in the ledger by a heartbeat."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Collection
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Collection
 
 import anyio
 from anyio.abc import TaskStatus
@@ -21,6 +27,19 @@ log = logging.getLogger(__name__)
 
 #: While outcomes wait in the journal, how often the ledger is offered them again.
 REPLAY_INTERVAL = 5.0
+#: Default bound on a daemon's silence: past it, its restart claims are resolved by others.
+INSTANCE_TIMEOUT = 30.0
+#: Heartbeats per ``instance_timeout``: a few may be late or lost before it runs out.
+HEARTBEATS_PER_TIMEOUT = 6
+#: Instances not seen for this long, owning no claim, are dropped from ``instances``.
+FORGET_INSTANCES_AFTER = 7 * 86400.0
+
+
+def new_instance(clock: Callable[[], float] = time.time) -> sql.Instance:
+    """This process as a daemon instance: ``host:pid:random`` (readable in the history)."""
+    host = socket.gethostname()
+    pid = os.getpid()
+    return sql.Instance(f"{host}:{pid}:{secrets.token_hex(3)}", host, pid, clock())
 
 
 class SQLLedger:
@@ -29,6 +48,12 @@ class SQLLedger:
     With a ``journal``, :meth:`finish` does not fail when the database does: the outcome
     is kept in the journal and :meth:`run` writes it to the database when it is back
     (first of all when it starts, before any claim).
+
+    Messages are recorded under ``subscription`` (a message id is unique within one). The
+    ledger writes for one daemon instance (``instance``): :meth:`run` registers it and
+    refreshes its heartbeat every ``instance_timeout / 6`` seconds of ``clock`` (wall
+    time), and marks it stopped when it ends. A claim whose owner has not heartbeated for
+    ``instance_timeout`` is resolved as ``unknown`` by the next claim on its host.
     """
 
     def __init__(
@@ -39,12 +64,23 @@ class SQLLedger:
         max_batch: int = 2000,
         outage_limit: float = math.inf,
         journal: OutcomeJournal | None = None,
+        subscription: str = "",
+        instance: sql.Instance | None = None,
+        instance_timeout: float = INSTANCE_TIMEOUT,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._dialect = dialect
         self._batcher = Batcher(db, max_batch=max_batch, outage_limit=outage_limit)
         self._db = db
         self.journal = journal
         self._journal_written = anyio.Event()
+        self.subscription = subscription
+        self.instance = instance if instance is not None else new_instance(clock)
+        self.instance_timeout = instance_timeout
+        self._clock = clock
+        self._batcher.on_close.append(
+            lambda cur: sql.stopped(cur, dialect, self.instance, self._clock())
+        )
 
     async def check(self) -> None:
         """Raise :class:`LedgerError` if what the ledger needs besides its database (the
@@ -56,25 +92,62 @@ class SQLLedger:
         return self._batcher.healthy
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        if self.journal is None:
-            await self._batcher.run(task_status=task_status)
-            return
+        """Commit batches, heartbeat, and record kept outcomes until cancelled.
+
+        Raises :class:`LedgerError` if the instance cannot be registered at start, or when
+        the ledger has been unreachable for longer than ``outage_limit``.
+        """
         async with anyio.create_task_group() as tg:
             await tg.start(self._batcher.run)
-            # Before anyone claims: a redelivered message must find its restart's outcome.
-            await self.record_kept_outcomes()
+            if self.journal is not None:
+                # Before anyone claims: a redelivered message must find its restart's outcome
+                # (and before the sweep below takes it for unknown).
+                await self.record_kept_outcomes()
+                tg.start_soon(self._replay_journal)
+            # Before any claim names this instance as its owner.
+            await self._heartbeat(forget=True)
             task_status.started()
             while True:
-                await self._journal_written.wait()
-                self._journal_written = anyio.Event()
-                await anyio.sleep(REPLAY_INTERVAL)
-                if not await self.record_kept_outcomes():
-                    self._journal_written.set()  # still waiting: try again later
+                await anyio.sleep(self.instance_timeout / HEARTBEATS_PER_TIMEOUT)
+                # An outage: the batcher says so once; the claims wait for it to end.
+                with contextlib.suppress(LedgerError):
+                    await self._heartbeat()
+
+    def _heartbeat(self, *, forget: bool = False) -> Op[None]:
+        """Say this instance is alive, and resolve the claims of those that are not."""
+        d, instance, owner, now = self._dialect, self.instance, self._owner(), self._clock()
+
+        def beat(cur: sql.Cursor) -> None:
+            # The sweep first, while this transaction holds no lock (see resolve_orphans).
+            resolved = sql.resolve_orphans(cur, d, owner, now)
+            if resolved:
+                log.warning("resolved %d restart claims of stopped daemons as unknown",
+                            resolved)
+            sql.heartbeat(cur, d, instance, now)
+            if forget:
+                sql.forget_instances(cur, d, now - FORGET_INSTANCES_AFTER)
+
+        return self._batcher.submit(beat)
+
+    def _owner(self) -> sql.Owner:
+        # Liveness on the ledger's own clock, the one its heartbeats are written with.
+        return sql.Owner(
+            self.instance.instance_id, self.subscription, self._clock() - self.instance_timeout
+        )
+
+    async def _replay_journal(self) -> None:
+        while True:
+            await self._journal_written.wait()
+            self._journal_written = anyio.Event()
+            await anyio.sleep(REPLAY_INTERVAL)
+            if not await self.record_kept_outcomes():
+                self._journal_written.set()  # still waiting: try again later
 
     def save(self, message: Message, now: float) -> Op[None]:
-        d = self._dialect
+        d, subscription = self._dialect, self.subscription
         return self._batcher.submit(
-            lambda cur: sql.save(cur, d, message, now), key=f"message:{message.message_id}"
+            lambda cur: sql.save(cur, d, subscription, message, now),
+            key=f"message:{message.message_id}",
         )
 
     async def claim(
@@ -82,20 +155,25 @@ class SQLLedger:
         message: Message,
         now: float,
         min_interval: float,
-        stale_after: float,
         rate_limit: RateLimit | None = None,
+        *,
+        retry_unknown: bool = False,
     ) -> Claim:
-        d = self._dialect
+        d, owner = self._dialect, self._owner()
         key = f"host:{message.hostname}"
         return await self._batcher.submit(
-            lambda cur: sql.claim(cur, d, message, now, min_interval, stale_after, rate_limit),
+            lambda cur: sql.claim(
+                cur, d, owner, message, now, min_interval, rate_limit,
+                retry_unknown=retry_unknown,
+            ),
             key=sql.FLEET_LOCK + key if rate_limit is not None else key,
         )
 
     async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
-        d = self._dialect
+        d, subscription = self._dialect, self.subscription
         await self._batcher.submit(
-            lambda cur: sql.insert(cur, d, message, now, outcome, detail, finished=True)
+            lambda cur: sql.insert(cur, d, subscription, message, now, outcome, detail,
+                                   finished=True)
         )
 
     async def finish(self, restart_id: int, now: float, outcome: Outcome, detail: str) -> None:
@@ -148,9 +226,9 @@ class SQLLedger:
         return len(recorded) == len(kept)
 
     async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:
-        d = self._dialect
+        d, subscription = self._dialect, self.subscription
         await self._batcher.submit(
-            lambda cur: sql.dead_letter(cur, d, delivery, now, reason),
+            lambda cur: sql.dead_letter(cur, d, subscription, delivery, now, reason),
             key=f"message:{delivery.message_id}",
         )
 

@@ -5,16 +5,31 @@ with ``{hostname}`` and ``{instance_name}``, so a value fills at most part of on
 and is never split or interpreted. Values are validated again here (RFC 1123, no leading
 ``-``) even though the message parser already did: a hostname is the only input an
 attacker controls, and this is where it reaches ``exec``.
+
+The command runs in a session (so a process group) of its own: a Ctrl-C at the daemon's
+terminal does not reach it, and everything it starts can be ended together. On timeout and
+on cancellation (the daemon's shutdown, after its grace) the whole group gets SIGTERM, then
+SIGKILL after ``kill_grace`` seconds, and the command is reaped; the timeout's detail says
+which it took. When the daemon itself is killed outright (SIGKILL, OOM killer), nothing is
+left to do either: the command runs to its end. That is the chosen behaviour, not an
+accident: a restart under way is not cut halfway by the daemon's death, and its claim is
+later resolved as ``unknown`` (counted as a restart). A command that must not outlive the
+daemon by much bounds itself (``timeout 60 ssh …``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import shlex
+import signal
 import string
 import subprocess
 from collections.abc import Mapping, Sequence
 
 import anyio
+from anyio.abc import Process
 
 from mandrill.errors import RestartFailed
 from mandrill.message import Message, is_valid_label, validate_domain
@@ -24,6 +39,17 @@ PLACEHOLDERS = frozenset({"hostname", "instance_name"})
 
 #: How much of the end of a failed command's stderr goes into the ledger detail.
 STDERR_TAIL_CHARS = 200
+#: Bytes of stderr kept while the command runs (the tail is cut from these).
+STDERR_KEEP_BYTES = 4096
+#: Between SIGTERM to a command's process group and SIGKILL.
+KILL_GRACE = 2.0
+#: How long a SIGKILLed group may take to vanish (a process in uninterruptible sleep).
+KILL_WAIT = 5.0
+#: How often a process group that was signalled is checked: nothing tells us when the
+#: last of its members is gone (they are not our children), so it is polled.
+GROUP_POLL_SECONDS = 0.02
+
+log = logging.getLogger(__name__)
 
 # One template element, pre-parsed: literal text alternating with placeholder names.
 _Element = tuple[tuple[str, str | None], ...]
@@ -110,11 +136,14 @@ class CommandRestarter:
     leaves a background process holding stderr (``ssh -f``) runs into the timeout.
     """
 
-    def __init__(self, argv_template: str | Sequence[str], *, timeout: float) -> None:
+    def __init__(
+        self, argv_template: str | Sequence[str], *, timeout: float, kill_grace: float = KILL_GRACE
+    ) -> None:
         if not timeout > 0:  # also refuses NaN
             raise ValueError(f"restart command timeout must be > 0, not {timeout}")
         self.argv_template, self._elements = _compile(argv_template)
         self.timeout = timeout
+        self.kill_grace = kill_grace
 
     def argv_for(self, message: Message) -> list[str]:
         """The argv that :meth:`restart` runs for ``message``; raises :class:`RestartFailed`
@@ -130,28 +159,97 @@ class CommandRestarter:
 
         Raises :class:`RestartFailed` without running anything for an unsafe host name, and
         for a command that cannot start, exits non-zero (with the tail of its stderr) or
-        times out (it is killed). Cancellation kills the command and propagates.
+        times out (its process group is terminated). Cancellation terminates the process
+        group (shielded, within ``kill_grace`` plus a few seconds) and propagates.
         """
         argv = self.argv_for(message)
-        with anyio.move_on_after(self.timeout) as scope:
+        try:
+            # No stdin: a command waiting for input would only time out. Its own session:
+            # see the module docstring.
+            process = await anyio.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise RestartFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+        async with process:
             try:
-                # No stdin: a command waiting for input would only time out. Its own session:
-                # a Ctrl-C at the daemon's terminal must not kill a restart halfway; the
-                # daemon's shutdown (grace, then cancel → kill) decides instead.
-                result = await anyio.run_process(
-                    argv,
-                    check=False,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise RestartFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
-        if scope.cancelled_caught:
-            raise RestartFailed(f"timed out after {self.timeout:g}s")
-        if result.returncode == 0:
+                with anyio.move_on_after(self.timeout) as scope:
+                    stderr = await _read_tail(process)
+                    returncode = await process.wait()
+            except BaseException:
+                ended = await self._end_group(process)
+                log.warning("restart command for %s cancelled; %s", message.hostname, ended)
+                raise
+            if scope.cancelled_caught:
+                ended = await self._end_group(process)
+                raise RestartFailed(f"timed out after {self.timeout:g}s; {ended}")
+        if returncode == 0:
             return "exit 0"
-        tail = _one_line_tail(result.stderr)
-        status = f"exit {result.returncode}"
+        tail = _one_line_tail(bytes(stderr))
+        status = f"exit {returncode}"
         raise RestartFailed(f"{status}: {tail}" if tail else status)
+
+    async def _end_group(self, process: Process) -> str:
+        """SIGTERM the command's process group, SIGKILL it after ``kill_grace``, reap the
+        command; say which it took. Shielded: it runs when the caller is cancelled."""
+        group = process.pid  # the leader of its own session: its pid is the group's id
+        with anyio.CancelScope(shield=True):
+            _signal_group(group, signal.SIGTERM)
+            with anyio.move_on_after(self.kill_grace):
+                await _wait_for_group(process, group)
+                return "process group terminated (SIGTERM)"
+            _signal_group(group, signal.SIGKILL)
+            with anyio.move_on_after(KILL_WAIT):
+                await _wait_for_group(process, group)
+                return f"process group killed (SIGKILL after {self.kill_grace:g}s)"
+        return f"process group sent SIGKILL after {self.kill_grace:g}s but still running"
+
+
+async def _read_tail(process: Process) -> bytearray:
+    """Read stderr to its end, keeping the last :data:`STDERR_KEEP_BYTES`."""
+    kept = bytearray()
+    assert process.stderr is not None
+    async for chunk in process.stderr:
+        kept += chunk
+        del kept[:-STDERR_KEEP_BYTES]
+    return kept
+
+
+def _signal_group(group: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(group, signum)
+
+
+async def _wait_for_group(process: Process, group: int) -> None:
+    await process.wait()
+    while _group_alive(group):  # noqa: ASYNC110 - no event tells (GROUP_POLL_SECONDS)
+        await anyio.sleep(GROUP_POLL_SECONDS)
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of ``group`` still runs. Zombies do not count: they are dead, and
+    may wait for ever for an init that does not reap (some containers' pid 1)."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:  # no procfs: a member the kernel knows of is alive
+        return True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                # "pid (comm) state ppid pgrp …": comm may hold anything but its last ")".
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            return True
+    return False

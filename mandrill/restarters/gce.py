@@ -12,6 +12,7 @@ through the :class:`~mandrill.sources.bridge.AsyncioBridge`, so that this runs o
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 from types import TracebackType
@@ -22,7 +23,15 @@ import aiohttp
 import anyio
 
 from mandrill.errors import RestartFailed
+from mandrill.google_cloud import (
+    describe_error,
+    google_error,
+    is_transient,
+    is_transient_status,
+    make_token,
+)
 from mandrill.message import Message
+from mandrill.retry import GaveUp, RetryPolicy, retry
 from mandrill.sources.bridge import AsyncioBridge
 
 DEFAULT_API_ROOT = "https://compute.googleapis.com/compute/v1"
@@ -31,10 +40,11 @@ COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
 
 #: Pause between two ``operations.wait`` calls that returned before the operation was done.
 DEFAULT_POLL_INTERVAL = 1.0
-#: Tries of one API call on a 5xx, 429 or connection error, and the first pause between them
-#: (doubled after each try).
-DEFAULT_MAX_ATTEMPTS = 4
-DEFAULT_BACKOFF = 0.5
+#: Retries of one API call on a 5xx, 429 or connection error: four tries at most, with
+#: jittered pauses from up to 0.5 s, doubling.
+DEFAULT_RETRY = RetryPolicy(initial=0.5, cap=8.0, total=60.0, attempts=4)
+#: Where a default project comes from when ``--gce-project`` is not given (gcloud's own).
+PROJECT_VARIABLES = ("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT")
 #: Per-request limits: ``operations.wait`` may hold a request for up to two minutes.
 REQUEST_SECONDS = 30.0
 WAIT_REQUEST_SECONDS = 150.0
@@ -46,6 +56,40 @@ _REQUEST_ID_NAMESPACE = uuid.UUID("6f1c1d0e-3b7a-5b8e-9a52-8d0f3c1e6a21")
 _PROJECT = re.compile(r"^(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 # Compute Engine resource names (RFC 1035, lower case).
 _RESOURCE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class GceSettingError(ValueError):
+    """A restarter setting is invalid; ``setting`` names it (project, zone, api_root)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_project(project: str) -> str:
+    """``project`` if it is a GCE project id; raises ``ValueError`` (one line) if not."""
+    if not _PROJECT.match(project):
+        raise ValueError(f"refusing project {project[:80]!r}: not a GCE project id")
+    return project
+
+
+def check_zone(zone: str) -> str:
+    """``zone`` if it is a GCE zone name; raises ``ValueError`` (one line) if not."""
+    if not _RESOURCE.match(zone):
+        raise ValueError(f"refusing zone {zone[:80]!r}: not a GCE zone name")
+    return zone
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {google_error(body)}")
+        self.status = status
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, _HttpError):
+        return is_transient_status(exc.status)
+    return isinstance(exc, aiohttp.ClientError | OSError) and is_transient(exc)
 
 
 class TokenSource(Protocol):
@@ -73,15 +117,6 @@ async def _post(
         return response.status, await response.read()
 
 
-def _error_message(body: bytes) -> str:
-    try:
-        document = json.loads(body)
-        message = document["error"]["message"]
-    except (ValueError, TypeError, KeyError):
-        message = body.decode("utf-8", "replace")
-    return " ".join(str(message).split())[:200] or "no message"
-
-
 def _operation_error(operation: dict[str, Any]) -> str | None:
     error = operation.get("error")
     if not error:
@@ -93,16 +128,26 @@ def _operation_error(operation: dict[str, Any]) -> str | None:
     return "; ".join(messages) or str(operation.get("httpErrorMessage") or "unknown error")
 
 
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, _HttpError) else describe_error(exc)
+
+
 class GceRestarter:
     """Resets the Compute Engine instance named by a message's ``instance_name``.
 
     The project and zone come from the message attributes ``project`` and ``zone``, else
-    from ``project`` / ``zone`` here. Credentials are gcloud-aio-auth's (``service_file``,
-    else the application default credentials); tests inject ``token`` instead.
+    from ``project`` / ``zone`` here. A default project is required: ``project``, else
+    ``GOOGLE_CLOUD_PROJECT`` / ``GCLOUD_PROJECT``, else the key file's ``project_id`` (a
+    restarter without one would fail every message that lacks the attribute); a default
+    zone is not, as a fleet spans zones, but then every message must name its zone.
+    Credentials are gcloud-aio-auth's (``service_file``, else the application default
+    credentials); tests inject ``token`` instead.
 
+    Constructing raises :class:`GceSettingError` for a malformed project, zone or API root.
     Use it as an async context manager: entering opens the HTTP session on the bridge's
-    asyncio loop (and reads ``service_file``: ``OSError`` or ``ValueError`` if it cannot be
-    read or parsed), leaving closes it (shielded). Leave before the bridge closes.
+    asyncio loop and reads the credentials (:class:`~mandrill.errors.CredentialsError` if
+    the key file cannot be read), then raises :class:`GceSettingError` if there is no
+    default project; leaving closes the session (shielded). Leave before the bridge closes.
     """
 
     def __init__(
@@ -115,19 +160,22 @@ class GceRestarter:
         token: TokenSource | None = None,
         service_file: str | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        backoff: float = DEFAULT_BACKOFF,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         if not api_root.startswith(("https://", "http://")):
-            raise ValueError(f"GCE API root {api_root!r} is not an http(s) URL")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, not {max_attempts}")
+            raise GceSettingError("api_root", f"GCE API root {api_root!r} is not an http(s) URL")
+        checks = (("project", project, check_project), ("zone", zone, check_zone))
+        for setting, value, check in checks:
+            try:
+                if value:
+                    check(value)
+            except ValueError as exc:
+                raise GceSettingError(setting, str(exc)) from None
         self.project = project
         self.zone = zone
         self.api_root = api_root.rstrip("/")
         self.poll_interval = poll_interval
-        self.max_attempts = max_attempts
-        self.backoff = backoff
+        self.retry = retry
         self._bridge = bridge
         self._token = token
         self._service_file = service_file
@@ -136,18 +184,29 @@ class GceRestarter:
     async def __aenter__(self) -> Self:
         self._session = await self._bridge.call(_new_session)
         if self._token is None:
-            # Imported here: gcloud-aio-auth pulls in cryptography and jwt, which only this
-            # restarter needs.
-            from gcloud.aio.auth import Token
-
             try:
-                self._token = Token(
-                    service_file=self._service_file, session=self._session, scopes=[COMPUTE_SCOPE]
-                )
+                self._token = make_token(self._session, [COMPUTE_SCOPE], self._service_file)
             except BaseException:
                 await self.__aexit__(None, None, None)
                 raise
+        if not self.project:
+            self.project = self._default_project()
+        if not self.project:
+            await self.__aexit__(None, None, None)
+            raise GceSettingError(
+                "project",
+                "no default project: set it, or GOOGLE_CLOUD_PROJECT, or use a service"
+                " account key file (a message's 'project' attribute still overrides it)",
+            )
         return self
+
+    def _default_project(self) -> str | None:
+        for variable in PROJECT_VARIABLES:
+            if os.environ.get(variable):
+                return check_project(os.environ[variable])
+        data = getattr(self._token, "service_data", None)  # gcloud-aio-auth's parsed key file
+        project = data.get("project_id") if isinstance(data, dict) else None
+        return check_project(str(project)) if project else None
 
     async def __aexit__(
         self,
@@ -194,32 +253,24 @@ class GceRestarter:
             raise RestartFailed("no project: set --gce-project or the attribute 'project'")
         if not zone:
             raise RestartFailed("no zone: set --gce-zone or the attribute 'zone'")
-        if not _PROJECT.match(project):
-            raise RestartFailed(f"refusing project {project[:80]!r}: not a GCE project id")
-        if not _RESOURCE.match(zone):
-            raise RestartFailed(f"refusing zone {zone[:80]!r}: not a GCE zone name")
-        return f"{self.api_root}/projects/{project}/zones/{zone}"
+        try:
+            return f"{self.api_root}/projects/{check_project(project)}/zones/{check_zone(zone)}"
+        except ValueError as exc:
+            raise RestartFailed(str(exc)) from None
 
     async def _call(self, url: str, seconds: float) -> dict[str, Any]:
-        """POST ``url`` with retries; return its JSON object or raise RestartFailed."""
-        if self._session is None or self._token is None:
+        """POST ``url`` with retries (:data:`DEFAULT_RETRY`); its JSON object, or
+        :class:`RestartFailed`."""
+        session = self._session
+        if session is None or self._token is None:
             raise RuntimeError("GceRestarter used outside 'async with'")
         limits = aiohttp.ClientTimeout(total=seconds)
-        problem = ""
-        for attempt in range(self.max_attempts):
-            if attempt:
-                await anyio.sleep(self.backoff * 2 ** (attempt - 1))
+
+        async def attempt() -> dict[str, Any]:
             token = await self._get_token()
-            try:
-                status, body = await self._bridge.call(_post, self._session, url, token, limits)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
-                continue
-            if status == 429 or status >= 500:
-                problem = f"HTTP {status}: {_error_message(body)}"
-                continue
+            status, body = await self._bridge.call(_post, session, url, token, limits)
             if status >= 400:
-                raise RestartFailed(f"HTTP {status}: {_error_message(body)}")
+                raise _HttpError(status, body)
             try:
                 document = json.loads(body)
             except ValueError:
@@ -227,7 +278,15 @@ class GceRestarter:
             if not isinstance(document, dict):
                 raise RestartFailed(f"HTTP {status}: the answer is not a JSON object")
             return document
-        raise RestartFailed(f"{problem} (gave up after {self.max_attempts} attempts)")
+
+        try:
+            return await retry(attempt, self.retry, transient=_is_transient)
+        except GaveUp as exc:
+            raise RestartFailed(
+                f"{_describe(exc.error)} (gave up after {exc.attempts} attempts)"
+            ) from exc.error
+        except (_HttpError, aiohttp.ClientError, OSError) as exc:
+            raise RestartFailed(_describe(exc)) from exc
 
     async def _get_token(self) -> str:
         assert self._token is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -53,7 +54,15 @@ class AsyncioBridge:
         import trio
 
         coroutine = cast(Coroutine[Any, Any, T], fn(*args))
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        # run_coroutine_threadsafe starts the task in a copy of the caller's context, and
+        # trio's context says "trio" to sniffio (anyio.run sets its context variable): then
+        # tenacity (gcloud-aio-auth's token retries) and anyio would call trio's functions
+        # on the asyncio thread. Scheduled from an empty context, the task's copy is empty
+        # too, and sniffio finds the asyncio task that runs it. (Not a task of our own
+        # making: run_coroutine_threadsafe is the one way in that the project allows.)
+        future = contextvars.Context().run(
+            asyncio.run_coroutine_threadsafe, coroutine, self._loop
+        )
         done = trio.Event()
 
         def wake(_: object) -> None:

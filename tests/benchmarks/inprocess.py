@@ -93,12 +93,11 @@ class PerMessageStore:
         if path != ":memory:":
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
-        for statement in sql.schema(DIALECT):
-            self._conn.execute(statement)
+        sql.migrate(self._conn.cursor(), DIALECT)
 
     def save(self, message: Message) -> None:
         """Runs in a worker thread, one call at a time."""
-        sql.save(self._conn.cursor(), DIALECT, message, time.time())
+        sql.save(self._conn.cursor(), DIALECT, "", message, time.time())
 
     def close(self) -> None:
         self._conn.close()

@@ -9,7 +9,6 @@ from mandrill.message import Delivery, Message, encode_payload, parse_delivery
 T0 = 1_800_000_000.0
 HOUR = 3600.0
 WEEK = 7 * 86400.0
-STALE = 600.0
 PUBLISHED = datetime(2026, 11, 1, tzinfo=UTC)
 
 

@@ -14,7 +14,7 @@ from mandrill.errors import LedgerError
 from mandrill.ledger import AUTO, open_ledger, sqlite
 from mandrill.ledger.journal import OutcomeJournal, default_journal_path
 from mandrill.policy import Outcome, Verdict
-from tests.ledger import STALE, T0, WEEK, message
+from tests.ledger import T0, WEEK, message
 
 
 async def test_kept_outcomes_are_listed_until_forgotten(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ async def test_an_outcome_the_ledger_cannot_take_is_recorded_at_the_next_start(
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(ledger.run)
-            claim = await ledger.claim(message("m1", "web-1"), T0, WEEK, STALE)
+            claim = await ledger.claim(message("m1", "web-1"), T0, WEEK)
             assert claim.restart_id is not None
             locked_out.execute("BEGIN IMMEDIATE")  # the ledger is unreachable from here
             await ledger.finish(claim.restart_id, T0 + 1, Outcome.RESTARTED, "simulated")
@@ -138,7 +138,7 @@ async def test_an_outcome_the_ledger_cannot_take_is_recorded_at_the_next_start(
             await tg.start(reopened.run)  # started: the journal is recorded by now
             [row] = await reopened.history()
             assert (row.outcome, row.finished_at, row.detail) == ("restarted", T0 + 1, "simulated")
-            again = await reopened.claim(message("m1", "web-1"), T0 + 2, WEEK, STALE)
+            again = await reopened.claim(message("m1", "web-1"), T0 + 2, WEEK)
             assert again.decision.verdict is Verdict.DUPLICATE
             tg.cancel_scope.cancel()
         assert reopened.journal is not None
@@ -156,7 +156,7 @@ async def test_kept_outcomes_are_recorded_once_the_ledger_is_back(
             await tg.start(ledger.run)
             ids = []
             for number in range(3):
-                claim = await ledger.claim(message(f"m{number}", f"web-{number}"), T0, WEEK, STALE)
+                claim = await ledger.claim(message(f"m{number}", f"web-{number}"), T0, WEEK)
                 assert claim.restart_id is not None
                 ids.append(claim.restart_id)
             locked_out.execute("BEGIN IMMEDIATE")
@@ -187,7 +187,7 @@ async def test_without_a_journal_finish_raises(
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(ledger.run)
-            claim = await ledger.claim(message("m1"), T0, WEEK, STALE)
+            claim = await ledger.claim(message("m1"), T0, WEEK)
             assert claim.restart_id is not None
             locked_out.execute("BEGIN IMMEDIATE")
             with pytest.raises(LedgerError):

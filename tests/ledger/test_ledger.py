@@ -16,7 +16,7 @@ from mandrill.ledger.postgres import PostgresDatabase
 from mandrill.ledger.sqlite import SQLiteDatabase
 from mandrill.message import encode_payload
 from mandrill.policy import Outcome, Verdict
-from tests.ledger import HOUR, STALE, T0, WEEK, delivery, message
+from tests.ledger import HOUR, T0, WEEK, delivery, message
 
 POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
 
@@ -83,12 +83,12 @@ async def test_redelivery_counts_deliveries(ledger: SQLLedger) -> None:
 
 
 async def test_restart_then_skip_then_duplicate(ledger: SQLLedger) -> None:
-    first = await ledger.claim(message("m1"), T0, WEEK, STALE)
+    first = await ledger.claim(message("m1"), T0, WEEK)
     assert first.decision.verdict is Verdict.RESTART
     assert first.restart_id is not None
     await ledger.finish(first.restart_id, T0 + 5, Outcome.RESTARTED, "ok")
 
-    second = await ledger.claim(message("m2"), T0 + HOUR, WEEK, STALE)
+    second = await ledger.claim(message("m2"), T0 + HOUR, WEEK)
     assert second.decision.verdict is Verdict.SKIP
     assert second.decision.reason == "host restarted 1h ago"
     assert second.restart_id is None
@@ -101,56 +101,79 @@ async def test_restart_then_skip_then_duplicate(ledger: SQLLedger) -> None:
     assert history[0].finished_at == T0 + HOUR
     assert (history[1].decided_at, history[1].finished_at) == (T0, T0 + 5)
 
-    again = await ledger.claim(message("m1"), T0 + 2 * HOUR, WEEK, STALE)
+    again = await ledger.claim(message("m1"), T0 + 2 * HOUR, WEEK)
     assert (again.decision.verdict, again.decision.reason) == (
         Verdict.DUPLICATE,
         "already restarted",
     )
-    skipped_again = await ledger.claim(message("m2"), T0 + 2 * HOUR, WEEK, STALE)
+    skipped_again = await ledger.claim(message("m2"), T0 + 2 * HOUR, WEEK)
     assert skipped_again.decision.verdict is Verdict.DUPLICATE
     assert await ledger.counts() == {"restarts_restarted": 1, "restarts_skipped": 1}
 
 
 async def test_interval_is_per_host(ledger: SQLLedger) -> None:
-    web = await ledger.claim(message("m1", "web-1"), T0, WEEK, STALE)
-    db = await ledger.claim(message("m2", "db-1"), T0, WEEK, STALE)
+    web = await ledger.claim(message("m1", "web-1"), T0, WEEK)
+    db = await ledger.claim(message("m2", "db-1"), T0, WEEK)
     assert web.decision.verdict is db.decision.verdict is Verdict.RESTART
     assert web.restart_id is not None
     await ledger.finish(web.restart_id, T0 + 1, Outcome.RESTARTED, "")
 
-    later = await ledger.claim(message("m3", "web-1"), T0 + WEEK + 1, WEEK, STALE)
+    later = await ledger.claim(message("m3", "web-1"), T0 + WEEK + 1, WEEK)
     assert later.decision.verdict is Verdict.RESTART
 
 
 async def test_failed_restart_is_retried_and_counted(ledger: SQLLedger) -> None:
-    first = await ledger.claim(message("m1"), T0, WEEK, STALE)
+    first = await ledger.claim(message("m1"), T0, WEEK)
     assert first.restart_id is not None
     await ledger.finish(first.restart_id, T0 + 1, Outcome.FAILED, "timed out")
 
-    retry = await ledger.claim(message("m1"), T0 + 60, WEEK, STALE)
+    retry = await ledger.claim(message("m1"), T0 + 60, WEEK)
     assert retry.decision.verdict is Verdict.RESTART
     assert retry.decision.failures == 1
     assert retry.restart_id not in (None, first.restart_id)
 
 
-async def test_live_claim_is_busy_and_stale_claim_is_taken_over(ledger: SQLLedger) -> None:
-    first = await ledger.claim(message("m1"), T0, WEEK, STALE)
+async def test_a_live_claim_makes_its_message_busy(ledger: SQLLedger) -> None:
+    first = await ledger.claim(message("m1"), T0, WEEK)
     assert first.decision.verdict is Verdict.RESTART
 
-    busy = await ledger.claim(message("m1"), T0 + STALE - 1, WEEK, STALE)
+    busy = await ledger.claim(message("m1"), T0 + HOUR, WEEK)
     assert busy.decision.verdict is Verdict.BUSY
     assert busy.restart_id is None
-    # A live claim counts as a restart of its host for other messages.
-    other = await ledger.claim(message("m2"), T0 + 10, WEEK, STALE)
-    assert (other.decision.verdict, other.decision.reason) == (
+
+
+async def test_a_restart_under_way_does_not_count_as_done(ledger: SQLLedger) -> None:
+    # Issue 10, bug 1: a second message for a host whose restart is under way was skipped
+    # as "host restarted 0s ago"; when that restart then failed, the host was never
+    # restarted. It now waits for the outcome.
+    first = await ledger.claim(message("m1"), T0, WEEK)
+    assert first.restart_id is not None
+    waiting = await ledger.claim(message("m2"), T0, WEEK)
+    assert (waiting.decision.verdict, waiting.decision.reason) == (
+        Verdict.BUSY,
+        "host is being restarted (message m1); waiting for it",
+    )
+    assert waiting.restart_id is None
+    assert [h.message_id for h in await ledger.history()] == ["m1"]  # nothing recorded
+
+    await ledger.finish(first.restart_id, T0 + 5, Outcome.FAILED, "exit 1")
+    decided = await ledger.claim(message("m2"), T0 + 10, WEEK)
+    assert decided.decision.verdict is Verdict.RESTART
+
+
+async def test_a_message_waiting_on_a_successful_restart_is_then_skipped(
+    ledger: SQLLedger,
+) -> None:
+    first = await ledger.claim(message("m1"), T0, WEEK)
+    assert first.restart_id is not None
+    assert (await ledger.claim(message("m2"), T0 + 1, WEEK)).decision.verdict is Verdict.BUSY
+    await ledger.finish(first.restart_id, T0 + 5, Outcome.RESTARTED, "exit 0")
+
+    later = await ledger.claim(message("m2"), T0 + 10, WEEK)
+    assert (later.decision.verdict, later.decision.reason) == (
         Verdict.SKIP,
         "host restarted 10s ago",
     )
-
-    # The daemon that claimed it died: its claim no longer holds the message or the host.
-    taken_over = await ledger.claim(message("m1"), T0 + STALE + 1, WEEK, STALE)
-    assert taken_over.decision.verdict is Verdict.RESTART
-    assert taken_over.restart_id not in (None, first.restart_id)
 
 
 async def test_record_keeps_an_early_decision(ledger: SQLLedger) -> None:
@@ -158,7 +181,7 @@ async def test_record_keeps_an_early_decision(ledger: SQLLedger) -> None:
 
     (row,) = await ledger.history()
     assert (row.outcome, row.detail, row.finished_at) == ("skipped", "host is in the deny list", T0)
-    again = await ledger.claim(message("m1"), T0 + 1, WEEK, STALE)
+    again = await ledger.claim(message("m1"), T0 + 1, WEEK)
     assert again.decision.verdict is Verdict.DUPLICATE
 
 
@@ -182,11 +205,11 @@ async def test_counts_by_outcome_and_status(ledger: SQLLedger) -> None:
     await ledger.save(message("m1", "a"), T0)
     await ledger.save(message("m2", "a"), T0)
     await ledger.save(message("m2", "a"), T0 + 1)
-    claim = await ledger.claim(message("m1", "a"), T0, WEEK, STALE)
-    await ledger.claim(message("m2", "a"), T0, WEEK, STALE)
-    await ledger.claim(message("m3", "b"), T0, WEEK, STALE)
+    claim = await ledger.claim(message("m1", "a"), T0, WEEK)
     assert claim.restart_id is not None
     await ledger.finish(claim.restart_id, T0 + 1, Outcome.RESTARTED, "")
+    await ledger.claim(message("m2", "a"), T0, WEEK)
+    await ledger.claim(message("m3", "b"), T0, WEEK)
 
     assert await ledger.counts() == {
         "messages_received": 2,
@@ -199,7 +222,7 @@ async def test_counts_by_outcome_and_status(ledger: SQLLedger) -> None:
 
 async def test_history_filters_and_limit(ledger: SQLLedger) -> None:
     for i in range(5):
-        await ledger.claim(message(f"m{i}", f"host-{i}"), T0 + i, WEEK, STALE)
+        await ledger.claim(message(f"m{i}", f"host-{i}"), T0 + i, WEEK)
 
     assert [h.message_id for h in await ledger.history(limit=2)] == ["m4", "m3"]
     assert [h.message_id for h in await ledger.history(since=T0 + 3)] == ["m4", "m3"]
@@ -211,7 +234,7 @@ async def test_history_filters_and_limit(ledger: SQLLedger) -> None:
 async def test_history_of_outcomes(ledger: SQLLedger) -> None:
     """For `mandrill history --outcome`: the filter applies before the limit."""
     for i in range(4):
-        claim = await ledger.claim(message(f"m{i}", f"host-{i}"), T0 + i, WEEK, STALE)
+        claim = await ledger.claim(message(f"m{i}", f"host-{i}"), T0 + i, WEEK)
         assert claim.restart_id is not None
         outcome = Outcome.FAILED if i % 2 else Outcome.RESTARTED
         await ledger.finish(claim.restart_id, T0 + i, outcome, "")
@@ -226,7 +249,7 @@ async def test_history_of_outcomes(ledger: SQLLedger) -> None:
 
 async def test_save_and_claim_in_one_batch(ledger: SQLLedger) -> None:
     saved = ledger.save(message("m1"), T0)  # queued now, committed with the claim
-    claim = await ledger.claim(message("m1"), T0, WEEK, STALE)
+    claim = await ledger.claim(message("m1"), T0, WEEK)
     await saved
 
     assert claim.decision.verdict is Verdict.RESTART
@@ -272,17 +295,17 @@ async def test_a_failing_op_fails_alone(ledger_url: str) -> None:
         cur.execute("SELECT * FROM no_such_table")
 
     def bug(cur: Any) -> None:
-        sql.save(cur, dialect, message("half-done"), T0)
+        sql.save(cur, dialect, "", message("half-done"), T0)
         raise RuntimeError("a bug\nover two lines")
 
     try:
         async with anyio.create_task_group() as tg:
             # Queued before the batcher runs, so all five share one batch (one transaction).
             ops: list[Op[Any]] = [
-                batcher.submit(lambda cur: sql.save(cur, dialect, message("m1"), T0)),
+                batcher.submit(lambda cur: sql.save(cur, dialect, "", message("m1"), T0)),
                 batcher.submit(missing_table),
                 batcher.submit(bug),
-                batcher.submit(lambda cur: sql.save(cur, dialect, message("m2"), T0)),
+                batcher.submit(lambda cur: sql.save(cur, dialect, "", message("m2"), T0)),
                 batcher.submit(lambda cur: 42),
             ]
             await tg.start(batcher.run)

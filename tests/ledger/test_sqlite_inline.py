@@ -15,7 +15,7 @@ from tests.ledger import T0, message
 
 
 def save(message_id: str) -> Op[Any]:
-    return Op(lambda cur: sql.save(cur, DIALECT, message(message_id), T0))
+    return Op(lambda cur: sql.save(cur, DIALECT, "", message(message_id), T0))
 
 
 def saved_ids(db: SQLiteDatabase) -> list[str]:
@@ -68,7 +68,7 @@ async def test_the_batcher_waits_for_a_lock_in_a_thread(tmp_path: Path) -> None:
         other.execute("BEGIN IMMEDIATE")
         async with anyio.create_task_group() as tg:
             await tg.start(batcher.run)
-            op = batcher.submit(lambda cur: sql.save(cur, DIALECT, message("m1"), T0))
+            op = batcher.submit(lambda cur: sql.save(cur, DIALECT, "", message("m1"), T0))
             await anyio.sleep(0.2)  # the loop stays free while the batch waits
             assert not op.done.is_set()
             other.execute("COMMIT")

@@ -313,8 +313,8 @@ def test_reasons_become_a_few_fixed_labels():
     from mandrill.safety import TimeWindow, host_skip_reason, parse_hours, parse_weekdays
     from tests.ledger import message
 
-    interval = decide_restart(Prior(host_last_restart=0.0), 60.0, 3600.0, 3600.0)
-    fleet = decide_restart(Prior(fleet_restarts=3), 60.0, 3600.0, 3600.0, RateLimit(3, 60.0))
+    interval = decide_restart(Prior(host_last_restart=0.0), 60.0, 3600.0)
+    fleet = decide_restart(Prior(fleet_restarts=3), 60.0, 3600.0, RateLimit(3, 60.0))
     assert Verdict.SKIP == interval.verdict == fleet.verdict
     sunday_night = datetime(2026, 11, 29, 23, 0, tzinfo=UTC)
     reasons = {

@@ -66,6 +66,13 @@ async def test_sigkill_while_holding(env: Env, backend_name: str) -> None:
     assert result.notes["stranded_claims"] > 0, "nothing was held mid-restart at the kill"
 
 
+@pytest.mark.postgres
+async def test_sigkill_mid_restart(env: Env, backend_name: str) -> None:
+    with plain_errors():
+        result = await scenarios.sigkill_mid_restart(env, backend_name, 1)
+    result.check()
+
+
 async def test_sigterm_loop(env: Env, backend_name: str) -> None:
     with plain_errors():
         result = await scenarios.sigterm_loop(env, backend_name, 1)
@@ -174,7 +181,7 @@ async def _ledger_with_claim(path: Path, message_id: str, hostname: str, age: fl
 
 
 @ASYNCIO_ONLY
-async def test_a_dead_daemons_claim_can_be_taken_over_sooner_than_an_hour(
+async def test_a_dead_daemons_claim_is_resolved_after_the_instance_timeout(
     env: Env, backend_name: str
 ) -> None:
     names = PubSubNames.fresh("stale")
@@ -183,12 +190,37 @@ async def test_a_dead_daemons_claim_can_be_taken_over_sooner_than_an_hour(
     ledger = LedgerRef(str(env.path("stale", ".db")))
     await _ledger_with_claim(Path(ledger.url), mid, "stale-1.example.net", age=30)
     args = run_args(backend=backend_name, names=names, ledger=ledger.url, extra=[
-        *COMMON, "--restart-latency", "0s", "--stale-claim-after", "10s",
+        *COMMON, "--restart-latency", "0s", "--instance-timeout", "10s",
     ])
     async with running_daemon(args, emulator=env.emulator) as daemon:
         await daemon.wait_for_message("ready: consuming", seconds=START_SECONDS)
-        await ledger.wait_processed([mid], seconds=DRAIN_SECONDS, daemons=[daemon])
+        facts = await ledger.wait_processed([mid], seconds=DRAIN_SECONDS, daemons=[daemon])
         assert await daemon.stop() == 0
+    # Settled with the record of why: not restarted a second time.
+    assert facts.outcomes(mid) == ["unknown"]
+
+
+@ASYNCIO_ONLY
+async def test_a_second_message_for_a_host_under_restart_waits_for_its_outcome(
+    env: Env, backend_name: str
+) -> None:
+    # Issue 10, bug 1, as reported: two messages for one host, restarts that always fail.
+    # The second was skipped as "host restarted 0s ago" while the first restart was under
+    # way, and the host was never restarted. It now waits, and gets its own attempts.
+    names = PubSubNames.fresh("busyhost")
+    await env.pubsub.setup(names)
+    ids = await env.pubsub.publish(names, [(instance_payload("cattle-fail"), {})] * 2)
+    ledger = LedgerRef(str(env.path("busyhost", ".db")))
+    args = run_args(backend=backend_name, names=names, ledger=ledger.url, extra=[
+        "--restart-failure-rate", "1", "--restart-latency", "1s", "--max-attempts", "2",
+        "--count", "2",
+    ])
+    async with running_daemon(args, emulator=env.emulator) as daemon:
+        assert await daemon.exit_code(seconds=DRAIN_SECONDS) == 0, daemon.tail()
+    facts = await ledger.facts()
+    for mid in ids:
+        assert facts.outcomes(mid) == ["failed", "failed"], facts.decisions
+        assert facts.messages[mid][:2] == ("dead_letter", "restart failed 2 times")
 
 
 class Spinning(AssertionError):

@@ -17,8 +17,12 @@ from aiohttp import web
 from mandrill.errors import RestartFailed
 from mandrill.message import Message
 from mandrill.restarters import GceRestarter
-from mandrill.restarters.gce import request_id
+from mandrill.restarters.gce import PROJECT_VARIABLES, GceSettingError, request_id
+from mandrill.retry import RetryPolicy
 from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
+from tests.fixtures.metadata import hide_credentials
+from tests.support.daemon import run_to_end
+from tests.support.metadata import ACCESS_TOKEN
 
 TOKEN = "test-token"
 
@@ -45,6 +49,8 @@ class FakeCompute:
     resets_applied: list[str] = field(default_factory=list)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     token_requests: int = 0
+    #: The access token requests must carry.
+    access_token: str = TOKEN
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -63,7 +69,7 @@ class FakeCompute:
                 request.headers.get("Content-Length"),
             )
         )
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if request.headers.get("Authorization") != f"Bearer {self.access_token}":
             return error(401, "Request had invalid authentication credentials.")
         return None
 
@@ -160,6 +166,10 @@ def message(instance: str = "web-1", message_id: str = "m-1", **attributes: str)
     )
 
 
+def quick_retries(attempts: int = 4) -> RetryPolicy:
+    return RetryPolicy(initial=0.001, cap=0.001, attempts=attempts)
+
+
 def restarter(bridge: AsyncioBridge, api_root: str, **options: Any) -> GceRestarter:
     defaults: dict[str, Any] = {
         "project": "my-project",
@@ -167,7 +177,7 @@ def restarter(bridge: AsyncioBridge, api_root: str, **options: Any) -> GceRestar
         "api_root": api_root,
         "token": StaticToken(),
         "poll_interval": 0,
-        "backoff": 0,
+        "retry": quick_retries(),
     }
     return GceRestarter(bridge, **(defaults | options))
 
@@ -230,7 +240,7 @@ async def test_a_bad_token_is_refused(bridge, api_root, compute):
 
 async def test_server_errors_are_retried_then_given_up(bridge, api_root, compute):
     compute.lose_reset_answers = 10
-    async with restarter(bridge, api_root, max_attempts=3) as gce:
+    async with restarter(bridge, api_root, retry=quick_retries(3)) as gce:
         with pytest.raises(RestartFailed, match=r"^HTTP 503: Backend error \(gave up after 3"):
             await gce.restart(message())
     assert len(compute.requests) == 3
@@ -240,7 +250,7 @@ async def test_connection_errors_are_retried_then_given_up(bridge):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    async with restarter(bridge, f"http://127.0.0.1:{port}/v1", max_attempts=2) as gce:
+    async with restarter(bridge, f"http://127.0.0.1:{port}/v1", retry=quick_retries(2)) as gce:
         with pytest.raises(RestartFailed, match=r"gave up after 2 attempts"):
             await gce.restart(message())
 
@@ -259,7 +269,7 @@ async def test_cancellation_during_a_wait_propagates(bridge, api_root, compute):
 
 
 async def test_attributes_override_project_and_zone(bridge, api_root, compute):
-    async with restarter(bridge, api_root, project=None, zone=None) as gce:
+    async with restarter(bridge, api_root, zone=None) as gce:
         await gce.restart(message(project="other-project", zone="us-east1-c"))
     assert compute.requests[0].path == (
         "/compute/v1/projects/other-project/zones/us-east1-c/instances/web-1/reset"
@@ -270,7 +280,6 @@ async def test_attributes_override_project_and_zone(bridge, api_root, compute):
     ("options", "attributes", "error"),
     [
         ({"zone": None}, {}, "^no zone: "),
-        ({"project": None}, {}, "^no project: "),
         ({}, {"zone": "../../x"}, "^refusing zone"),
         ({}, {"zone": "a/b"}, "^refusing zone"),
         ({}, {"project": "p/../../x"}, "^refusing project"),
@@ -315,8 +324,87 @@ async def test_with_a_real_gcloud_token_from_a_service_file(bridge, api_root, co
     assert compute.resets_applied == ["web-1", "web-2"]
 
 
-def test_bad_construction():
-    with pytest.raises(ValueError, match="not an http"):
-        GceRestarter(None, api_root="ftp://x")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_attempts"):
-        GceRestarter(None, max_attempts=0)  # type: ignore[arg-type]
+async def test_a_failed_token_request_is_retried(bridge, api_root, compute, metadata_server):
+    # Credentials from the metadata server, as on a GCE instance; its first answer is a 503,
+    # which gcloud-aio-auth retries (with tenacity, whose sleep follows sniffio).
+    metadata_server.fail_next(1)
+    compute.access_token = ACCESS_TOKEN
+    async with restarter(bridge, api_root, token=None) as gce:
+        assert await gce.restart(message()) == "operation operation-1"
+    assert [r.status for r in metadata_server.token_requests] == [503, 200]
+    assert compute.resets_applied == ["web-1"]
+
+
+@pytest.mark.parametrize(
+    ("options", "setting", "error"),
+    [
+        ({"api_root": "ftp://x"}, "api_root", "not an http"),
+        ({"project": "My_Project"}, "project", "^refusing project 'My_Project': not a GCE"),
+        ({"zone": "europe west"}, "zone", "^refusing zone 'europe west': not a GCE zone"),
+    ],
+)
+def test_bad_settings_are_refused_at_construction(options, setting, error):
+    with pytest.raises(GceSettingError, match=error) as caught:
+        GceRestarter(None, **options)  # type: ignore[arg-type]
+    assert caught.value.setting == setting
+
+
+async def test_without_a_project_entering_fails(bridge, api_root, monkeypatch, tmp_path):
+    hide_credentials(monkeypatch, tmp_path)
+    for variable in PROJECT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(GceSettingError, match=r"^no default project"):
+        async with restarter(bridge, api_root, project=None):
+            pass
+
+
+async def test_the_default_project_may_come_from_the_environment(
+    bridge, api_root, compute, monkeypatch
+):
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "env-project")
+    async with restarter(bridge, api_root, project=None) as gce:
+        await gce.restart(message())
+    assert compute.requests[0].path.startswith("/compute/v1/projects/env-project/zones/")
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--gce-project", "Bad_Project"], "--gce-project: refusing project 'Bad_Project'"),
+        (["--gce-project", "my-project", "--gce-zone", "a/b"], "--gce-zone: refusing zone 'a/b'"),
+        ([], "--gce-project: no default project"),
+    ],
+)
+async def test_the_cli_checks_project_and_zone_at_start(
+    args, error, backend_name, monkeypatch, tmp_path
+):
+    hide_credentials(monkeypatch, tmp_path)
+    for variable in PROJECT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    code, _, err = await run_to_end([
+        "run", "--restarter", "gce", *args, "--backend", backend_name,
+        "--ledger", str(tmp_path / "l.db"),
+    ])
+    assert code == 2, err
+    (line,) = [line for line in err.splitlines() if line.startswith("mandrill: error:")]
+    assert error in line
+
+
+@pytest.mark.slow
+async def test_the_daemon_restarts_live_with_metadata_credentials_after_a_failed_token_request(
+    api_root, compute, metadata_server, backend_name, tmp_path
+):
+    # The repro: `mandrill run --restarter gce --live` with the metadata server
+    # answering 503 once. The start-up check meets the 503, logs it, and retries.
+    metadata_server.fail_next(1)
+    compute.access_token = ACCESS_TOKEN
+    code, _, err = await run_to_end([
+        "run", "--restarter", "gce", "--gce-project", "my-project",
+        "--gce-zone", "europe-west1-b", "--gce-api-root", api_root, "--live",
+        "--backend", backend_name, "--count", "1", "--rate", "0",
+        "--ledger", str(tmp_path / "l.db"), "--log-format", "json",
+    ])
+    assert code == 0, err
+    assert "getting an access token from the metadata server" in err
+    assert len(compute.resets_applied) == 1
+    assert [r.status for r in metadata_server.token_requests][:2] == [503, 200]

@@ -34,7 +34,8 @@ from mandrill.sources.pubsub import (
     open_pubsub_topic,
     setup_pubsub,
 )
-from tests.fixtures.emulator import PubSubNames
+from tests.fixtures.emulator import PubSubEmulator, PubSubNames
+from tests.support.metadata import FakeMetadataServer
 
 #: Every wait on the emulator is bounded by this; a healthy one answers in milliseconds.
 WAIT = 15.0
@@ -124,6 +125,61 @@ async def test_setup_is_idempotent(pubsub_names: PubSubNames, backend_name: str)
         project=n.project, subscription=n.subscription, backend=backend_name
     ) as source:
         assert source.ack_deadline == 20
+
+
+@pytest.mark.emulator
+async def test_with_an_api_root_tokens_are_fetched_and_a_failed_request_retried(
+    pubsub_names: PubSubNames,
+    backend_name: str,
+    pubsub_emulator: PubSubEmulator,
+    metadata_server: FakeMetadataServer,
+) -> None:
+    # The emulator reached through an API root stands in for the real service: every client
+    # gets its token from the (fake) metadata server, whose first answer is a 503.
+    n = pubsub_names
+    api_root = f"{pubsub_emulator.url}/v1"
+    metadata_server.fail_next(1)
+    await setup_pubsub(
+        project=n.project,
+        topic=n.topic,
+        subscription=n.subscription,
+        backend=backend_name,
+        api_root=api_root,
+    )
+    async with open_pubsub_topic(
+        project=n.project, topic=n.topic, backend=backend_name, api_root=api_root
+    ) as topic:
+        (message_id,) = await topic.publish([(b"via-tokens", {})])
+    async with open_pubsub_source(
+        project=n.project, subscription=n.subscription, backend=backend_name, api_root=api_root
+    ) as source:
+        (delivery,) = await pull_at_least(source, 1)
+        await source.acknowledge([delivery.ack_id])
+    assert delivery.message_id == message_id
+    # One token per opening (setup, topic, source); setup's first request was retried.
+    assert [r.status for r in metadata_server.token_requests] == [503, 200, 200, 200]
+
+
+@pytest.mark.emulator
+async def test_an_emulator_host_is_used_without_tokens(
+    pubsub_names: PubSubNames,
+    backend_name: str,
+    pubsub_emulator: PubSubEmulator,
+    metadata_server: FakeMetadataServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST")
+    n = pubsub_names
+    host = pubsub_emulator.host
+    await setup_pubsub(
+        project=n.project, topic=n.topic, subscription=n.subscription, backend=backend_name,
+        emulator_host=host,
+    )
+    async with open_pubsub_source(
+        project=n.project, subscription=n.subscription, backend=backend_name, emulator_host=host
+    ):
+        pass
+    assert metadata_server.token_requests == []
 
 
 @pytest.mark.emulator
@@ -302,17 +358,22 @@ async def test_unreachable_service_gives_up_after_the_retry_budget(backend_name:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     policy = RetryPolicy(initial=0.01, cap=0.05, total=0.3)
+    told: list[str] = []
     with pytest.raises(
-        PubSubError, match=r"gave up after \d+ attempts in \d+\.\d s: Client\w*Error"
-    ):
+        PubSubError, match=r"gave up after (\d+) attempts in \d+\.\d s: Client\w*Error"
+    ) as caught:
         async with open_pubsub_source(
             project="nowhere",
             subscription="nothing",
             backend=backend_name,
             retry=policy,
-            api_root=f"http://127.0.0.1:{port}/v1",
+            emulator_host=f"127.0.0.1:{port}",
+            on_transient_error=lambda what, error, delay: told.append(what),
         ):
             pass
+    # Every failure but the last was reported as it happened.
+    attempts = int(str(caught.value).split("gave up after ")[1].split()[0])
+    assert told == ["get subscription projects/nowhere/subscriptions/nothing"] * (attempts - 1)
 
 
 async def test_topic_protocol(backend_name: str) -> None:

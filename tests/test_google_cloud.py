@@ -1,0 +1,133 @@
+"""What the Google adapters share: error bodies, and credentials checked at start (the CLI
+as a real process, against a fake metadata server or none)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from mandrill.google_cloud import credentials_source, google_error
+from tests.fixtures.emulator import PubSubEmulator, PubSubNames
+from tests.fixtures.metadata import hide_credentials, point_at_metadata_host
+from tests.support.daemon import run_to_end
+from tests.support.metadata import FakeMetadataServer
+from tests.support.net import free_port
+
+#: The start-up check gives up after 10 s; the process must be gone well before the
+#: ~2 minutes a request's own retries would take.
+EXIT_WITHIN = 30.0
+
+
+def test_google_error_bodies_become_one_line() -> None:
+    body = '{"error": {"code": 404, "message": "Topic\\n not found", "status": "NOT_FOUND"}}'
+    assert google_error(body) == "NOT_FOUND: Topic not found"
+    assert google_error(f"Not Found: {body}") == "NOT_FOUND: Topic not found"  # gcloud-aio's
+    assert google_error(b'{"error": {"code": 503, "message": "Backend error"}}') == (
+        "Backend error"
+    )
+    assert google_error(b"<html>\n oops </html>") == "<html> oops </html>"
+    assert google_error(b"") == "no message"
+
+
+def test_credentials_source_follows_gcloud_aio_auth_order(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = hide_credentials(monkeypatch, tmp_path)
+    point_at_metadata_host(monkeypatch, "127.0.0.1:9")
+    assert credentials_source() == "the metadata server 127.0.0.1:9"
+    assert credentials_source(why=True).startswith(
+        "the metadata server 127.0.0.1:9 (GOOGLE_APPLICATION_CREDENTIALS is unset, and there"
+    )
+    adc = config / "application_default_credentials.json"
+    adc.write_text("{}")
+    assert credentials_source() == f"the application default credentials {adc}"
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/keys/k.json")
+    assert credentials_source() == (
+        "the credentials file /keys/k.json (GOOGLE_APPLICATION_CREDENTIALS)"
+    )
+    assert credentials_source("/other.json") == "the credentials file /other.json"
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("mandrill: error:")]
+
+
+@pytest.mark.slow
+async def test_no_credentials_fail_within_seconds_with_one_line(
+    backend_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    hide_credentials(monkeypatch, tmp_path)
+    closed = f"127.0.0.1:{free_port()}"
+    point_at_metadata_host(monkeypatch, closed)
+    started = time.monotonic()
+    code, _, err = await run_to_end(
+        ["run", "--source", "pubsub", "--project", "p", "--backend", backend_name,
+         "--ledger", str(tmp_path / "l.db"), "--log-format", "json"],
+        seconds=EXIT_WITHIN,
+    )
+    took = time.monotonic() - started
+    assert code == 2, err
+    (line,) = _error_lines(err)
+    assert f"no Google Cloud access token from the metadata server {closed}" in line
+    assert "GOOGLE_APPLICATION_CREDENTIALS is unset" in line
+    assert str(tmp_path / "gcloud-config" / "application_default_credentials.json") in line
+    assert "gcloud auth application-default login" in line
+    assert "Traceback" not in err
+    # Each failure was logged as it happened, before the process gave up.
+    assert "getting an access token from the metadata server" in err
+    assert took < 20, took
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--source", "pubsub", "--project", "p"], id="pubsub"),
+        pytest.param(
+            ["--restarter", "gce", "--gce-project", "my-project", "--gce-zone", "europe-west1-b"],
+            id="gce-dry-run",
+        ),
+    ],
+)
+async def test_a_missing_credentials_file_is_one_line_naming_it(
+    args: list[str], backend_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    hide_credentials(monkeypatch, tmp_path)
+    missing = tmp_path / "keys" / "mandrill.json"
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
+    code, _, err = await run_to_end(
+        ["run", *args, "--backend", backend_name, "--ledger", str(tmp_path / "l.db")],
+        seconds=EXIT_WITHIN,
+    )
+    assert code == 2, err
+    (line,) = _error_lines(err)
+    assert f"cannot read the credentials file {missing} (GOOGLE_APPLICATION_CREDENTIALS)" in line
+    assert "No such file or directory" in line
+    assert "Traceback" not in err
+    assert "internal error" not in err
+
+
+@pytest.mark.emulator
+@pytest.mark.slow
+async def test_with_an_api_root_the_cli_checks_credentials_and_logs_a_retried_failure(
+    backend_name: str,
+    pubsub_emulator: PubSubEmulator,
+    pubsub_names: PubSubNames,
+    metadata_server: FakeMetadataServer,
+) -> None:
+    metadata_server.fail_next(1)
+    n = pubsub_names
+    code, out, err = await run_to_end(
+        ["setup", "--project", n.project, "--topic", n.topic, "--subscription", n.subscription,
+         "--backend", backend_name, "--pubsub-api-root", pubsub_emulator.url],
+        seconds=EXIT_WITHIN,
+    )
+    assert code == 0, err
+    assert "created subscription" in out
+    assert f"getting an access token from the metadata server {metadata_server.host}" in err
+    assert "HTTP 503" in err
+    # The check's two requests, then the clients' own token.
+    assert [r.status for r in metadata_server.token_requests] == [503, 200, 200]
