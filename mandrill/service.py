@@ -1,16 +1,25 @@
 """serve(): the daemon's task tree, and nothing else.
 
-    serve (root task group)
-    ├── signal watcher      first signal: graceful stop; second: force
-    ├── ledger writer       batched commits
-    ├── settler             batched acks and nacks
-    ├── lease keeper        extends every held lease, in batches
-    ├── extra services      metrics server, notifier (when configured)
-    └── workers (task group, cancelled after the grace)
-        ├── worker-0 … N    long-lived; each takes deliveries from one stream
-        └── intake (task group, cancelled at the first signal)
-            ├── consumer    pulls while there is room (backpressure)
-            └── publisher   only in the embedded demo
+The nesting is the order of shutdown: what must outlive the workers sits in an outer
+group, and every shield carries a deadline.
+
+    serve
+    └── lasting (task group: outlives the workers; cancelled last)
+        ├── signal watcher      first signal: graceful stop; second: force
+        ├── probes              lag probe, metrics server, task dump (when configured)
+        ├── ledger writer       batched commits
+        ├── settler             batched acks and nacks
+        ├── companions (task group: notifier …; stopped as the final settlement begins)
+        └── daemon (task group)
+            ├── lease keeper    extends every held lease, in batches
+            └── workers (task group; deadline set to now + grace at the first signal)
+                ├── worker-0 … N    long-lived; each takes deliveries from one stream
+                └── intake (task group, cancelled at the first signal)
+                    ├── consumer    pulls while there is room (backpressure)
+                    └── publisher   only in the embedded demo
+
+    final settlement (shielded, deadline ``settle_by``): nack what is held, flush the
+    settler, drain the ledger; then ``lasting`` is cancelled.
 """
 
 from __future__ import annotations
@@ -87,11 +96,21 @@ async def serve(
     """Run the daemon until a shutdown request (or ``stop_after``), then stop gracefully.
 
     Reports its :class:`Shutdown` through ``task_status`` once signal handlers and every
-    long-lived task are installed. Returns the counters. A failure of the service's own
-    parts (source or ledger gone) runs the same shutdown path and then propagates in an
+    long-lived task are installed. Returns the counters. ``observability`` brings its own
+    shutdown and counters (give it, or them, not both).
+
+    Bounded whatever the source and the ledger do: after the first signal it returns
+    within ``grace + settle_timeout``; after a forced stop within ``settle_timeout``; a
+    part failing during start-up raises at once. What could not be settled by then is
+    logged with a count (the source redelivers it). A failure of the service's own parts
+    (source or ledger gone) runs the same shutdown path and then propagates in an
     ``ExceptionGroup``.
     """
     if observability is not None:
+        if shutdown not in (None, observability.shutdown) or counters not in (
+            None, observability.counters
+        ):
+            raise ValueError("serve(): observability brings its own shutdown and counters")
         shutdown, counters = observability.shutdown, observability.counters
     shutdown = shutdown or Shutdown()
     counters = counters if counters is not None else Counters()
@@ -106,41 +125,54 @@ async def serve(
         counters=counters,
         settings=worker_settings,
         on_decision=parts.on_decision,
+        shutdown=shutdown,
     )
-    # The ledger writer and the settler must outlive the workers, whose cancellation
-    # handlers still record and settle: they ignore outside cancellation and are stopped
-    # explicitly once the final settlement is done.
-    last_to_stop: list[anyio.CancelScope] = []
-
-    async def until_stopped(service: Service, *, task_status: TaskStatus[None]) -> None:
-        with anyio.CancelScope(shield=True) as scope:
-            last_to_stop.append(scope)
-            await service(task_status=task_status)
-
-    async with anyio.create_task_group() as root:
+    async with anyio.create_task_group() as lasting:
         if settings.handle_signals:
-            await root.start(watch_signals, shutdown, settings.grace, name="signal watcher")
-        if observability is not None:
-            # Started first, so the lag probe and the metrics server watch start-up too.
-            observability.health.checks = {"ledger": parts.ledger.healthy}
-            for name, service in observability.services(in_flight=holdings.__len__):
-                await root.start(service, name=name)
-        await root.start(until_stopped, parts.ledger.run, name="ledger writer")
-        await root.start(until_stopped, settler.run, name="settler")
-        await root.start(keeper.run, name="lease keeper")
-        for service in parts.services:
-            await root.start(service, name=getattr(service, "__qualname__", "service"))
-        task_status.started(shutdown)
-        if observability is not None:
-            observability.health.set_serving()
-        log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
+            await lasting.start(watch_signals, shutdown, settings.grace, name="signal watcher")
+        companions: anyio.CancelScope | None = None
+        shields: list[anyio.CancelScope] = []
         try:
-            await _process(settings, parts, worker, settler, holdings, counters, shutdown, root)
+            # A signal during start-up (a ledger that hangs as it opens) stops it too.
+            with anyio.CancelScope() as starting:
+                watcher = await lasting.start(
+                    _cancel_on_request, shutdown, starting, settings.settle_timeout,
+                    name="start-up watcher",
+                )
+                if observability is not None:
+                    # Started first, so the lag probe and the metrics server watch start-up.
+                    observability.health.checks = {"ledger": parts.ledger.healthy}
+                    for name, probe in observability.services(in_flight=holdings.__len__):
+                        await lasting.start(probe, name=name)
+                for name, part in (("ledger writer", parts.ledger.run), ("settler", settler.run)):
+                    await lasting.start(_outlive_the_workers, part, shields, name=name)
+                companions = await lasting.start(
+                    _run_companions, parts.services, name="companions"
+                )
+            watcher.cancel()
+            if not starting.cancel_called:
+                async with anyio.create_task_group() as daemon:
+                    await daemon.start(keeper.run, name="lease keeper")
+                    task_status.started(shutdown)
+                    if observability is not None:
+                        observability.health.set_serving()
+                    log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
+                    await _process(
+                        settings, parts, worker, settler, holdings, counters, shutdown, daemon
+                    )
+                    daemon.cancel_scope.cancel()
         finally:
-            await _settle_held(holdings, settler, settings.settle_timeout)
-            for scope in last_to_stop:
-                scope.cancel()
-            root.cancel_scope.cancel()
+            shutdown.settle_by = min(
+                shutdown.settle_by, anyio.current_time() + settings.settle_timeout
+            )
+            for shield in shields:
+                shield.deadline = shutdown.settle_by
+            if companions is not None:
+                companions.cancel()
+            await _settle_held(holdings, settler, parts.ledger, shutdown)
+            for shield in shields:
+                shield.cancel()
+            lasting.cancel_scope.cancel()
     log.info(
         "stopped (%s): %s; unsettled %d",
         shutdown.reason or "done",
@@ -148,6 +180,55 @@ async def serve(
         settler.pending,
     )
     return counters
+
+
+async def _outlive_the_workers(
+    part: Service, shields: list[anyio.CancelScope], *, task_status: TaskStatus[None]
+) -> None:
+    """Run ``part`` (the ledger writer, the settler) shielded, once started, from a caller
+    cancelling serve(): cancelled workers still record and settle through it. The final
+    settlement gives the shield its deadline (``settle_by``), then cancels it. Not shielded
+    while it starts, so that a cancelled start-up never waits for it."""
+    with anyio.CancelScope() as shield:
+        shields.append(shield)
+        await part(task_status=_ShieldOnceStarted(shield, task_status))
+
+
+class _ShieldOnceStarted:
+    def __init__(self, scope: anyio.CancelScope, status: TaskStatus[None]) -> None:
+        self._scope = scope
+        self._status = status
+
+    def started(self, value: None = None) -> None:
+        self._scope.shield = True
+        self._status.started()
+
+
+async def _cancel_on_request(
+    shutdown: Shutdown,
+    starting: anyio.CancelScope,
+    settle_timeout: float,
+    *,
+    task_status: TaskStatus[anyio.CancelScope],
+) -> None:
+    """While the service starts, a shutdown request cancels the start-up (a ledger that
+    hangs as this daemon registers)."""
+    with anyio.CancelScope() as own:
+        task_status.started(own)
+        await shutdown.requested.wait()
+        shutdown.settle_by = min(shutdown.settle_by, anyio.current_time() + settle_timeout)
+        starting.cancel()
+
+
+async def _run_companions(
+    services: Sequence[Service], *, task_status: TaskStatus[anyio.CancelScope]
+) -> None:
+    """Start the companions (notifier …) in a group of their own, so that they can be
+    stopped as the final settlement begins, their own final flush running beside it."""
+    async with anyio.create_task_group() as companions:
+        for service in services:
+            await companions.start(service, name=getattr(service, "__qualname__", "service"))
+        task_status.started(companions.cancel_scope)
 
 
 async def _process(
@@ -158,13 +239,16 @@ async def _process(
     holdings: Holdings,
     counters: Counters,
     shutdown: Shutdown,
-    root: anyio.abc.TaskGroup,
+    daemon: anyio.abc.TaskGroup,
 ) -> None:
     # Everything in the stream is also in holdings, whose size is bounded by the same
     # number: send_nowait below can never block.
     send, receive = anyio.create_memory_object_stream[Delivery](settings.max_in_flight)
     async with anyio.create_task_group() as workers:
-        root.start_soon(_cancel_when, shutdown.forced, workers.cancel_scope, name="force watcher")
+        daemon.start_soon(
+            _force_when_asked, shutdown, workers.cancel_scope, settings.settle_timeout,
+            name="force watcher",
+        )
         async with receive:
             for number in range(settings.max_in_flight):
                 workers.start_soon(
@@ -178,21 +262,22 @@ async def _process(
                     name=f"worker-{number}",
                 )
         async with anyio.create_task_group() as intake:
-            intake.start_soon(_consume, parts.source, holdings, send, counters, name="consumer")
+            intake.start_soon(_consume, parts.source, holdings, send, name="consumer")
             if parts.publisher is not None:
                 intake.start_soon(parts.publisher, name="publisher")
             await shutdown.requested.wait()
             intake.cancel_scope.cancel()
         # Pulling has stopped and the stream is closed: workers finish what they hold.
         log.info("stopped pulling; %d in flight, grace %.1fs", len(holdings), settings.grace)
-        workers.cancel_scope.deadline = anyio.current_time() + settings.grace
+        now = anyio.current_time()
+        workers.cancel_scope.deadline = now + settings.grace
+        shutdown.settle_by = min(shutdown.settle_by, now + settings.grace + settings.settle_timeout)
 
 
 async def _consume(
     source: Source,
     holdings: Holdings,
     send: MemoryObjectSendStream[Delivery],
-    counters: Counters,
 ) -> None:
     async with send:
         while True:
@@ -228,24 +313,35 @@ async def _work(
                 shutdown.request(f"processed {counters.completed} messages")
 
 
-async def _cancel_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
+async def _force_when_asked(
+    shutdown: Shutdown, workers: anyio.CancelScope, settle_timeout: float
+) -> None:
+    await shutdown.forced.wait()
+    shutdown.settle_by = min(shutdown.settle_by, anyio.current_time() + settle_timeout)
+    workers.cancel()
 
 
-async def _settle_held(holdings: Holdings, settler: Settler, limit: float) -> None:
-    """Nack everything still held and flush pending settlements: shielded, bounded."""
-    with anyio.move_on_after(limit, shield=True) as scope:
+async def _settle_held(
+    holdings: Holdings, settler: Settler, ledger: Ledger, shutdown: Shutdown
+) -> None:
+    """Nack everything still held, flush pending settlements and let the ledger commit
+    what is queued: shielded, and bounded by ``shutdown.settle_by``."""
+    with anyio.CancelScope(shield=True, deadline=shutdown.settle_by) as scope:
         held = holdings.release_all()
         for delivery in held:
             settler.nack(delivery)
         try:
             await settler.flush()
         except Exception as exc:
-            log.error("could not settle %d messages at shutdown: %s", settler.pending, exc)
-            return
-        if held:
-            log.info("nacked %d messages still held at shutdown", len(held))
+            log.error("could not settle %d messages at shutdown: %s; the source redelivers"
+                      " them when their leases expire", settler.pending, exc)
+        else:
+            if held:
+                log.info("nacked %d messages still held at shutdown", len(held))
+        await ledger.drain()
     if scope.cancelled_caught:
-        log.error("final settlement timed out after %.1fs; %d settlements not sent",
-                  limit, settler.pending)
+        log.error(
+            "final settlement cut short by its deadline: %d settlements not settled; the"
+            " source redelivers them when their leases expire",
+            settler.pending,
+        )

@@ -69,20 +69,17 @@ class Settler:
         self._queued()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Send queued settlements until cancelled, then flush (shielded, caller-bounded).
+        """Send queued settlements until cancelled. What is queued then is left for the
+        service's final settlement (:meth:`flush` under its deadline).
 
         Raises :class:`~mandrill.errors.SourceError` if the source gives up.
         """
         task_status.started()
-        try:
-            while True:
-                await self._pending.wait()
-                with anyio.move_on_after(self._max_delay):
-                    await self._full.wait()
-                await self.flush()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.flush()
+        while True:
+            await self._pending.wait()
+            with anyio.move_on_after(self._max_delay):
+                await self._full.wait()
+            await self.flush()
 
     async def flush(self) -> None:
         """Send everything queued now. Bounded only by the source's own retries: callers

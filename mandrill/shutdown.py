@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 
 import anyio
@@ -15,12 +16,25 @@ SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Shutdown:
-    """Two stages: ``requested`` starts the graceful stop, ``forced`` skips the grace."""
+    """Two stages: ``requested`` starts the graceful stop, ``forced`` skips the grace.
+
+    ``settle_by`` is when everything still held must be settled (``current_time()``
+    seconds; infinite until the service sets it at the first signal, and earlier at a
+    forced stop): a cancelled task's last words (:meth:`last_words`) never run past it.
+    """
 
     def __init__(self) -> None:
         self.requested = anyio.Event()
         self.forced = anyio.Event()
         self.reason = ""
+        self.settle_by = math.inf
+
+    def last_words(self, seconds: float) -> anyio.CancelScope:
+        """A shielded scope for what a cancelled task must still do (record that its
+        restart was cancelled): at most ``seconds``, and never past ``settle_by``."""
+        return anyio.CancelScope(
+            shield=True, deadline=min(anyio.current_time() + seconds, self.settle_by)
+        )
 
     def request(self, reason: str) -> None:
         if not self.requested.is_set():

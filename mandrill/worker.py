@@ -30,11 +30,13 @@ from mandrill.policy import (
 )
 from mandrill.restarters.base import Restarter
 from mandrill.settler import Settler
+from mandrill.shutdown import Shutdown
 from mandrill.sources.base import Source
 
 log = logging.getLogger(__name__)
 
-#: How long a cancelled worker may spend recording that its restart was cancelled.
+#: How long a cancelled worker may spend recording that its restart was cancelled (and
+#: never past the service's settle deadline).
 CANCEL_RECORD_SECONDS = 2.0
 DAY = 86400.0
 
@@ -67,8 +69,10 @@ class Worker:
         counters: Counters,
         settings: WorkerSettings,
         on_decision: Callable[[Message, str, str], None] | None = None,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self._source = source
+        self._shutdown = shutdown if shutdown is not None else Shutdown()
         self._ledger = ledger
         self._restarter = restarter
         self._settler = settler
@@ -122,17 +126,18 @@ class Worker:
         now = self._wall_clock()
         # Queued now, so the save commits in the same batch as the claim below.
         saved = self._ledger.save(message, now)
+        # Cancelled, this does not wait for the save: it still commits with its batch (the
+        # ledger writer outlives the workers), and waiting would hold a shutdown up for as
+        # long as the ledger hangs.
+        result = await self._decide_and_restart(message, now)
         try:
-            return await self._decide_and_restart(message, now)
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await saved
-                except LedgerError as exc:
-                    # The talk's rule: a failed save is logged, not retried.
-                    self._counters.save_failed += 1
-                    log.log(self._ledger_level(logging.ERROR), "could not save message %s: %s",
-                            message.message_id, exc, extra=_context(message))
+            await saved
+        except LedgerError as exc:
+            # The talk's rule: a failed save is logged, not retried.
+            self._counters.save_failed += 1
+            log.log(self._ledger_level(logging.ERROR), "could not save message %s: %s",
+                    message.message_id, exc, extra=_context(message))
+        return result
 
     async def _decide_and_restart(self, message: Message, now: float) -> tuple[Result, int]:
         settings = self.settings
@@ -194,7 +199,7 @@ class Worker:
         except RestartFailed as exc:
             return await self._restart_failed(message, restart_id, failures, str(exc))
         except anyio.get_cancelled_exc_class():
-            with anyio.move_on_after(CANCEL_RECORD_SECONDS, shield=True):
+            with self._shutdown.last_words(CANCEL_RECORD_SECONDS):
                 await self._finish(restart_id, Outcome.CANCELLED, "cancelled by shutdown")
             raise
         except Exception as exc:

@@ -59,6 +59,11 @@ class Ledger(Protocol):
         """Commit queued writes in batches until cancelled, then flush what is queued."""
         ...
 
+    async def drain(self) -> None:
+        """Wait until every write queued now is committed or has failed (callers bound
+        it: the service's final settlement does, within its deadline)."""
+        ...
+
     def save(self, message: Message, now: float) -> Awaitable[None]:
         """Queue a message's record (history and replay); await the result to learn if it
         was committed. Queued at call time, so it commits in the same batch as a claim made

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -19,8 +20,10 @@ from mandrill.errors import LedgerError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-#: How long the final flush at shutdown may take before queued writes are given up.
-FINAL_FLUSH_SECONDS = 5.0
+#: How long the final flush at shutdown may take before queued writes are given up. The
+#: service drains the queue within its settle deadline first (:meth:`Batcher.drain`), so
+#: this is for what comes after (the instance's "stopped" mark) and for a failing service.
+FINAL_FLUSH_SECONDS = 1.0
 
 
 class Op(Generic[T]):
@@ -124,6 +127,8 @@ class Batcher:
         #: Ops queued when :meth:`run` stops, committed by its final flush (last words,
         #: such as a daemon instance saying it has stopped).
         self.on_close: list[Callable[[Any], object]] = []
+        self._current: _Batch | None = None
+        self._stuck = False
 
     @property
     def healthy(self) -> bool:
@@ -175,21 +180,44 @@ class Batcher:
                 while self._queue:
                     await self._flush()
         finally:
-            for fn in self.on_close:
-                self.submit(fn)
-            with anyio.move_on_after(FINAL_FLUSH_SECONDS, shield=True):
-                while self._queue:
-                    await self._flush(final=True)
+            if self._stuck:
+                log.warning("ledger write still stuck at shutdown: %d queued writes given up",
+                            sum(len(batch.ops) for batch in self._queue))
+            else:
+                for fn in self.on_close:
+                    self.submit(fn)
+                with anyio.move_on_after(FINAL_FLUSH_SECONDS, shield=True):
+                    while self._queue:
+                        await self._flush(final=True)
             self._closed = True
             for batch in self._queue:
                 batch.fail(LedgerError("ledger closed before this write was committed"))
             self._queue.clear()
 
+    async def drain(self) -> None:
+        """Wait until every op queued now has its result or error (:meth:`run` commits
+        them). Callers bound it: a database that hangs keeps it waiting."""
+        pending = ([self._current] if self._current is not None else []) + self._queue
+        for batch in pending:
+            await batch.done.wait()
+
+    @property
+    def stuck(self) -> bool:
+        """True once a batch was abandoned in its thread (cancelled while the database
+        hung): that thread still holds the connection, so it must not be used or closed."""
+        return self._stuck
+
     async def _flush(self, *, final: bool = False) -> None:
-        batch = self._queue.pop(0)
+        batch = self._current = self._queue.pop(0)
+        try:
+            await self._commit(batch, final=final)
+        finally:
+            self._current = None
+
+    async def _commit(self, batch: _Batch, *, final: bool) -> None:
         try:
             if not self._ran_now(batch.ops):
-                await anyio.to_thread.run_sync(self._db.run_batch, batch.ops, limiter=self.limiter)
+                await self._run_in_thread(batch)
         except Exception as exc:
             error = LedgerError(f"ledger write failed: {_one_line(exc)}")
             batch.fail(error)
@@ -197,10 +225,11 @@ class Batcher:
             if not final:
                 self._note_failure(error)
         except BaseException:
-            # Cancelled before the batch reached its thread (once there it cannot be
-            # cancelled), so nothing was written: back to the queue for the final flush,
-            # rather than done with neither result nor error, which reads as success.
-            self._queue.insert(0, batch)
+            if not self._stuck:
+                # Cancelled before the batch reached its thread, so nothing was written:
+                # back to the queue for the final flush, rather than done with neither
+                # result nor error, which reads as success.
+                self._queue.insert(0, batch)
             raise
         else:
             if self._failing_since is not None:
@@ -208,6 +237,27 @@ class Batcher:
                 log.warning("ledger recovered after %.1fs", down)
                 self._failing_since = None
             batch.done.set()
+
+    async def _run_in_thread(self, batch: _Batch) -> None:
+        # Abandoned if cancelled in its thread: a shutdown must not wait for a database
+        # that hangs (a lock held elsewhere, a server that stopped answering).
+        started = threading.Event()
+
+        def run_batch(ops: list[Op[Any]]) -> None:
+            started.set()
+            self._db.run_batch(ops)
+
+        try:
+            await anyio.to_thread.run_sync(
+                run_batch, batch.ops, limiter=self.limiter, abandon_on_cancel=True
+            )
+        except anyio.get_cancelled_exc_class():
+            if started.is_set():
+                self._stuck = True
+                batch.fail(LedgerError(
+                    "ledger write abandoned at shutdown: it may or may not be committed"
+                ))
+            raise
 
     def _ran_now(self, ops: list[Op[Any]]) -> bool:
         """Run the batch on this thread if the database can without blocking (and no

@@ -267,5 +267,13 @@ class SQLLedger:
     async def counts(self) -> dict[str, int]:
         return await self._batcher.query(sql.counts)
 
+    async def drain(self) -> None:
+        await self._batcher.drain()
+
     async def aclose(self) -> None:
+        if self._batcher.stuck:
+            # A thread is still inside a write that hangs and holds the connection: closing
+            # it would wait for that write, or break it. The process exit closes it.
+            log.warning("ledger connection left open: a write is still stuck in it")
+            return
         await anyio.to_thread.run_sync(self._db.close, limiter=self._batcher.limiter)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from mandrill.errors import LedgerError, RestartFailed
+from mandrill.ledger.batch import Op
 from mandrill.message import Message
 from mandrill.sources.memory import MemoryBroker
 
@@ -51,10 +52,11 @@ class FailingSaves:
         self._ledger = ledger
 
     def save(self, message: Message, now: float) -> object:
-        async def failed() -> None:
-            raise LedgerError("disk full (simulated)")
-
-        return failed()
+        # An op already failed, as the batcher returns it: awaiting it is optional.
+        op: Op[None] = Op(lambda cur: None)
+        op.error = LedgerError("disk full (simulated)")
+        op.done.set()
+        return op
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._ledger, name)
