@@ -14,6 +14,8 @@ import importlib.metadata
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import SimpleNamespace
 from typing import Any, NoReturn
@@ -139,11 +141,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = "debug" if getattr(cfg, "debug", False) else cfg.log_level
     with configured_logging(cfg.log_format, level):
         code = _run(_commands()[args.command], cfg)
+        stuck = _threads_still_blocked()
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         return _reader_gone()
+    if stuck:
+        # The interpreter would join them at exit, for as long as their I/O hangs (a
+        # ledger whose writes never finish): the shutdown's bound would not hold.
+        sys.stderr.flush()
+        os._exit(code)
     return code
+
+
+#: How long threads that are ending anyway (idle worker threads) get before exit.
+THREAD_EXIT_WAIT = 0.5
+
+
+def _threads_still_blocked() -> int:
+    """Threads that would hold the process's exit; logged with a count."""
+    deadline = time.monotonic() + THREAD_EXIT_WAIT
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    for thread in others:
+        if not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in others if not t.daemon and t.is_alive()]
+    if stuck:
+        log.warning("exiting without waiting for %d threads still blocked in I/O", len(stuck))
+    return len(stuck)
 
 
 def _run(command: Command, cfg: Any) -> int:

@@ -340,8 +340,12 @@ async def _settle_held(
                 log.info("nacked %d messages still held at shutdown", len(held))
         await ledger.drain()
     if scope.cancelled_caught:
-        log.error(
-            "final settlement cut short by its deadline: %d settlements not settled; the"
-            " source redelivers them when their leases expire",
-            settler.pending,
-        )
+        if settler.pending:
+            log.error(
+                "final settlement cut short by its deadline: %d settlements not sent; the"
+                " source redelivers those messages when their leases expire",
+                settler.pending,
+            )
+        else:
+            log.error("final settlement cut short by its deadline: the ledger is still"
+                      " writing (a write hangs)")

@@ -241,7 +241,7 @@ async def test_what_could_not_be_settled_is_logged_with_a_count(ledger, caplog):
             await restarter.started.wait()
             await anyio.wait_all_tasks_blocked()
             shutdown.request("SIGTERM")
-    lines = [r.getMessage() for r in caplog.records if "not settled" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
     assert lines, caplog.text
     assert "4 " in lines[0]
     assert "redeliver" in lines[0]

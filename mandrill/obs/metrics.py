@@ -34,6 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from mandrill.errors import ConfigError
 from mandrill.obs.counters import DEAD_LETTER_LABELS, OTHER, SKIP_LABELS, Counters, Histogram
 from mandrill.obs.debug import watch_slow_steps
 from mandrill.obs.lag import DEFAULT_SLOW_CALLBACK_MS, LagProbe
@@ -303,16 +304,20 @@ async def serve_http(
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``addr`` until cancelled.
 
     Reports the bound port through ``task_status`` (so ``HOST:0`` picks a free one).
-    Raises ``ValueError`` for a bad ``addr`` and ``OSError`` if it cannot listen, both
-    before ``started``. A connection's failure (a client gone, a timeout, a bug rendering
-    a page) ends that connection only; connections beyond ``max_connections`` are closed
-    at once.
+    Raises ``ValueError`` for a bad ``addr`` and ``ConfigError`` if it cannot listen (the
+    port is taken), both before ``started``. A connection's failure (a client gone, a
+    timeout, a bug rendering a page) ends that connection only; connections beyond
+    ``max_connections`` are closed at once.
     """
     host, port = parse_addr(addr)
     limiter = anyio.CapacityLimiter(max_connections)
     handler = partial(_handle, registry=registry, health=health, limiter=limiter,
                       connection_timeout=connection_timeout)
-    async with await anyio.create_tcp_listener(local_host=host, local_port=port) as listener:
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise ConfigError(f"--metrics-addr {addr}: cannot listen: {exc.strerror or exc}") from exc
+    async with listener:
         bound = listener.extra(SocketAttribute.local_port)
         shown = f"[{host}]" if ":" in host else host
         log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", shown, bound)
