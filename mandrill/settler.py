@@ -42,6 +42,7 @@ class Settler:
         self._defers: list[str] = []
         self._pending = anyio.Event()
         self._full = anyio.Event()
+        self._flushing = anyio.Lock()
 
     @property
     def pending(self) -> int:
@@ -82,8 +83,13 @@ class Settler:
             await self.flush()
 
     async def flush(self) -> None:
-        """Send everything queued now. Bounded only by the source's own retries: callers
-        at shutdown wrap it in ``move_on_after``."""
+        """Send everything queued now, after any flush already under way (so that the
+        final settlement also waits for the run loop's requests in flight). Bounded only by
+        the source's own retries: callers at shutdown bound it with a deadline."""
+        async with self._flushing:
+            await self._send_queued()
+
+    async def _send_queued(self) -> None:
         self._pending = anyio.Event()
         self._full = anyio.Event()
         while self.pending:

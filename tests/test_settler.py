@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import anyio
 import pytest
 
 from mandrill.errors import SourceError
@@ -85,3 +86,43 @@ async def test_what_a_failed_request_carried_is_sent_by_the_next_flush() -> None
         (f"deadline {DEFER_SECONDS:g}", ["ack-c"]),
     ]
     assert settler.pending == 0
+
+
+class GatedSource(FlakySource):
+    """Acknowledgements wait at a gate the test opens."""
+
+    def __init__(self) -> None:
+        super().__init__(failures=0)
+        self.gate = anyio.Event()
+        self.waiting = anyio.Event()
+
+    async def acknowledge(self, ack_ids: Sequence[str]) -> None:
+        self.waiting.set()
+        await self.gate.wait()
+        await super().acknowledge(ack_ids)
+
+
+async def test_a_final_flush_waits_for_the_request_the_run_loop_has_in_flight() -> None:
+    # The final settlement flushes while the run loop may be sending: returning early
+    # would leave that request to be cancelled with the loop, its ack ids unsent.
+    source = GatedSource()
+    holdings, (a,) = held("a")
+    settler = Settler(source, holdings, Counters(), max_delay=0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(settler.run)
+        settler.ack(a)
+        await source.waiting.wait()  # the run loop's request is in flight, nothing queued
+        flushed = anyio.Event()
+
+        async def final_flush() -> None:
+            await settler.flush()
+            flushed.set()
+
+        tg.start_soon(final_flush)
+        await anyio.wait_all_tasks_blocked()
+        assert not flushed.is_set()
+        source.gate.set()
+        await flushed.wait()
+        tg.cancel_scope.cancel()
+    assert settler.pending == 0
+    assert source.sent == [("ack", [a.ack_id])]
