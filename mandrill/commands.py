@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mandrill.config import HISTORY_OUTCOMES, parse_since, positive_int
 from mandrill.errors import ConfigError
-from mandrill.ledger import open_ledger
+from mandrill.ledger import open_ledger, sqlite_path
 from mandrill.ledger.base import HistoryRow
 from mandrill.message import is_valid_label
 from mandrill.output import print_json_lines, print_rows
@@ -273,9 +273,8 @@ async def open_pubsub_topic_checked(cfg: Any, project: str) -> AsyncIterator[Top
 async def open_existing_ledger(url: str) -> Any:
     """The ledger to read from; a SQLite path that does not exist is an error, not a new
     empty ledger (a typo would otherwise show an empty history)."""
-    is_sqlite = not url.startswith(("postgresql://", "postgres://")) and url != ":memory:"
-    path = url.removeprefix("sqlite://")
-    if is_sqlite and not await anyio.Path(path).exists():
+    path = sqlite_path(url)
+    if path is not None and path != ":memory:" and not await anyio.Path(path).exists():
         raise ConfigError(f"--ledger: no ledger at {path}")
     return await open_ledger(url)
 

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with each run of whitespace (newlines too) as one space: what goes into a
+    log line or an error's one line."""
+    return " ".join(text.split())
+
+
+def describe(exc: BaseException) -> str:
+    """``exc``'s message as one line, or its type's name when it has none."""
+    return one_line(str(exc)) or type(exc).__name__
+
+
 class MandrillError(Exception):
     """Base of every error mandrill raises on purpose."""
 

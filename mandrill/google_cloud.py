@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import anyio
 
-from mandrill.errors import CredentialsError
+from mandrill.errors import CredentialsError, one_line
 from mandrill.retry import GaveUp, RetryPolicy, retry
 
 if TYPE_CHECKING:
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 _TRANSIENT_STATUSES: Final = frozenset({408, 429})
 #: Longest error text kept from a body that is not Google's JSON (an HTML error page).
 _MAX_RAW_ERROR = 300
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def google_error(body: str | bytes) -> str:

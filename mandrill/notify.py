@@ -31,6 +31,7 @@ import anyio
 import httpx
 from anyio.abc import TaskStatus
 
+from mandrill.errors import one_line
 from mandrill.notification import BodyTemplate, Notification
 from mandrill.retry import GaveUp, RetryPolicy, retry
 
@@ -60,7 +61,7 @@ class _Refused(Exception):
     """The receiver answered, outside 2xx."""
 
     def __init__(self, status: int, answer: bytes) -> None:
-        text = " ".join(answer[:_ANSWER_IN_LOG].decode(errors="replace").split())
+        text = one_line(answer[:_ANSWER_IN_LOG].decode(errors="replace"))
         super().__init__(f"HTTP {status}" + (f": {text}" if text else ""))
         self.status = status
 
@@ -353,5 +354,5 @@ class Notifier:
             return f"no answer within {self.request_timeout:g}s"
         if isinstance(error, _Refused):
             return str(error)
-        text = " ".join(str(error).split())
+        text = one_line(str(error))
         return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -15,6 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from mandrill.errors import one_line
+
 
 def print_json_lines(rows: Sequence[dict[str, Any]]) -> None:
     for row in rows:
@@ -27,7 +29,7 @@ def print_rows(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     included, becomes one space)."""
     if not sys.stdout.isatty():
         for line in (columns, *rows):
-            print("\t".join(" ".join(cell.split()) for cell in line))
+            print("\t".join(one_line(cell) for cell in line))
         return
     table = Table()
     for column in columns:

@@ -1,4 +1,4 @@
-"""Safety controls checked before any restart: which hosts, on which days and hours, how many.
+"""Safety controls checked before any restart: which hosts, on which days and hours.
 
 Pure functions over plain data (h11-style): no I/O and no clock reads; callers pass the time
 as an aware ``datetime``. The ``parse_*`` functions turn flag values into those data and
@@ -194,39 +194,21 @@ class TimeWindow:
         return None
 
 
-# --- fleet rate limit --------------------------------------------------------------------
-
-
-def rate_limited(restarts_in_window: int, limit: int | None) -> bool:
-    """True if ``restarts_in_window`` restarts already use up ``limit`` (``None``: no limit)."""
-    return limit is not None and restarts_in_window >= limit
-
-
 # --- all together ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class SafetyControls:
-    """Every safety control, as configured once at start-up.
+    """The host and time-window controls, as configured once at start-up.
 
-    ``dry_run`` is carried, not checked: the worker decides as usual and records a dry-run
-    outcome instead of restarting. ``rate_limit`` restarts per ``rate_window`` seconds
-    across the fleet (``None``: unlimited) is checked by the worker with the ledger's count,
-    through :meth:`rate_limit_reason`.
+    Dry runs and the fleet rate limit are not here: the worker applies them (the rate
+    limit with the ledger's count, inside the claim's transaction; see
+    :class:`mandrill.policy.RateLimit`).
     """
 
     exclude: tuple[str, ...] = ()
     only: tuple[str, ...] = ()
     window: TimeWindow | None = None
-    dry_run: bool = False
-    rate_limit: int | None = None
-    rate_window: float = 3600.0
-
-    def __post_init__(self) -> None:
-        if self.rate_limit is not None and self.rate_limit < 0:
-            raise ValueError(f"rate limit must be >= 0, not {self.rate_limit}")
-        if not self.rate_window > 0:
-            raise ValueError(f"rate window must be > 0 seconds, not {self.rate_window}")
 
     def skip_reason(self, message: Message, now: datetime) -> str | None:
         """Why this message's host must not be restarted at ``now`` (aware), or ``None``.
@@ -238,13 +220,3 @@ class SafetyControls:
         if reason is None and self.window is not None:
             reason = self.window.skip_reason(now)
         return reason
-
-    def rate_limit_reason(self, restarts_in_window: int) -> str | None:
-        """Why the fleet may not restart another host now, given the ledger's count of
-        restarts in the last ``rate_window`` seconds, or ``None``."""
-        if not rate_limited(restarts_in_window, self.rate_limit):
-            return None
-        return (
-            f"fleet rate limit: {restarts_in_window} restarts in the last "
-            f"{self.rate_window:g}s (limit {self.rate_limit})"
-        )

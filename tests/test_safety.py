@@ -18,7 +18,6 @@ from mandrill.safety import (
     parse_patterns,
     parse_timezone,
     parse_weekdays,
-    rate_limited,
 )
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -223,22 +222,7 @@ def test_default_window_allows_everything(now):
     assert TimeWindow().skip_reason(now) is None
 
 
-# --- rate limit and the bundle ---
-
-
-@pytest.mark.parametrize(
-    ("count", "limit", "expected"),
-    [
-        (0, None, False),
-        (10**6, None, False),
-        (0, 0, True),
-        (2, 3, False),
-        (3, 3, True),
-        (4, 3, True),
-    ],
-)
-def test_rate_limited(count, limit, expected):
-    assert rate_limited(count, limit) is expected
+# --- the bundle ---
 
 
 def test_safety_controls():
@@ -246,31 +230,15 @@ def test_safety_controls():
         exclude=("db-*",),
         only=("web-*", "db-*"),
         window=TimeWindow(parse_weekdays("mon-fri"), (), UTC),
-        dry_run=True,
-        rate_limit=5,
-        rate_window=600,
     )
-    assert controls.dry_run
     assert controls.skip_reason(message("web-1"), MONDAY_NOON_UTC) is None
     assert (
         controls.skip_reason(message("db-1"), MONDAY_NOON_UTC) == "host excluded by pattern 'db-*'"
     )
     saturday = MONDAY_NOON_UTC + timedelta(days=5)
     assert controls.skip_reason(message("web-1"), saturday).startswith("outside allowed days")
-    assert controls.rate_limit_reason(4) is None
-    assert controls.rate_limit_reason(5) == (
-        "fleet rate limit: 5 restarts in the last 600s (limit 5)"
-    )
 
 
 def test_default_controls_never_skip():
     controls = SafetyControls()
     assert controls.skip_reason(message(), MONDAY_NOON_UTC) is None
-    assert controls.rate_limit_reason(10**9) is None
-    assert not controls.dry_run
-
-
-@pytest.mark.parametrize(("limit", "window"), [(-1, 60.0), (1, 0.0), (None, -5.0)])
-def test_bad_controls(limit, window):
-    with pytest.raises(ValueError, match="rate"):
-        SafetyControls(rate_limit=limit, rate_window=window)

@@ -38,7 +38,8 @@ async def open_ledger(
 
     Raises :class:`~mandrill.errors.LedgerError` when it cannot be opened.
     """
-    if url.startswith(("postgresql://", "postgres://")):
+    path = sqlite_path(url)
+    if path is None:
         from mandrill.ledger.postgres import open_postgres_ledger
 
         ledger = await open_postgres_ledger(
@@ -48,7 +49,6 @@ async def open_ledger(
     else:
         from mandrill.ledger.sqlite import open_sqlite_ledger
 
-        path = url.removeprefix("sqlite://")
         ledger = await open_sqlite_ledger(
             path, outage_limit=outage_limit, journal=_sqlite_journal(path, journal),
             subscription=subscription, instance_timeout=instance_timeout, clock=clock,
@@ -59,6 +59,14 @@ async def open_ledger(
         await ledger.aclose()
         raise
     return ledger
+
+
+def sqlite_path(url: str) -> str | None:
+    """The SQLite file (or ``:memory:``) a ledger URL names; ``None`` for PostgreSQL's
+    ``postgresql://…`` (or ``postgres://…``). The one place that tells the two apart."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return None
+    return url.removeprefix("sqlite://")
 
 
 def _postgres_journal(url: str, journal: str | None) -> OutcomeJournal | None:
@@ -87,4 +95,5 @@ __all__ = [
     "SQLLedger",
     "SavedMessage",
     "open_ledger",
+    "sqlite_path",
 ]

@@ -39,7 +39,7 @@ from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
-from mandrill.errors import LedgerError
+from mandrill.errors import LedgerError, describe
 from mandrill.ledger import sql
 from mandrill.ledger.batch import Op
 from mandrill.ledger.journal import OutcomeJournal
@@ -176,7 +176,7 @@ class PostgresDatabase:
                         if conn.closed:
                             raise  # the connection is gone: the whole batch failed
                         cur.execute("ROLLBACK TO SAVEPOINT op")
-                        op.error = LedgerError(f"ledger write failed: {_one_line(exc)}")
+                        op.error = LedgerError(f"ledger write failed: {describe(exc)}")
                     cur.execute("RELEASE SAVEPOINT op")
                 cur.execute("COMMIT")
         except BaseException:
@@ -253,7 +253,7 @@ async def open_postgres_ledger(
         db = await anyio.to_thread.run_sync(PostgresDatabase, url)
     except (psycopg.Error, ValueError) as exc:
         raise LedgerError(
-            f"cannot open PostgreSQL ledger {redact(url)}: {_one_line(exc)}"
+            f"cannot open PostgreSQL ledger {redact(url)}: {describe(exc)}"
         ) from exc
     except LedgerError as exc:
         raise LedgerError(f"PostgreSQL ledger {redact(url)}: {exc}") from None
@@ -273,8 +273,6 @@ def redact(url: str) -> str:
     return url if password is None else url.replace(f":{password}@", ":***@", 1)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 __all__ = [

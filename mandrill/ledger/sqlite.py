@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from mandrill.errors import LedgerError
+from mandrill.errors import LedgerError, describe
 from mandrill.ledger import sql
 from mandrill.ledger.batch import Op
 from mandrill.ledger.journal import OutcomeJournal
@@ -114,8 +114,7 @@ class SQLiteDatabase:
                         self._conn.rollback()
                         return False
                     cur.execute("ROLLBACK TO op")
-                    reason = " ".join(str(exc).split()) or type(exc).__name__
-                    op.error = LedgerError(f"ledger write failed: {reason}")
+                    op.error = LedgerError(f"ledger write failed: {describe(exc)}")
                 if savepoints:
                     cur.execute("RELEASE op")
             cur.execute("COMMIT")

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import anyio
 from anyio.abc import Process
 
-from mandrill.errors import RestartFailed
+from mandrill.errors import RestartFailed, one_line
 from mandrill.message import Message, is_valid_label, validate_domain
 
 #: The names a template may use, as ``{name}``.
@@ -123,8 +123,7 @@ def _is_valid_hostname(hostname: str) -> bool:
 
 
 def _one_line_tail(data: bytes | None) -> str:
-    text = " ".join((data or b"").decode("utf-8", "replace").split())
-    return text[-STDERR_TAIL_CHARS:]
+    return one_line((data or b"").decode("utf-8", "replace"))[-STDERR_TAIL_CHARS:]
 
 
 class CommandRestarter:
