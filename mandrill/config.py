@@ -185,7 +185,7 @@ def _zone(value: object) -> str:
 
 
 def _metrics_addr(value: object) -> str | None:
-    from mandrill.obs.metrics import parse_addr
+    from mandrill.obs.address import parse_addr
 
     if value in (None, ""):
         return None

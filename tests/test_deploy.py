@@ -27,9 +27,10 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mandrill import config
+from mandrill.obs.collector import build_registry
 from mandrill.obs.counters import Counters
+from mandrill.obs.health import ServiceHealth
 from mandrill.obs.lag import LagProbe
-from mandrill.obs.metrics import ServiceHealth, build_registry
 from tests.support.daemon import run_to_end, start
 from tests.support.net import free_port
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).parent.parent / "mandrill"
 
@@ -65,3 +69,30 @@ def test_circles_are_found():
 
 def test_no_import_circle():
     assert circles(imports()) == []
+
+
+#: What a light module must not load: the Google and HTTP clients, the metrics library and
+#: the backend that the command may not even run on.
+HEAVY = ("aiohttp", "gcloud", "prometheus_client", "trio", "httpx")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import mandrill.config",
+        "import mandrill.restarters.base",
+        "import mandrill.restarters",
+        "import mandrill.cli",
+        # Validating --metrics-addr parses the address only.
+        "import mandrill.config as c; c.load('run', {'metrics_addr': '127.0.0.1:9464'}, {})",
+    ],
+)
+def test_light_imports(code):
+    probe = (
+        f"{code}\nimport sys\n"
+        f"print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == []

@@ -11,15 +11,13 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mandrill.obs.address import parse_addr
+from mandrill.obs.collector import build_registry
 from mandrill.obs.counters import Counters, Histogram
+from mandrill.obs.health import ServiceHealth
+from mandrill.obs.http import serve_http
 from mandrill.obs.lag import LagProbe
-from mandrill.obs.metrics import (
-    Observability,
-    ServiceHealth,
-    build_registry,
-    parse_addr,
-    serve_http,
-)
+from mandrill.obs.metrics import Observability
 from mandrill.shutdown import Shutdown
 
 

@@ -1,0 +1,61 @@
+"""``/healthz`` and ``/readyz``: what they ask (:class:`Health`) and the daemon's answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from mandrill.obs.lag import LagProbe
+    from mandrill.shutdown import Shutdown
+
+#: ``/healthz`` fails when the lag probe has not woken up for this long past its interval.
+LIVENESS_BOUND = 5.0
+
+
+class Health(Protocol):
+    """What ``/healthz`` and ``/readyz`` ask; each answer is ``(ok, reason)``."""
+
+    def loop_alive(self) -> tuple[bool, str]: ...
+
+    def ready(self) -> tuple[bool, str]: ...
+
+
+@dataclass
+class ServiceHealth:
+    """Liveness from the lag probe, readiness from the service's parts.
+
+    ``ready()`` is true once :meth:`set_serving` was called, while every check in
+    ``checks`` (for example ``{"source": ..., "ledger": ...}``) returns true and no
+    shutdown has been requested. Checks run on the loop thread at each request: keep them
+    to attribute reads.
+    """
+
+    shutdown: Shutdown | None = None
+    probe: LagProbe | None = None
+    checks: Mapping[str, Callable[[], bool]] = field(default_factory=dict)
+    liveness_bound: float = LIVENESS_BOUND
+    serving: bool = False
+
+    def set_serving(self) -> None:
+        """Called by ``serve()`` once every part runs and workers take messages."""
+        self.serving = True
+
+    def loop_alive(self) -> tuple[bool, str]:
+        if self.probe is None:
+            return True, "ok"
+        age = self.probe.beat_age()
+        if self.probe.alive(self.liveness_bound):
+            return True, "ok"
+        return False, f"event loop lagging: last lag-probe beat {age:.1f}s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.shutdown is not None and self.shutdown.requested.is_set():
+            return False, f"shutting down ({self.shutdown.reason or 'requested'})"
+        if not self.serving:
+            return False, "starting"
+        for name, check in self.checks.items():
+            if not check():
+                return False, f"{name} not ready"
+        return True, "ready"

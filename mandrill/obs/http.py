@@ -1,0 +1,195 @@
+"""The HTTP server of ``/metrics``, ``/healthz`` and ``/readyz``.
+
+A few dozen lines on anyio's own sockets rather than prometheus-client's threaded server:
+it runs as a task of the daemon's task group (on asyncio and trio alike), so no thread
+outlives the daemon and shutdown cancels it like everything else. It speaks just enough
+HTTP/1.1: ``GET`` only, one request per connection (``Connection: close``), a bounded
+request head, a deadline per connection and a bound on concurrent connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import anyio
+from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from mandrill.errors import ConfigError
+from mandrill.obs.address import parse_addr
+from mandrill.obs.health import Health
+
+log = logging.getLogger(__name__)
+
+#: Request line plus headers; a scraper sends a few hundred bytes.
+MAX_REQUEST_BYTES = 8192
+#: From accept to the last byte sent; a scrape answers in milliseconds.
+CONNECTION_TIMEOUT = 10.0
+MAX_CONNECTIONS = 16
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+_PHRASES = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+async def serve_http(
+    addr: str,
+    registry: CollectorRegistry,
+    health: Health,
+    *,
+    connection_timeout: float = CONNECTION_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``addr`` until cancelled.
+
+    Reports the bound port through ``task_status`` (so ``HOST:0`` picks a free one).
+    Raises ``ValueError`` for a bad ``addr`` and ``ConfigError`` if it cannot listen (the
+    port is taken), both before ``started``. A connection's failure (a client gone, a
+    timeout, a bug rendering a page) ends that connection only; connections beyond
+    ``max_connections`` are closed at once.
+    """
+    host, port = parse_addr(addr)
+    limiter = anyio.CapacityLimiter(max_connections)
+    handler = partial(_handle, registry=registry, health=health, limiter=limiter,
+                      connection_timeout=connection_timeout)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise ConfigError(f"--metrics-addr {addr}: cannot listen: {exc.strerror or exc}") from exc
+    async with listener:
+        bound = listener.extra(SocketAttribute.local_port)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", shown, bound)
+        task_status.started(bound)
+        await listener.serve(handler)
+
+
+async def _handle(
+    stream: ByteStream,
+    *,
+    registry: CollectorRegistry,
+    health: Health,
+    limiter: anyio.CapacityLimiter,
+    connection_timeout: float,
+) -> None:
+    async with stream:
+        try:
+            limiter.acquire_on_behalf_of_nowait(stream)
+        except anyio.WouldBlock:
+            log.debug("metrics: too many connections, closing one")
+            return
+        try:
+            with anyio.move_on_after(connection_timeout):
+                response = await _respond(stream, registry, health)
+                if response is not None:
+                    await stream.send(_encode(response))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            log.debug("metrics: connection lost: %r", exc)
+        finally:
+            limiter.release_on_behalf_of(stream)
+
+
+async def _respond(
+    stream: ByteStream, registry: CollectorRegistry, health: Health
+) -> _Response | None:
+    """Read one request and build its response; ``None`` when the client went away."""
+    try:
+        head = await _read_head(stream)
+    except anyio.EndOfStream:
+        return None
+    except _BadRequest as exc:
+        return _Response(exc.status, f"{exc}\n".encode())
+    try:
+        method, path, headers = _parse_head(head)
+        if method != "GET":
+            return _Response(405, b"only GET\n", headers=(("Allow", "GET"),))
+        return _route(path, headers, registry, health)
+    except _BadRequest as exc:
+        return _Response(exc.status, f"{exc}\n".encode())
+    except Exception:
+        # One page failing (a collector's bug) must not stop the server nor the service.
+        log.exception("metrics: error answering a request")
+        return _Response(500, b"internal error\n")
+
+
+async def _read_head(stream: ByteStream) -> bytes:
+    """Bytes up to the blank line ending the headers. Raises ``EndOfStream``/_BadRequest."""
+    data = bytearray()
+    while True:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            end = data.find(b"\n\n")
+        if end >= 0:
+            return bytes(data[:end])
+        if len(data) > MAX_REQUEST_BYTES:
+            raise _BadRequest(431, "request head too large")
+        chunk = await stream.receive(4096)
+        data += chunk
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise _BadRequest(400, "malformed request line")
+    method, target, version = parts
+    if not version.startswith("HTTP/1."):
+        raise _BadRequest(505, "HTTP/1.x only")
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise _BadRequest(400, "malformed header line")
+        headers[name.lower()] = value.strip()
+    return method, target.split("?", 1)[0], headers
+
+
+def _route(
+    path: str, headers: Mapping[str, str], registry: CollectorRegistry, health: Health
+) -> _Response:
+    if path == "/metrics":
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        return _Response(200, encoder(registry), content_type)
+    if path in ("/healthz", "/readyz"):
+        ok, reason = health.loop_alive() if path == "/healthz" else health.ready()
+        return _Response(200 if ok else 503, f"{reason}\n".encode())
+    return _Response(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+
+def _encode(response: _Response) -> bytes:
+    lines = [
+        f"HTTP/1.1 {response.status} {_PHRASES.get(response.status, '')}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Connection: close",
+        "Cache-Control: no-store",
+        *(f"{name}: {value}" for name, value in response.headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
