@@ -16,9 +16,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from types import SimpleNamespace
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 
@@ -28,7 +27,7 @@ from mandrill.obs.logs import configured_logging
 
 log = logging.getLogger("mandrill.cli")
 
-Command = Callable[[Any], Awaitable[int]]
+C = TypeVar("C", bound=config.CommandConfig)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,15 +131,13 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = SimpleNamespace(
-            **config.load(args.command, vars(args), os.environ, args.config), args=args
-        )
+        cfg = config.command_config(args.command, vars(args), os.environ, args.config)
     except ConfigError as exc:
         print(f"mandrill: error: {exc}", file=sys.stderr)
         return 2
-    level = "debug" if getattr(cfg, "debug", False) else cfg.log_level
-    with configured_logging(cfg.log_format, level):
-        code = _run(_commands()[args.command], cfg)
+    debugging = isinstance(cfg, config.RunConfig) and cfg.observability.debug
+    with configured_logging(cfg.logs.log_format, "debug" if debugging else cfg.logs.log_level):
+        code = _dispatch(cfg)
         stuck = _threads_still_blocked()
     try:
         sys.stdout.flush()
@@ -171,13 +168,32 @@ def _threads_still_blocked() -> int:
     return len(stuck)
 
 
-def _run(command: Command, cfg: Any) -> int:
+def _dispatch(cfg: config.CommandConfig) -> int:
+    """Run the command ``cfg`` is the configuration of (mypy checks that each command gets
+    its own)."""
+    from mandrill import commands
+
+    match cfg:
+        case config.RunConfig():
+            return _run(commands.run, cfg)
+        case config.PublishConfig():
+            return _run(commands.publish, cfg)
+        case config.SetupConfig():
+            return _run(commands.setup, cfg)
+        case config.HistoryConfig():
+            return _run(commands.history, cfg)
+        case config.ReplayConfig():
+            return _run(commands.replay, cfg)
+
+
+def _run(command: Callable[[C], Awaitable[int]], cfg: C) -> int:
     from mandrill.obs import debug
     from mandrill.obs.profiling import profiled
 
-    debugging = getattr(cfg, "debug", False)
+    run = cfg if isinstance(cfg, config.RunConfig) else None
+    debugging = run is not None and run.observability.debug
     options = debug.backend_options(cfg.backend, debugging)
-    profile = getattr(cfg, "profile", None)
+    profile = run.observability.profile if run is not None else None
     try:
         with profiled(profile):
             return anyio.run(command, cfg, backend=cfg.backend, backend_options=options)
@@ -235,21 +251,9 @@ def _report(exc: BaseException) -> int:
     return 1
 
 
-def _leaves(exc: BaseException) -> Any:
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
             yield from _leaves(inner)
     else:
         yield exc
-
-
-def _commands() -> dict[str, Command]:
-    from mandrill import commands
-
-    return {
-        "run": commands.run,
-        "history": commands.history,
-        "publish": commands.publish,
-        "setup": commands.setup,
-        "replay": commands.replay,
-    }

@@ -7,16 +7,26 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mandrill.config import HISTORY_OUTCOMES, parse_since, positive_int
+from mandrill.config import (
+    HISTORY_OUTCOMES,
+    HistoryConfig,
+    PublishConfig,
+    PubSubConfig,
+    ReplayConfig,
+    RunConfig,
+    SetupConfig,
+    parse_since,
+    positive_int,
+)
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger, sqlite_path
-from mandrill.ledger.base import HistoryRow
+from mandrill.ledger.base import HistoryRow, Ledger
 from mandrill.message import is_valid_label
 from mandrill.output import print_json_lines, print_rows
 from mandrill.parts import (
@@ -36,7 +46,7 @@ log = logging.getLogger("mandrill")
 T = TypeVar("T")
 
 
-async def run(cfg: Any) -> int:
+async def run(cfg: RunConfig) -> int:
     from mandrill.obs import debug
     from mandrill.obs.counters import Counters
     from mandrill.obs.metrics import Observability
@@ -46,15 +56,17 @@ async def run(cfg: Any) -> int:
     observability = Observability(
         counters=Counters(),
         shutdown=Shutdown(),
-        metrics_addr=cfg.metrics_addr,
-        slow_callback_ms=debug.slow_callback_ms(cfg.debug, cfg.slow_callback_ms),
-        debug=cfg.debug,
+        metrics_addr=cfg.observability.metrics_addr,
+        slow_callback_ms=debug.slow_callback_ms(
+            cfg.observability.debug, cfg.observability.slow_callback_ms
+        ),
+        debug=cfg.observability.debug,
         max_in_flight=cfg.max_in_flight,
     )
     async with open_parts(cfg, observability.counters) as parts:
         log.info(
             "mandrill running on %s: source %s, ledger %s, restarter %s, up to %d in flight",
-            cfg.backend, cfg.source, cfg.ledger, cfg.restarter, cfg.max_in_flight,
+            cfg.backend, cfg.source.kind, cfg.ledger.url, cfg.restarter.kind, cfg.max_in_flight,
         )
         if workers.dry_run:
             log.warning(
@@ -69,10 +81,10 @@ async def run(cfg: Any) -> int:
     return 0
 
 
-async def history(cfg: Any) -> int:
+async def history(cfg: HistoryConfig) -> int:
     """Decisions and dead letters, newest first: a table on a terminal, else every value
     in full (tab-separated, or JSON lines with ``--json``) for grep and scripts."""
-    args = cfg.args
+    args = cfg.flags
     limit = _flag(positive_int, args.limit, "--limit")
     since = parse_since(args.since, "--since")
     hostname = host_filter(args.host, cfg.domain)
@@ -155,7 +167,7 @@ def _flag(parse: Callable[[object], T], value: object, flag: str) -> T:
         raise ConfigError(f"{flag}: {exc}") from None
 
 
-def _project(cfg: Any) -> str:
+def _project(cfg: PubSubConfig) -> str:
     """The project publish, setup and replay need (they have no --source to mention)."""
     if not cfg.project:
         raise ConfigError(
@@ -165,7 +177,7 @@ def _project(cfg: Any) -> str:
     return str(cfg.project)
 
 
-async def setup(cfg: Any) -> int:
+async def setup(cfg: SetupConfig) -> int:
     from mandrill.sources.pubsub import setup_pubsub
 
     low, high = MIN_SUBSCRIPTION_ACK_DEADLINE, MAX_SUBSCRIPTION_ACK_DEADLINE
@@ -173,9 +185,11 @@ async def setup(cfg: Any) -> int:
         raise ConfigError(
             f"--ack-deadline: {cfg.ack_deadline:g}s is not between {low}s and {high}s"
         )
-    project = _project(cfg)
+    project = _project(cfg.pubsub)
     async with open_asyncio_bridge(cfg.backend) as bridge:
-        await check_google_credentials(bridge, pubsub=True, pubsub_api_root=cfg.pubsub_api_root)
+        await check_google_credentials(
+            bridge, pubsub=True, pubsub_api_root=cfg.pubsub.pubsub_api_root
+        )
         done = await setup_pubsub(
             project=project,
             topic=cfg.topic,
@@ -185,16 +199,16 @@ async def setup(cfg: Any) -> int:
             dead_letter_topic=cfg.dead_letter_topic,
             max_delivery_attempts=cfg.max_delivery_attempts,
             bridge=bridge,
-            api_root=cfg.pubsub_api_root,
+            api_root=cfg.pubsub.pubsub_api_root,
         )
     for line in done:
         print(line)
     return 0
 
 
-async def publish(cfg: Any) -> int:
+async def publish(cfg: PublishConfig) -> int:
     """The talk's publisher against a real topic, with a progress bar on a terminal."""
-    project = _project(cfg)
+    _project(cfg.pubsub)  # a missing --project is said before anything starts
     console = Console(stderr=True)
     # auto_refresh would start a thread of rich's own; refresh from the loop instead.
     with Progress(
@@ -216,7 +230,7 @@ async def publish(cfg: Any) -> int:
             progress.update(task, advance=n, rate=f"{done / elapsed:,.0f}/s")
             progress.refresh()
 
-        async with open_pubsub_topic_checked(cfg, project) as t:
+        async with open_pubsub_topic_checked(cfg.pubsub, cfg.topic, cfg.backend) as t:
             published = await publish_chaos(
                 t, count=cfg.count, rate=cfg.rate, rng=random.Random(cfg.seed),
                 on_published=advance,
@@ -225,10 +239,10 @@ async def publish(cfg: Any) -> int:
     return 0
 
 
-async def replay(cfg: Any) -> int:
+async def replay(cfg: ReplayConfig) -> int:
     """Republish saved messages (received, or dead-lettered with --dead-letters)."""
-    args = cfg.args
-    project = _project(cfg)
+    args = cfg.flags
+    _project(cfg.pubsub)  # a missing --project is said before the ledger is read
     since = parse_since(args.since, "--since")
     until = parse_since(args.until, "--until")
     hostname = host_filter(args.host, cfg.domain)
@@ -245,7 +259,7 @@ async def replay(cfg: Any) -> int:
     messages = [
         (m.data, {**m.attributes, "mandrill_replay_of": m.message_id}) for m in saved
     ]
-    async with open_pubsub_topic_checked(cfg, project) as t:
+    async with open_pubsub_topic_checked(cfg.pubsub, cfg.topic, cfg.backend) as t:
         for start in range(0, len(messages), MAX_BATCH):
             await t.publish(messages[start : start + MAX_BATCH])
     log.info("replayed %d messages to %s", len(messages), cfg.topic)
@@ -254,23 +268,25 @@ async def replay(cfg: Any) -> int:
 
 
 @contextlib.asynccontextmanager
-async def open_pubsub_topic_checked(cfg: Any, project: str) -> AsyncIterator[Topic]:
-    """``cfg``'s topic, on a bridge of its own, once credentials were found to work."""
+async def open_pubsub_topic_checked(
+    cfg: PubSubConfig, topic: str, backend: str
+) -> AsyncIterator[Topic]:
+    """``topic``, on a bridge of its own, once credentials were found to work."""
     from mandrill.sources.pubsub import open_pubsub_topic
 
-    async with open_asyncio_bridge(cfg.backend) as bridge:
+    async with open_asyncio_bridge(backend) as bridge:
         await check_google_credentials(bridge, pubsub=True, pubsub_api_root=cfg.pubsub_api_root)
         async with open_pubsub_topic(
-            project=project,
-            topic=cfg.topic,
-            backend=cfg.backend,
+            project=_project(cfg),
+            topic=topic,
+            backend=backend,
             bridge=bridge,
             api_root=cfg.pubsub_api_root,
-        ) as topic:
-            yield topic
+        ) as opened:
+            yield opened
 
 
-async def open_existing_ledger(url: str) -> Any:
+async def open_existing_ledger(url: str) -> Ledger:
     """The ledger to read from; a SQLite path that does not exist is an error, not a new
     empty ledger (a typo would otherwise show an empty history)."""
     path = sqlite_path(url)

@@ -8,8 +8,15 @@ import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mandrill.config import (
+    NotifyConfig,
+    RestarterConfig,
+    RunConfig,
+    SafetyConfig,
+    SourceConfig,
+)
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
 from mandrill.ledger.base import Ledger
@@ -34,61 +41,65 @@ log = logging.getLogger(__name__)
 REAL_RESTARTERS = frozenset({"command", "gce"})
 
 
-def is_dry_run(cfg: Any) -> bool:
-    return bool(cfg.dry_run or (cfg.restarter in REAL_RESTARTERS and not cfg.live))
+def is_dry_run(restarter: RestarterConfig, safety: SafetyConfig) -> bool:
+    return safety.dry_run or (restarter.kind in REAL_RESTARTERS and not safety.live)
 
 
-def service_settings(cfg: Any) -> ServiceSettings:
+def service_settings(cfg: RunConfig) -> ServiceSettings:
     return ServiceSettings(
         max_in_flight=cfg.max_in_flight,
-        grace=cfg.grace,
-        settle_timeout=cfg.settle_timeout,
-        max_lease=cfg.max_lease,
+        grace=cfg.shutdown.grace,
+        settle_timeout=cfg.shutdown.settle_timeout,
+        max_lease=cfg.source.max_lease,
         stop_after=cfg.count,
     )
 
 
-def worker_settings(cfg: Any) -> WorkerSettings:
-    controls = safety_controls(cfg)
+def worker_settings(cfg: RunConfig) -> WorkerSettings:
+    safety = cfg.safety
+    controls = safety_controls(safety)
     return WorkerSettings(
-        domain=cfg.domain,
-        min_restart_interval=cfg.min_restart_interval,
-        retry_unknown=cfg.retry_unknown,
-        max_attempts=cfg.max_attempts,
-        dry_run=is_dry_run(cfg),
-        max_concurrent_restarts=cfg.max_concurrent_restarts,
-        rate_limit=RateLimit(cfg.max_restarts, cfg.max_restarts_window)
-        if cfg.max_restarts
+        domain=cfg.restarter.domain,
+        min_restart_interval=safety.min_restart_interval,
+        retry_unknown=cfg.ledger.retry_unknown,
+        max_attempts=cfg.restarter.max_attempts,
+        dry_run=is_dry_run(cfg.restarter, safety),
+        max_concurrent_restarts=safety.max_concurrent_restarts,
+        rate_limit=RateLimit(safety.max_restarts, safety.max_restarts_window)
+        if safety.max_restarts
         else None,
         skip_checks=[controls.skip_reason] if controls is not None else [],
     )
 
 
-def ledger_subscription(cfg: Any) -> str:
+def ledger_subscription(source: SourceConfig) -> str:
     """What the ledger records messages under: message ids are unique per subscription."""
-    if cfg.source != "pubsub":
-        return str(cfg.source)
+    if source.kind != "pubsub":
+        return source.kind
     from mandrill.sources.pubsub import subscription_path
 
-    return subscription_path(require(cfg, "project"), cfg.subscription)
+    return subscription_path(_project(source), source.subscription)
 
 
-def safety_controls(cfg: Any) -> SafetyControls | None:
+def safety_controls(safety: SafetyConfig) -> SafetyControls | None:
     window = None
-    if cfg.weekdays is not None or cfg.hours:
-        window = TimeWindow(cfg.weekdays, cfg.hours, parse_timezone(cfg.timezone))
-    if not (cfg.exclude or cfg.only or window):
+    if safety.weekdays is not None or safety.hours:
+        window = TimeWindow(safety.weekdays, safety.hours, parse_timezone(safety.timezone))
+    if not (safety.exclude or safety.only or window):
         return None
-    return SafetyControls(exclude=cfg.exclude, only=cfg.only, window=window)
+    return SafetyControls(exclude=safety.exclude, only=safety.only, window=window)
 
 
 @contextlib.asynccontextmanager
 async def open_source(
-    cfg: Any, counters: Counters | None = None, bridge: AsyncioBridge | None = None
+    cfg: SourceConfig,
+    backend: str,
+    counters: Counters | None = None,
+    bridge: AsyncioBridge | None = None,
 ) -> AsyncIterator[tuple[Source, Topic | None]]:
     """The source to pull from and, for the embedded broker, the topic feeding it;
-    Pub/Sub's clients run on ``bridge`` (else on a bridge of their own)."""
-    if cfg.source == "memory":
+    Pub/Sub's clients run on ``bridge`` (else on a bridge of their own, on ``backend``)."""
+    if cfg.kind == "memory":
         broker = MemoryBroker(ack_deadline=cfg.ack_deadline)
         yield broker, broker
         return
@@ -100,12 +111,12 @@ async def open_source(
         log.warning("%s failed, retrying in %.1fs: %s", what, delay, describe_error(error))
 
     async with open_pubsub_source(
-        project=require(cfg, "project"),
+        project=_project(cfg),
         subscription=cfg.subscription,
-        backend=cfg.backend,
+        backend=backend,
         dead_letter_topic=cfg.dead_letter_topic,
         bridge=bridge,
-        api_root=cfg.pubsub_api_root,
+        api_root=cfg.pubsub.pubsub_api_root,
         on_transient_error=on_transient_error,
     ) as source:
         yield source, None
@@ -113,19 +124,19 @@ async def open_source(
 
 @contextlib.asynccontextmanager
 async def open_restarter(
-    cfg: Any, rng: random.Random, bridge: AsyncioBridge | None = None
+    cfg: RestarterConfig, backend: str, rng: random.Random, bridge: AsyncioBridge | None = None
 ) -> AsyncIterator[Restarter]:
     """The restarter ``cfg`` names; the gce restarter's HTTP client runs on ``bridge``
-    (else on a bridge of its own)."""
-    if cfg.restarter == "simulated":
+    (else on a bridge of its own, on ``backend``)."""
+    if cfg.kind == "simulated":
         from mandrill.restarters.simulated import SimulatedRestarter
 
         yield SimulatedRestarter(cfg.restart_latency, cfg.restart_failure_rate, rng)
-    elif cfg.restarter == "command":
+    elif cfg.kind == "command":
         from mandrill.restarters.command import CommandRestarter
 
         try:
-            template = require(cfg, "restart_command")
+            template = _required(cfg.restart_command, "--restart-command", "--restarter command")
             restarter = CommandRestarter(template, timeout=cfg.restart_timeout)
         except ValueError as exc:
             raise ConfigError(f"--restart-command: {exc}") from None
@@ -135,7 +146,7 @@ async def open_restarter(
 
         async with contextlib.AsyncExitStack() as stack:
             if bridge is None:
-                bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
+                bridge = await stack.enter_async_context(open_asyncio_bridge(backend))
             try:
                 gce = GceRestarter(
                     bridge, project=cfg.gce_project, zone=cfg.gce_zone, api_root=cfg.gce_api_root
@@ -150,32 +161,40 @@ async def open_restarter(
 
 
 @contextlib.asynccontextmanager
-async def open_parts(cfg: Any, counters: Counters | None = None) -> AsyncIterator[Parts]:
+async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncIterator[Parts]:
     """Open the source, ledger, restarter and notifier ``cfg`` names; close them in
     reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
-    rng = random.Random(cfg.seed)
-    notifier = make_notifier(cfg)
+    rng = random.Random(cfg.source.seed)
+    notifier = make_notifier(cfg.notify)
+    pubsub, gce = cfg.source.kind == "pubsub", cfg.restarter.kind == "gce"
     async with contextlib.AsyncExitStack() as stack:
         bridge = None
-        if cfg.source == "pubsub" or cfg.restarter == "gce":
+        if pubsub or gce:
             # One asyncio thread (on trio) for every Google client; it closes last.
             bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
             await check_google_credentials(
                 bridge,
-                pubsub=cfg.source == "pubsub",
-                pubsub_api_root=cfg.pubsub_api_root,
-                gce=cfg.restarter == "gce" and not is_dry_run(cfg),
+                pubsub=pubsub,
+                pubsub_api_root=cfg.source.pubsub.pubsub_api_root,
+                gce=gce and not is_dry_run(cfg.restarter, cfg.safety),
             )
         ledger: Ledger = await open_ledger(
-            cfg.ledger, outage_limit=cfg.ledger_outage_limit, journal=cfg.outcome_journal,
-            subscription=ledger_subscription(cfg), instance_timeout=cfg.instance_timeout,
+            cfg.ledger.url, outage_limit=cfg.ledger.ledger_outage_limit,
+            journal=cfg.ledger.outcome_journal, subscription=ledger_subscription(cfg.source),
+            instance_timeout=cfg.ledger.instance_timeout,
         )
         stack.push_async_callback(ledger.aclose)
-        source, topic = await stack.enter_async_context(open_source(cfg, counters, bridge))
-        restarter = await stack.enter_async_context(open_restarter(cfg, rng, bridge))
+        source, topic = await stack.enter_async_context(
+            open_source(cfg.source, cfg.backend, counters, bridge)
+        )
+        restarter = await stack.enter_async_context(
+            open_restarter(cfg.restarter, cfg.backend, rng, bridge)
+        )
         parts = Parts(source, ledger, restarter)
-        if topic is not None and cfg.publish:
-            parts.publisher = partial(publish_chaos, topic, count=cfg.count, rate=cfg.rate, rng=rng)
+        if topic is not None and cfg.source.publish:
+            parts.publisher = partial(
+                publish_chaos, topic, count=cfg.count, rate=cfg.source.rate, rng=rng
+            )
         if notifier is not None:
             add_notifier(parts, notifier)
         yield parts
@@ -212,22 +231,22 @@ async def check_google_credentials(
     await check_credentials(bridge, scopes, on_retry=on_retry)
 
 
-def make_notifier(cfg: Any) -> Notifier | None:
+def make_notifier(cfg: NotifyConfig) -> Notifier | None:
     """The notifier the ``notify_*`` settings describe, or None; raises ``ConfigError``
     (one line) for settings it cannot work with. Called before anything is opened."""
-    if not cfg.notify_url:
-        if cfg.notify_header or cfg.notify_template is not None:
-            given = "--notify-header" if cfg.notify_header else "--notify-template"
+    if not cfg.url:
+        if cfg.headers or cfg.template is not None:
+            given = "--notify-header" if cfg.headers else "--notify-template"
             raise ConfigError(f"{given} needs --notify-url")
         return None
     from mandrill.notify import Notifier
 
     try:
         return Notifier(
-            cfg.notify_url,
-            headers=cfg.notify_header,
-            template=cfg.notify_template,
-            request_timeout=cfg.notify_timeout,
+            cfg.url,
+            headers=cfg.headers,
+            template=cfg.template,
+            request_timeout=cfg.timeout,
         )
     except ValueError as exc:
         raise ConfigError(f"--notify-url: {exc}") from None
@@ -244,13 +263,11 @@ def add_notifier(parts: Parts, notifier: Notifier) -> None:
     parts.on_decision = on_decision
 
 
-def require(cfg: Any, name: str) -> str:
-    value = getattr(cfg, name)
+def _project(cfg: SourceConfig) -> str:
+    return _required(cfg.pubsub.project, "--project", "--source pubsub")
+
+
+def _required(value: str | None, flag: str, needed_by: str) -> str:
     if not value:
-        flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} is required with --{_needs(name)}")
-    return str(value)
-
-
-def _needs(name: str) -> str:
-    return "restarter command" if name == "restart_command" else "source pubsub"
+        raise ConfigError(f"{flag} is required with {needed_by}")
+    return value

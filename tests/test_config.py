@@ -140,3 +140,82 @@ def test_pubsub_api_root_from_flag_env_or_file(tmp_path, given, expected):
 def test_a_bad_pubsub_api_root_is_one_line(given):
     with pytest.raises(ConfigError, match=r"^--pubsub-api-root: .* is not an http\(s\) URL"):
         config.load("run", {"pubsub_api_root": given}, {})
+
+
+# --- the typed configuration, checked against the table ---------------------------------
+
+
+def leaves(cls, path=()):
+    """``(setting name, field path, the dataclass holding it)`` of every leaf of ``cls``."""
+    from dataclasses import fields
+
+    from mandrill.config.typed import parts_of, setting_name
+
+    nested = parts_of(cls)
+    for f in fields(cls):
+        if f.name in nested:
+            yield from leaves(nested[f.name], (*path, f.name))
+        else:
+            yield setting_name(f), (*path, f.name), cls
+
+
+@pytest.mark.parametrize("command", sorted(config.COMMANDS))
+def test_every_setting_lands_in_exactly_one_field(command):
+    """The table and the dataclasses cannot drift: a command's configuration holds each of
+    its settings once, and nothing else but its own flags (``history --limit``)."""
+    from mandrill.config.typed import COMMAND_FLAGS
+
+    found = [(name, holder) for name, _, holder in leaves(config.COMMANDS[command])
+             if getattr(holder, "GROUP", None) != COMMAND_FLAGS]
+    names = [name for name, _ in found]
+    assert sorted(names) == sorted(s.name for s in config.settings_for(command))
+    assert len(names) == len(set(names))
+    # A concern's dataclass holds the settings of its --help group, and only those.
+    for name, holder in found:
+        if hasattr(holder, "GROUP"):
+            assert config.BY_NAME[name].group == holder.GROUP, (name, holder.__name__)
+
+
+@pytest.mark.parametrize("command", sorted(config.COMMANDS))
+def test_command_flags_are_the_parsers(command):
+    from mandrill.cli import build_parser
+    from mandrill.config.typed import COMMAND_FLAGS
+
+    own = {name for name, _, holder in leaves(config.COMMANDS[command])
+           if getattr(holder, "GROUP", None) == COMMAND_FLAGS}
+    parser = build_parser()
+    args = vars(parser.parse_args([command]))
+    assert own <= set(args)
+
+
+@pytest.mark.parametrize("command", sorted(config.COMMANDS))
+def test_typed_configuration_holds_the_loaded_values(command, tmp_path):
+    """Every field is the value the loader parsed for its setting (defaults here, and each
+    setting given in a TOML file)."""
+    from mandrill.cli import build_parser
+
+    flags = vars(build_parser().parse_args([command]))
+    cfg = config.command_config(command, flags, {})
+    values = config.load(command, flags, {})
+    for name, path, _ in leaves(config.COMMANDS[command]):
+        value = cfg
+        for step in path:
+            value = getattr(value, step)
+        assert value == values.get(name, flags.get(name)), path
+
+
+def test_run_configuration_is_typed_and_frozen():
+    cfg = config.command_config(
+        "run", {"ledger": "x.db", "restarter": "command", "notify_url": "https://h/x",
+                "max_restarts": "3", "grace": "2s", "source": "pubsub", "project": "p"}, {}
+    )
+    assert isinstance(cfg, config.RunConfig)
+    assert cfg.ledger.url == "x.db"
+    assert cfg.restarter.kind == "command"
+    assert cfg.notify.url == "https://h/x"
+    assert cfg.safety.max_restarts == 3
+    assert cfg.shutdown.grace == 2.0
+    assert cfg.source.kind == "pubsub"
+    assert cfg.source.pubsub.project == "p"
+    with pytest.raises(AttributeError):
+        cfg.shutdown.grace = 1.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from types import SimpleNamespace
 
 import anyio
 import pytest
@@ -235,7 +234,7 @@ async def test_pubsub_and_the_gce_restarter_share_one_bridge(
         "gce_project": "my-project", "gce_zone": "europe-west1-b", "backend": backend_name,
         "ledger": str(tmp_path / "l.db"),
     }
-    cfg = SimpleNamespace(**config.load("run", flags, {}))
+    cfg = config.command_config("run", flags, {})
     async with open_parts(cfg) as parts:
         assert parts.source._bridge is parts.restarter._bridge
     assert len(threads) == (1 if backend_name == "trio" else 0)
