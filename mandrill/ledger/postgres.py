@@ -40,7 +40,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from mandrill.errors import LedgerError, describe
-from mandrill.ledger import sql
+from mandrill.ledger import schema, sql
 from mandrill.ledger.batch import Op
 from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.store import SQLLedger
@@ -222,7 +222,7 @@ class PostgresDatabase:
                 )
             # In the same transaction as the lock: an older ledger is upgraded all at
             # once or not at all, and a daemon starting meanwhile waits, then sees it done.
-            sql.migrate(cur, DIALECT)
+            schema.migrate(cur, DIALECT)
 
 
 async def open_postgres_ledger(

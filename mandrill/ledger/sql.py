@@ -1,4 +1,5 @@
-"""The ledger's SQL, shared by SQLite and PostgreSQL: one DB-API cursor in, plain data out.
+"""The ledger's queries, shared by SQLite and PostgreSQL: one DB-API cursor in, plain data
+out (the schema and its migrations: :mod:`mandrill.ledger.schema`).
 
 Every function here runs inside a worker thread, inside a transaction the caller owns.
 Queries are written with ``?`` placeholders; :class:`Dialect` adapts them.
@@ -7,12 +8,12 @@ Queries are written with ``?`` placeholders; :class:`Dialect` adapts them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from mandrill.errors import LedgerError
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
+from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.message import Delivery, Message
 from mandrill.policy import (
     Decision,
@@ -23,161 +24,6 @@ from mandrill.policy import (
     decide_restart,
     format_duration,
 )
-
-
-class Cursor(Protocol):
-    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
-    def fetchone(self) -> Any: ...
-    def fetchall(self) -> list[Any]: ...
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """What differs between the databases: placeholders, binary type, per-host locking."""
-
-    name: str
-    placeholder: str
-    blob_type: str
-    id_column: str
-    #: Serialises restart decisions for one host across processes (no-op where the whole
-    #: database is locked by the write transaction, as in SQLite).
-    lock_host: Callable[[Cursor, str], None]
-    #: Takes the host's lock if no other transaction holds it; False, waiting for
-    #: nothing, if one does.
-    try_lock_host: Callable[[Cursor, str], bool]
-    #: A query with one parameter, a table name, whose first row's first column is true
-    #: when that table exists.
-    table_exists: str
-
-    def sql(self, text: str) -> str:
-        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
-
-
-# -- schema versions ---------------------------------------------------------------------
-#
-# Version 0 is an empty database. Each migration takes the schema from the version before
-# it to its own number; a fresh ledger runs them all, so a new ledger and an upgraded one
-# are built by the same statements. Version 1 is the schema of mandrill before versions
-# existed (it has no ``schema_version`` table; its ``messages`` table tells it apart).
-
-
-def _v1(d: Dialect) -> list[str]:
-    return [
-        f"""CREATE TABLE messages (
-            message_id TEXT PRIMARY KEY,
-            instance_name TEXT,
-            hostname TEXT,
-            data {d.blob_type} NOT NULL,
-            attributes TEXT NOT NULL,
-            publish_time DOUBLE PRECISION,
-            first_seen DOUBLE PRECISION NOT NULL,
-            deliveries INTEGER NOT NULL DEFAULT 1,
-            status TEXT NOT NULL,
-            reason TEXT NOT NULL DEFAULT ''
-        )""",
-        f"""CREATE TABLE restarts (
-            id {d.id_column},
-            message_id TEXT NOT NULL,
-            hostname TEXT NOT NULL,
-            decided_at DOUBLE PRECISION NOT NULL,
-            finished_at DOUBLE PRECISION,
-            outcome TEXT NOT NULL,
-            detail TEXT NOT NULL DEFAULT ''
-        )""",
-        "CREATE INDEX restarts_by_host ON restarts (hostname, decided_at)",
-        "CREATE INDEX restarts_by_message ON restarts (message_id)",
-        "CREATE INDEX messages_by_seen ON messages (first_seen)",
-    ]
-
-
-def _v2(d: Dialect) -> list[str]:
-    """Messages keyed by (subscription, message id); restart claims owned by a daemon
-    instance that proves it is alive (``instances``). Rows from before have subscription
-    ``''``: a message id of unknown subscription, matched by every subscription."""
-    if d.name == "sqlite":
-        # SQLite cannot change a primary key: the table is rebuilt.
-        messages = [
-            f"""CREATE TABLE messages_v2 (
-                subscription TEXT NOT NULL DEFAULT '',
-                message_id TEXT NOT NULL,
-                instance_name TEXT,
-                hostname TEXT,
-                data {d.blob_type} NOT NULL,
-                attributes TEXT NOT NULL,
-                publish_time DOUBLE PRECISION,
-                first_seen DOUBLE PRECISION NOT NULL,
-                deliveries INTEGER NOT NULL DEFAULT 1,
-                status TEXT NOT NULL,
-                reason TEXT NOT NULL DEFAULT '',
-                PRIMARY KEY (subscription, message_id)
-            )""",
-            "INSERT INTO messages_v2 (message_id, instance_name, hostname, data, attributes,"
-            " publish_time, first_seen, deliveries, status, reason) SELECT message_id,"
-            " instance_name, hostname, data, attributes, publish_time, first_seen, deliveries,"
-            " status, reason FROM messages",
-            "DROP TABLE messages",
-            "ALTER TABLE messages_v2 RENAME TO messages",
-            "CREATE INDEX messages_by_seen ON messages (first_seen)",
-        ]
-    else:
-        messages = [
-            "ALTER TABLE messages ADD COLUMN subscription TEXT NOT NULL DEFAULT ''",
-            "ALTER TABLE messages DROP CONSTRAINT messages_pkey",
-            "ALTER TABLE messages ADD PRIMARY KEY (subscription, message_id)",
-        ]
-    return [
-        *messages,
-        "ALTER TABLE restarts ADD COLUMN subscription TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE restarts ADD COLUMN owner TEXT",
-        """CREATE TABLE instances (
-            instance_id TEXT PRIMARY KEY,
-            host TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            started DOUBLE PRECISION NOT NULL,
-            last_seen DOUBLE PRECISION NOT NULL,
-            stopped_at DOUBLE PRECISION
-        )""",
-        # The claims under way, few at any time among all the restarts ever decided: found
-        # by every claim on their host and by every heartbeat's sweep.
-        "CREATE INDEX restarts_under_way ON restarts (hostname) WHERE outcome = 'restarting'",
-        "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-        "INSERT INTO schema_version (version) VALUES (1)",
-    ]
-
-
-#: Migration ``n`` (``MIGRATIONS[n - 1]``) takes the schema from version ``n - 1`` to ``n``.
-MIGRATIONS: tuple[Callable[[Dialect], list[str]], ...] = (_v1, _v2)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def schema_version(cur: Cursor, d: Dialect) -> int:
-    """The version of the schema the cursor's database has (0: none yet)."""
-    cur.execute(d.sql(d.table_exists), ("schema_version",))
-    if cur.fetchone()[0]:
-        cur.execute("SELECT MAX(version) FROM schema_version")
-        (version,) = cur.fetchone()
-        return int(version or 0)
-    cur.execute(d.sql(d.table_exists), ("messages",))
-    return 1 if cur.fetchone()[0] else 0
-
-
-def migrate(cur: Cursor, d: Dialect) -> int:
-    """Bring the schema to :data:`SCHEMA_VERSION`, inside the caller's transaction (all of
-    it or nothing); returns the version found. Raises :class:`LedgerError` for a ledger
-    written by a newer mandrill, changing nothing."""
-    found = schema_version(cur, d)
-    if found > SCHEMA_VERSION:
-        raise LedgerError(
-            f"ledger schema version {found} is newer than this mandrill's"
-            f" ({SCHEMA_VERSION}): upgrade mandrill"
-        )
-    for migration in MIGRATIONS[found:]:
-        for statement in migration(d):
-            cur.execute(statement)
-    if found < SCHEMA_VERSION:
-        cur.execute(d.sql("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
-    return found
-
 
 # -- messages ------------------------------------------------------------------------------
 
@@ -563,4 +409,4 @@ def _filters(
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
-__all__ = ["SCHEMA_VERSION", "Cursor", "Decision", "Dialect", "Instance", "Owner", "migrate"]
+__all__ = ["Cursor", "Decision", "Dialect", "Instance", "Owner"]

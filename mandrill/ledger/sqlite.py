@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import anyio
 
 from mandrill.errors import LedgerError, describe
-from mandrill.ledger import sql
+from mandrill.ledger import schema, sql
 from mandrill.ledger.batch import Op
 from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.store import SQLLedger
@@ -61,7 +61,7 @@ class SQLiteDatabase:
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")  # two daemons starting at once: one migrates
         try:
-            sql.migrate(cur, DIALECT)
+            schema.migrate(cur, DIALECT)
             cur.execute("COMMIT")
         except BaseException:
             self._conn.rollback()

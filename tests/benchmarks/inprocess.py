@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from mandrill.ledger import open_ledger, sql
+from mandrill.ledger import open_ledger, schema, sql
 from mandrill.ledger.sqlite import BUSY_TIMEOUT_MS, DIALECT
 from mandrill.message import Delivery, Message, encode_payload, parse_delivery
 from mandrill.publisher import random_instance_name
@@ -93,7 +93,7 @@ class PerMessageStore:
         if path != ":memory:":
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
-        sql.migrate(self._conn.cursor(), DIALECT)
+        schema.migrate(self._conn.cursor(), DIALECT)
 
     def save(self, message: Message) -> None:
         """Runs in a worker thread, one call at a time."""
