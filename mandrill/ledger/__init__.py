@@ -9,7 +9,7 @@ from collections.abc import Callable
 from mandrill.ledger.base import Claim, HistoryRow, Ledger, SavedMessage
 from mandrill.ledger.journal import OutcomeJournal, default_journal_path
 from mandrill.ledger.schema import SCHEMA_VERSION
-from mandrill.ledger.store import INSTANCE_TIMEOUT, SQLLedger
+from mandrill.ledger.sqlledger import INSTANCE_TIMEOUT, SQLLedger
 
 #: ``open_ledger(journal=AUTO)``: the journal's default place for that ledger.
 AUTO = "auto"

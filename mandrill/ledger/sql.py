@@ -8,11 +8,9 @@ Queries are written with ``?`` placeholders; :class:`Dialect` adapts them.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
-from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
+from mandrill.ledger.base import Claim
 from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.message import Delivery, Message
 from mandrill.policy import (
@@ -318,95 +316,6 @@ def finish(
         ),
         (now, outcome, detail, restart_id, Outcome.RESTARTING, Outcome.UNKNOWN),
     )
-
-
-def history(
-    cur: Cursor, d: Dialect, hostname: str | None, since: float | None, limit: int
-) -> list[HistoryRow]:
-    where, params = _filters(hostname, since, None, None)
-    cur.execute(
-        d.sql(
-            "SELECT hostname, message_id, decided_at, finished_at, outcome, detail FROM restarts"
-            f"{where} ORDER BY decided_at DESC, id DESC LIMIT ?"
-        ),
-        (*params, limit),
-    )
-    return [HistoryRow(*row) for row in cur.fetchall()]
-
-
-def history_of_outcomes(
-    cur: Cursor,
-    d: Dialect,
-    hostname: str | None,
-    since: float | None,
-    outcomes: Collection[str],
-    limit: int,
-) -> list[HistoryRow]:
-    """:func:`history` with only the decisions whose outcome is one of ``outcomes``."""
-    where, params = _filters(hostname, since, None, None)
-    among = f"outcome IN ({', '.join('?' * len(outcomes))})"
-    where = f"{where} AND {among}" if where else f" WHERE {among}"
-    cur.execute(
-        d.sql(
-            "SELECT hostname, message_id, decided_at, finished_at, outcome, detail FROM restarts"
-            f"{where} ORDER BY decided_at DESC, id DESC LIMIT ?"
-        ),
-        (*params, *sorted(outcomes), limit),
-    )
-    return [HistoryRow(*row) for row in cur.fetchall()]
-
-
-def saved_messages(
-    cur: Cursor,
-    d: Dialect,
-    hostname: str | None,
-    since: float | None,
-    until: float | None,
-    status: str | None,
-) -> list[SavedMessage]:
-    where, params = _filters(hostname, since, until, status, time_column="first_seen")
-    cur.execute(
-        d.sql(
-            "SELECT message_id, data, attributes, hostname, first_seen, status, reason"
-            f" FROM messages{where} ORDER BY first_seen, message_id"
-        ),
-        params,
-    )
-    return [
-        SavedMessage(mid, bytes(data), json.loads(attrs), host, seen, status, reason)
-        for mid, data, attrs, host, seen, status, reason in cur.fetchall()
-    ]
-
-
-def counts(cur: Cursor) -> dict[str, int]:
-    cur.execute("SELECT outcome, COUNT(*) FROM restarts GROUP BY outcome")
-    result = {f"restarts_{outcome}": int(n) for outcome, n in cur.fetchall()}
-    cur.execute("SELECT status, COUNT(*), SUM(deliveries) FROM messages GROUP BY status")
-    for status, n, deliveries in cur.fetchall():
-        result[f"messages_{status}"] = int(n)
-        result[f"deliveries_{status}"] = int(deliveries)
-    return result
-
-
-def _filters(
-    hostname: str | None,
-    since: float | None,
-    until: float | None,
-    status: str | None,
-    time_column: str = "decided_at",
-) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    for clause, value in (
-        ("hostname = ?", hostname),
-        (f"{time_column} >= ?", since),
-        (f"{time_column} < ?", until),
-        ("status = ?", status),
-    ):
-        if value is not None:
-            clauses.append(clause)
-            params.append(value)
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 __all__ = ["Cursor", "Decision", "Dialect", "Instance", "Owner"]

@@ -12,7 +12,7 @@ from mandrill.errors import LedgerError, describe
 from mandrill.ledger import schema, sql
 from mandrill.ledger.batch import Op
 from mandrill.ledger.journal import OutcomeJournal
-from mandrill.ledger.store import SQLLedger
+from mandrill.ledger.sqlledger import SQLLedger
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from mandrill.errors import LedgerError
-from mandrill.ledger import SQLLedger, open_ledger, sql
+from mandrill.ledger import SQLLedger, open_ledger, reads, sql
 from mandrill.ledger.batch import Batcher, Database, Op
 from mandrill.ledger.postgres import PostgresDatabase
 from mandrill.ledger.sqlite import SQLiteDatabase
@@ -320,7 +320,7 @@ async def test_a_failing_op_fails_alone(ledger_url: str) -> None:
 
         # The failed ops left nothing behind; their batch-mates were committed.
         saved = await batcher.query(
-            lambda cur: sql.saved_messages(cur, dialect, None, None, None, None)
+            lambda cur: reads.saved_messages(cur, dialect, None, None, None, None)
         )
         assert [s.message_id for s in saved] == ["m1", "m2"]
     finally:

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from mandrill.ledger import sql
+from mandrill.ledger import reads, sql
 from mandrill.ledger.batch import Batcher, Op
 from mandrill.ledger.sqlite import DIALECT, INLINE_MAX_OPS, SQLiteDatabase
 from tests.ledger import T0, message
@@ -19,7 +19,7 @@ def save(message_id: str) -> Op[Any]:
 
 
 def saved_ids(db: SQLiteDatabase) -> list[str]:
-    rows = db.run_query(lambda cur: sql.saved_messages(cur, DIALECT, None, None, None, None))
+    rows = db.run_query(lambda cur: reads.saved_messages(cur, DIALECT, None, None, None, None))
     return [row.message_id for row in rows]
 
 

@@ -16,7 +16,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from mandrill.errors import LedgerError
-from mandrill.ledger import sql
+from mandrill.ledger import reads, sql
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
 from mandrill.ledger.batch import Batcher, Database, Op
 from mandrill.ledger.journal import OutcomeJournal
@@ -236,7 +236,7 @@ class SQLLedger:
         self, *, hostname: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[HistoryRow]:
         d = self._dialect
-        return await self._batcher.query(lambda cur: sql.history(cur, d, hostname, since, limit))
+        return await self._batcher.query(lambda cur: reads.history(cur, d, hostname, since, limit))
 
     async def history_of_outcomes(
         self,
@@ -248,7 +248,7 @@ class SQLLedger:
     ) -> list[HistoryRow]:
         d = self._dialect
         return await self._batcher.query(
-            lambda cur: sql.history_of_outcomes(cur, d, hostname, since, outcomes, limit)
+            lambda cur: reads.history_of_outcomes(cur, d, hostname, since, outcomes, limit)
         )
 
     async def saved_messages(
@@ -261,11 +261,11 @@ class SQLLedger:
     ) -> list[SavedMessage]:
         d = self._dialect
         return await self._batcher.query(
-            lambda cur: sql.saved_messages(cur, d, hostname, since, until, status)
+            lambda cur: reads.saved_messages(cur, d, hostname, since, until, status)
         )
 
     async def counts(self) -> dict[str, int]:
-        return await self._batcher.query(sql.counts)
+        return await self._batcher.query(reads.counts)
 
     async def drain(self) -> None:
         await self._batcher.drain()
