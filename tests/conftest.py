@@ -1,5 +1,5 @@
-"""Every async test runs under asyncio (debug mode) and trio (a fresh autojumping MockClock
-when the test asks for ``autojump``)."""
+"""Every async test runs under asyncio (debug mode) and trio (on a fresh autojumping
+MockClock when the test or its module is marked ``@pytest.mark.autojump``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ pytest_plugins = ["tests.fixtures.emulator", "tests.fixtures.metadata", "tests.f
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     name, options = request.param
+    if name == "trio" and request.node.get_closest_marker("autojump") is not None:
+        import trio.testing
+
+        return name, {**options, "clock": trio.testing.MockClock(autojump_threshold=0)}
     return name, dict(options)
 
 
@@ -26,10 +30,8 @@ def backend_name(anyio_backend: tuple[str, dict[str, Any]]) -> str:
     return anyio_backend[0]
 
 
-def clocked_backend(param: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    name, options = param
-    if name == "trio":
-        import trio.testing
-
-        return name, {**options, "clock": trio.testing.MockClock(autojump_threshold=0)}
-    return name, dict(options)
+@pytest.fixture
+def unit(anyio_backend: tuple[str, dict[str, Any]]) -> float:
+    """Seconds per unit of test time: 1 under an autojumping MockClock (free), small
+    elsewhere (asyncio has no mock clock, so its timers really run)."""
+    return 1.0 if "clock" in anyio_backend[1] else 0.02

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,27 +16,6 @@ from mandrill.ledger.sqlite import SQLiteDatabase
 from mandrill.message import encode_payload
 from mandrill.policy import Outcome, Verdict
 from tests.ledger import HOUR, T0, WEEK, delivery, message
-
-POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
-
-
-def url_for(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if kind == "sqlite-memory":
-        return ":memory:"
-    if kind == "sqlite-file":
-        return str(tmp_path / "ledger.db")
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture(params=["sqlite-memory", "sqlite-file", POSTGRES])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return url_for(request.param, request, tmp_path)
-
-
-@pytest.fixture(params=["sqlite-file", POSTGRES])
-def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return url_for(request.param, request, tmp_path)
 
 
 @pytest.fixture

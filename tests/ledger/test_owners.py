@@ -14,7 +14,6 @@ import anyio
 from mandrill.ledger import SQLLedger, open_ledger
 from mandrill.policy import UNKNOWN_REASON, Outcome, Verdict
 from tests.ledger import T0, WEEK, message
-from tests.ledger.test_ledger import durable_url  # noqa: F401  (a fixture)
 
 TIMEOUT = 30.0
 

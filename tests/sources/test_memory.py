@@ -2,7 +2,8 @@ import anyio
 import pytest
 
 from mandrill.sources.memory import MemoryBroker
-from tests.clocked import anyio_backend, unit  # noqa: F401 - fixtures; trio on a MockClock
+
+pytestmark = pytest.mark.autojump
 
 
 async def publish(broker: MemoryBroker, n: int) -> list[str]:
