@@ -144,6 +144,16 @@ def claim(
     *,
     retry_unknown: bool = False,
 ) -> Claim:
+    """Decide whether ``message`` restarts its host, inside the caller's transaction, with
+    :func:`mandrill.policy.decide_restart` over what the ledger knows (this message's
+    decisions, the host's last counted restart and claims under way, the fleet's count), and
+    record a ``restarting`` claim owned by ``owner`` when it does.
+
+    Holds the host's lock (and the fleet's, with a ``rate_limit``) until the transaction
+    ends, so that daemons decide on one host one at a time. Resolves the host's orphaned
+    claims (their owner stopped heartbeating) as ``unknown`` first; they count as restarts
+    unless ``retry_unknown``.
+    """
     if rate_limit is not None:
         d.lock_host(cur, FLEET_LOCK)
     d.lock_host(cur, message.hostname)

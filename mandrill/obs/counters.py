@@ -79,6 +79,9 @@ class Histogram:
 
 @dataclass(slots=True)
 class Counters:
+    """What the daemon counts, as plain integers and histograms that the hot path bumps
+    without locks; ``/metrics`` reads them at scrape time."""
+
     received: int = 0
     acked: int = 0
     nacked: int = 0
