@@ -219,3 +219,49 @@ def test_run_configuration_is_typed_and_frozen():
     assert cfg.source.pubsub.project == "p"
     with pytest.raises(AttributeError):
         cfg.shutdown.grace = 1.0
+
+
+def conforms(value, hint) -> bool:
+    """``value`` is of the type ``hint`` names (the parts dataclass fields use)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(conforms(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(conforms(item, args[0]) for item in value)
+        return len(value) == len(args) and all(map(conforms, value, args))
+    if origin is frozenset:
+        return isinstance(value, frozenset) and all(conforms(item, args[0]) for item in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        {"weekdays": "mon-fri", "hours": "09:00-17:00", "exclude": "db-*,web-*", "seed": "3",
+         "notify_url": "https://h/x", "notify_header": ["A=b"], "rate": "0", "count": "4",
+         "notify_template": '{"text": "{host}"}', "metrics_addr": "127.0.0.1:0",
+         "max_restarts": "2", "slow_callback_ms": "50"},
+    ],
+)
+def test_loaded_values_have_the_fields_types(flags):
+    """The one place mypy cannot see (a parser returns what its setting's field says)."""
+    import typing
+
+    cfg = config.command_config("run", flags, {})
+    for _, path, holder in leaves(config.RunConfig):
+        value = cfg
+        for step in path:
+            value = getattr(value, step)
+        hint = typing.get_type_hints(holder)[path[-1]]
+        assert conforms(value, hint), (path, value, hint)
