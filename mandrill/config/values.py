@@ -131,12 +131,6 @@ def domain(value: object) -> str:
     return validate_domain(str(value).strip())
 
 
-def text_list(value: object) -> list[str]:
-    """A comma-separated string, or a TOML array of strings."""
-    items = value if isinstance(value, list) else str(value).split(",")
-    return [str(item).strip() for item in items if str(item).strip()]
-
-
 def _int(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a whole number")
