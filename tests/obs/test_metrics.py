@@ -278,16 +278,16 @@ def test_histogram_buckets_are_upper_inclusive():
         Histogram([1.0, 0.5])
 
 
-async def test_observability_bundle_runs_every_service():
+async def test_observability_bundle_runs_every_task():
     counters = Counters()
     shutdown = Shutdown()
     obs = Observability(counters, shutdown, metrics_addr="127.0.0.1:0", debug=True)
-    services = obs.services(in_flight=lambda: 3)
-    assert [name for name, _ in services] == [
+    tasks = obs.tasks(in_flight=lambda: 3)
+    assert [name for name, _ in tasks] == [
         "lag probe", "task dump", "slow steps", "metrics server"
     ]
     async with anyio.create_task_group() as tg:
-        started = {name: await tg.start(service, name=name) for name, service in services}
+        started = {name: await tg.start(task, name=name) for name, task in tasks}
         port = started["metrics server"]
         assert (await get(port, "/readyz"))[2] == b"starting\n"
         obs.health.set_serving()
