@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_setting(group: Any, setting: config.Setting) -> None:
+def _add_setting(group: argparse._ActionsContainer, setting: config.Setting) -> None:
     """One flag of ``setting``; its help says the default as a user would write it."""
     notes = [f"env {setting.env}"]
     shown = setting.shown_default
