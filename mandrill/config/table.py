@@ -45,6 +45,9 @@ HISTORY_OUTCOMES = (*(outcome.value for outcome in Outcome), "dead_letter")
 
 @dataclass(frozen=True)
 class Setting:
+    """One setting: its flag, variable and TOML key come from ``name``; ``parse`` turns any
+    of their values into the setting's type or raises ``ValueError``."""
+
     name: str
     parse: Callable[[object], Any]
     default: Any

@@ -30,6 +30,8 @@ COMMAND_FLAGS = "command"
 
 @dataclass(frozen=True, kw_only=True)
 class LogConfig:
+    """How every command logs."""
+
     GROUP: ClassVar[str] = "observability"
     log_format: str
     log_level: str
@@ -46,6 +48,9 @@ class PubSubConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
+    """Where ``run`` takes messages from (the embedded broker or Pub/Sub), how long it
+    leases them, and the embedded demo's publisher."""
+
     GROUP: ClassVar[str] = "source"
     kind: str = field(metadata={"setting": "source"})
     pubsub: PubSubConfig
@@ -61,6 +66,8 @@ class SourceConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LedgerConfig:
+    """The ledger ``run`` records decisions in, and how it outlasts an outage."""
+
     GROUP: ClassVar[str] = "ledger"
     url: str = field(metadata={"setting": "ledger"})
     ledger_outage_limit: float
@@ -71,6 +78,8 @@ class LedgerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RestarterConfig:
+    """How ``run`` restarts hosts, and how hosts are named."""
+
     GROUP: ClassVar[str] = "restarter"
     kind: str = field(metadata={"setting": "restarter"})
     domain: str
@@ -86,6 +95,8 @@ class RestarterConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SafetyConfig:
+    """Which restarts may go ahead: dry runs, intervals, hosts, days and hours, limits."""
+
     GROUP: ClassVar[str] = "safety"
     live: bool
     dry_run: bool
@@ -102,6 +113,8 @@ class SafetyConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ShutdownConfig:
+    """How long a stopping daemon gives its work and its final settlement."""
+
     GROUP: ClassVar[str] = "shutdown"
     grace: float
     settle_timeout: float
@@ -109,6 +122,8 @@ class ShutdownConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class NotifyConfig:
+    """The webhook told of every restart decision (none without ``url``)."""
+
     GROUP: ClassVar[str] = "notifications"
     url: str | None = field(metadata={"setting": "notify_url"})
     headers: tuple[tuple[str, str], ...] = field(metadata={"setting": "notify_header"})
@@ -132,6 +147,8 @@ class ObservabilityConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
+    """``mandrill run``: the daemon."""
+
     backend: str
     logs: LogConfig
     max_in_flight: int
@@ -148,6 +165,8 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PublishConfig:
+    """``mandrill publish``: the talk's publisher against a Pub/Sub topic."""
+
     backend: str
     logs: LogConfig
     pubsub: PubSubConfig
@@ -160,6 +179,8 @@ class PublishConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SetupConfig:
+    """``mandrill setup``: create the topic, the subscription and the dead-letter topic."""
+
     backend: str
     logs: LogConfig
     pubsub: PubSubConfig
@@ -184,6 +205,8 @@ class HistoryFlags:
 
 @dataclass(frozen=True, kw_only=True)
 class HistoryConfig:
+    """``mandrill history``: read the ledger."""
+
     backend: str
     logs: LogConfig
     ledger: str
@@ -204,6 +227,8 @@ class ReplayFlags:
 
 @dataclass(frozen=True, kw_only=True)
 class ReplayConfig:
+    """``mandrill replay``: republish saved messages from the ledger."""
+
     backend: str
     logs: LogConfig
     pubsub: PubSubConfig
