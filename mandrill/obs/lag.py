@@ -49,6 +49,8 @@ import anyio
 import sniffio
 from anyio.abc import TaskStatus
 
+from mandrill.obs.taskdump import frames_between
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 0.1
@@ -271,14 +273,7 @@ def _outermost_coroutine(frame: FrameType | None) -> FrameType | None:
 
 def _task_stack(top: FrameType, task_frame: FrameType) -> traceback.StackSummary:
     """The frames from the task's own frame down to the one running now (outermost first)."""
-    frames: list[tuple[FrameType, int]] = []
-    frame: FrameType | None = top
-    while frame is not None:
-        frames.append((frame, frame.f_lineno or 0))
-        if frame is task_frame:
-            break
-        frame = frame.f_back
-    return traceback.StackSummary.extract(reversed(frames))
+    return traceback.StackSummary.extract(frames_between(task_frame, top))
 
 
 def _task_namer() -> TaskNamer:

@@ -135,9 +135,16 @@ def _await_frames(coro: object) -> Iterator[tuple[FrameType, int]]:
 
 def _running_frames(coro: object, caller: FrameType) -> list[tuple[FrameType, int]]:
     """The live stack of the task running now, from its coroutine's frame to ``caller``."""
-    outer = getattr(coro, "cr_frame", None)
+    return frames_between(getattr(coro, "cr_frame", None), caller)
+
+
+def frames_between(
+    outer: FrameType | None, inner: FrameType
+) -> list[tuple[FrameType, int]]:
+    """``(frame, line)`` from ``outer`` down to ``inner``, outermost first (from the bottom of
+    the stack when ``outer`` is not above ``inner``)."""
     frames: list[tuple[FrameType, int]] = []
-    frame: FrameType | None = caller
+    frame: FrameType | None = inner
     while frame is not None:
         frames.append((frame, frame.f_lineno or 0))
         if frame is outer:
