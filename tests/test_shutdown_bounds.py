@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 from mandrill.errors import LedgerError
 from mandrill.ledger.batch import Op
 from mandrill.ledger.sqlite import DIALECT, SQLiteDatabase
-from mandrill.ledger.store import SQLLedger
+from mandrill.ledger.sqlledger import SQLLedger
 from mandrill.obs.counters import Counters
 from mandrill.service import Parts, ServiceSettings, serve
 from mandrill.shutdown import Shutdown
