@@ -24,6 +24,8 @@ class Held:
 
 
 class Holdings:
+    """The deliveries held now, by ack id, with their leases; at most ``capacity``."""
+
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")

@@ -23,6 +23,9 @@ DEFER_SECONDS = 10
 
 
 class Settler:
+    """Queues acks, nacks and deferrals from workers without blocking them (freeing each
+    delivery's in-flight slot at once), and sends them in batches from :meth:`run`."""
+
     def __init__(
         self,
         source: Source,

@@ -59,6 +59,10 @@ class WorkerSettings:
 
 
 class Worker:
+    """Handles deliveries, one :meth:`handle` call each (many at once, on the daemon's
+    long-lived worker tasks): parse, save beside the claim, restart if the ledger's claim
+    says so, then settle through the :class:`~mandrill.settler.Settler`."""
+
     def __init__(
         self,
         *,
