@@ -1,5 +1,5 @@
 """What ``run`` turns on to watch the daemon (:class:`Observability`): the lag probe, the
-task dump, the slow-step watchdog and the metrics server, as tasks for ``serve()``.
+task dump, the slow-step watchdog and the metrics server: the probes ``serve()`` starts.
 
 The pieces live beside it: :mod:`~mandrill.obs.collector` (the Prometheus view of the
 counters), :mod:`~mandrill.obs.http` (the server), :mod:`~mandrill.obs.health` (the
@@ -44,7 +44,7 @@ def metrics_task(
 class Observability:
     """Everything ``run`` turns on to watch the daemon, built once from the configuration.
 
-    ``serve()`` starts :meth:`tasks` in its root task group (it owns what ``in_flight``
+    ``serve()`` starts :meth:`probes` in its outer task group (it owns what ``in_flight``
     counts) and calls ``health.set_serving()`` once workers take messages.
     """
 
@@ -65,7 +65,7 @@ class Observability:
         self.probe = LagProbe(slow_callback_ms=self.slow_callback_ms)
         self.health = ServiceHealth(shutdown=self.shutdown, probe=self.probe)
 
-    def tasks(self, *, in_flight: Callable[[], int]) -> list[tuple[str, Callable[..., Any]]]:
+    def probes(self, *, in_flight: Callable[[], int]) -> list[tuple[str, Callable[..., Any]]]:
         """``(task name, task)`` pairs, each to be started with ``root.start``."""
         found: list[tuple[str, Callable[..., Any]]] = [("lag probe", self.probe.run)]
         if self.task_dump:
@@ -81,6 +81,6 @@ class Observability:
             ))
         return found
 
-    #: The name ``serve()`` still calls :meth:`tasks` by ("service" is to mean the daemon
-    #: alone): remove once service.py says ``tasks``.
-    services = tasks
+    #: The name ``serve()`` still calls :meth:`probes` by ("service" is to mean the daemon
+    #: alone): remove once service.py says ``probes``.
+    services = probes

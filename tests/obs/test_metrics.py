@@ -278,11 +278,11 @@ def test_histogram_buckets_are_upper_inclusive():
         Histogram([1.0, 0.5])
 
 
-async def test_observability_bundle_runs_every_task():
+async def test_observability_bundle_runs_every_probe():
     counters = Counters()
     shutdown = Shutdown()
     obs = Observability(counters, shutdown, metrics_addr="127.0.0.1:0", debug=True)
-    tasks = obs.tasks(in_flight=lambda: 3)
+    tasks = obs.probes(in_flight=lambda: 3)
     assert [name for name, _ in tasks] == [
         "lag probe", "task dump", "slow steps", "metrics server"
     ]
