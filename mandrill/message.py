@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from mandrill.errors import InvalidMessage
+from mandrill.errors import InvalidMessage, one_line
 
 #: Payloads above this size are rejected before JSON parsing (Pub/Sub's own limit is 10 MB).
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -74,7 +74,7 @@ def parse_delivery(delivery: Delivery, domain: str = DEFAULT_DOMAIN) -> Message:
     try:
         payload = json.loads(data)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int too long, ...
-        raise InvalidMessage(f"payload is not JSON: {_one_line(str(exc))}") from None
+        raise InvalidMessage(f"payload is not JSON: {one_line(str(exc))}") from None
     except RecursionError:
         raise InvalidMessage("payload is not JSON: nested too deeply") from None
     if not isinstance(payload, dict):
@@ -112,5 +112,3 @@ def _preview(text: str, limit: int = 60) -> str:
     return repr(shown)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

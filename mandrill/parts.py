@@ -259,7 +259,7 @@ def add_notifier(parts: Parts, notifier: Notifier) -> None:
     def on_decision(message: Message, outcome: str, detail: str) -> None:
         notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))
 
-    parts.services = [*parts.services, notifier.run]
+    parts.companions = [*parts.companions, notifier.run]
     parts.on_decision = on_decision
 
 

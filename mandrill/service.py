@@ -67,7 +67,7 @@ class ServiceSettings:
 
 
 #: A long-lived task started in the root group, reporting readiness through task_status.
-Service = Callable[..., Coroutine[Any, Any, Any]]
+LongLived = Callable[..., Coroutine[Any, Any, Any]]
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Parts:
     ledger: Ledger
     restarter: Restarter
     publisher: Callable[[], Coroutine[Any, Any, Any]] | None = None
-    services: Sequence[Service] = field(default_factory=list)
+    companions: Sequence[LongLived] = field(default_factory=list)
     #: Called with (message, outcome, detail) for every restart decision (notifications).
     on_decision: Callable[[Message, str, str], None] | None = None
 
@@ -142,12 +142,12 @@ async def serve(
                 if observability is not None:
                     # Started first, so the lag probe and the metrics server watch start-up.
                     observability.health.checks = {"ledger": parts.ledger.healthy}
-                    for name, probe in observability.services(in_flight=holdings.__len__):
+                    for name, probe in observability.probes(in_flight=holdings.__len__):
                         await lasting.start(probe, name=name)
                 for name, part in (("ledger writer", parts.ledger.run), ("settler", settler.run)):
                     await lasting.start(_outlive_the_workers, part, shields, name=name)
                 companions = await lasting.start(
-                    _run_companions, parts.services, name="companions"
+                    _run_companions, parts.companions, name="companions"
                 )
             watcher.cancel()
             if not starting.cancel_called:
@@ -183,7 +183,7 @@ async def serve(
 
 
 async def _outlive_the_workers(
-    part: Service, shields: list[anyio.CancelScope], *, task_status: TaskStatus[None]
+    part: LongLived, shields: list[anyio.CancelScope], *, task_status: TaskStatus[None]
 ) -> None:
     """Run ``part`` (the ledger writer, the settler) shielded, once started, from a caller
     cancelling serve(): cancelled workers still record and settle through it. The final
@@ -221,14 +221,14 @@ async def _cancel_on_request(
 
 
 async def _run_companions(
-    services: Sequence[Service], *, task_status: TaskStatus[anyio.CancelScope]
+    companions: Sequence[LongLived], *, task_status: TaskStatus[anyio.CancelScope]
 ) -> None:
     """Start the companions (notifier …) in a group of their own, so that they can be
     stopped as the final settlement begins, their own final flush running beside it."""
-    async with anyio.create_task_group() as companions:
-        for service in services:
-            await companions.start(service, name=getattr(service, "__qualname__", "service"))
-        task_status.started(companions.cancel_scope)
+    async with anyio.create_task_group() as group:
+        for companion in companions:
+            await group.start(companion, name=getattr(companion, "__qualname__", "companion"))
+        task_status.started(group.cancel_scope)
 
 
 async def _process(

@@ -29,7 +29,7 @@ async def test_the_embedded_demo():
         assert isinstance(parts.ledger, SQLLedger)
         assert isinstance(parts.restarter, SimulatedRestarter)
         assert parts.publisher is not None  # the talk's publisher feeds the broker
-        assert list(parts.services) == []
+        assert list(parts.companions) == []
         assert parts.on_decision is None
 
 
@@ -58,7 +58,7 @@ async def test_a_command_restarter_needs_its_command():
 async def test_a_notifier_runs_beside_the_service():
     cfg = run_config(notify_url="http://127.0.0.1:9/hook", notify_header=["X-A=b"])
     async with open_parts(cfg) as parts:
-        (task,) = parts.services
+        (task,) = parts.companions
         notifier = task.__self__  # the Notifier whose run() serve() starts
         assert notifier.url == "http://127.0.0.1:9/hook"
         assert parts.on_decision is not None

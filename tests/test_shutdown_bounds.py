@@ -196,7 +196,7 @@ class FailsAtStart:
 
 
 async def test_a_part_failing_during_start_up_raises_at_once(ledger):
-    parts = Parts(MemoryBroker(), ledger, ScriptedRestarter(), services=[FailsAtStart()])
+    parts = Parts(MemoryBroker(), ledger, ScriptedRestarter(), companions=[FailsAtStart()])
     with anyio.fail_after(SETTLE + SLACK), pytest.raises(ExceptionGroup) as caught:
         await serve(settings(), WorkerSettings(), parts)
     assert caught.group_contains(RuntimeError, match="metrics port taken")
@@ -213,7 +213,7 @@ class NeverReady:
 
 async def test_a_caller_cancelling_during_start_up_is_not_held(ledger):
     never = NeverReady()
-    parts = Parts(MemoryBroker(), ledger, ScriptedRestarter(), services=[never])
+    parts = Parts(MemoryBroker(), ledger, ScriptedRestarter(), companions=[never])
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve, settings(), WorkerSettings(), parts)

@@ -15,7 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from mandrill.errors import LedgerError
+from mandrill.errors import LedgerError, describe
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Batcher:
         except LedgerError:
             raise
         except Exception as exc:
-            raise LedgerError(f"ledger query failed: {_one_line(exc)}") from exc
+            raise LedgerError(f"ledger query failed: {describe(exc)}") from exc
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Commit batches until cancelled; then flush what is queued, shielded and bounded.
@@ -219,7 +219,7 @@ class Batcher:
             if not self._ran_now(batch.ops):
                 await self._run_in_thread(batch)
         except Exception as exc:
-            error = LedgerError(f"ledger write failed: {_one_line(exc)}")
+            error = LedgerError(f"ledger write failed: {describe(exc)}")
             batch.fail(error)
             # Not in the final flush: raising there would skip telling the ops still queued.
             if not final:
@@ -282,5 +282,3 @@ class Batcher:
             )
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

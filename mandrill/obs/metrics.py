@@ -81,6 +81,3 @@ class Observability:
             ))
         return found
 
-    #: The name ``serve()`` still calls :meth:`probes` by ("service" is to mean the daemon
-    #: alone): remove once service.py says ``probes``.
-    services = probes
