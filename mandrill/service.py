@@ -141,7 +141,6 @@ async def serve(
                 )
                 if observability is not None:
                     # Started first, so the lag probe and the metrics server watch start-up.
-                    observability.health.checks = {"ledger": parts.ledger.healthy}
                     for name, probe in observability.probes(in_flight=holdings.__len__):
                         await lasting.start(probe, name=name)
                 for name, part in (("ledger writer", parts.ledger.run), ("settler", settler.run)):
@@ -155,7 +154,7 @@ async def serve(
                     await daemon.start(keeper.run, name="lease keeper")
                     task_status.started(shutdown)
                     if observability is not None:
-                        observability.health.set_serving()
+                        observability.health.set_serving({"ledger": parts.ledger.healthy})
                     log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
                     await _process(
                         settings, parts, worker, settler, holdings, counters, shutdown, daemon

@@ -287,3 +287,15 @@ async def test_dry_run_decides_and_records_but_restarts_nothing(ledger):
     assert counters.dry_run == 2
     assert "DRY RUN: 2 restarts would have happened" in counters.summary()
     assert (await ledger.counts())["restarts_dry_run"] == 2
+
+
+async def test_observability_and_a_shutdown_of_another_are_refused(ledger):
+    from mandrill.obs.metrics import Observability
+
+    observability = Observability(counters=Counters(), shutdown=Shutdown(), slow_callback_ms=None)
+    with pytest.raises(ValueError, match="observability brings its own"):
+        await serve(
+            ServiceSettings(handle_signals=False), WorkerSettings(),
+            Parts(MemoryBroker(), ledger, ScriptedRestarter()),
+            shutdown=Shutdown(), observability=observability,
+        )

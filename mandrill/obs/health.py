@@ -38,8 +38,11 @@ class ServiceHealth:
     liveness_bound: float = LIVENESS_BOUND
     serving: bool = False
 
-    def set_serving(self) -> None:
-        """Called by ``serve()`` once every part runs and workers take messages."""
+    def set_serving(self, checks: Mapping[str, Callable[[], bool]] | None = None) -> None:
+        """Called by ``serve()`` once every part runs and workers take messages, with the
+        readiness checks of its parts (added to ``checks``)."""
+        if checks:
+            self.checks = {**self.checks, **checks}
         self.serving = True
 
     def loop_alive(self) -> tuple[bool, str]:
