@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from mandrill.sources.limits import MAX_ACK_DEADLINE_SECONDS
+
 
 class Outcome(StrEnum):
     """What the ledger records for one restart decision of one message."""
@@ -113,6 +115,23 @@ def decide_restart(
 
 #: Why a message whose restart has an unknown outcome is settled without another restart.
 UNKNOWN_REASON = "restart outcome unknown (its daemon stopped mid-restart); counted as done"
+
+
+#: A deferred delivery (its host busy, the ledger down) comes back after this long for its
+#: first ``STEADY_DEFERRALS`` deliveries (a claim stranded by a dead daemon is resolved
+#: within seconds of its owner's timeout), then twice as late at each delivery, up to the
+#: longest lease Pub/Sub grants: a restart that takes long must not use up a subscription's
+#: dead-letter policy (10 deliveries by default: 11 minutes this way, where 10 s gave 100 s).
+DEFER_SECONDS = 10
+STEADY_DEFERRALS = 4
+MAX_DEFER_SECONDS = MAX_ACK_DEADLINE_SECONDS
+
+
+def defer_seconds(delivery_attempt: int | None) -> int:
+    """How long a delivery handed back for later stays away; ``delivery_attempt`` is
+    ``None`` where the source does not count deliveries (then the first delay)."""
+    doublings = min(max((delivery_attempt or 1) - STEADY_DEFERRALS, 0), 16)
+    return min(MAX_DEFER_SECONDS, DEFER_SECONDS << doublings)
 
 
 class Settlement(StrEnum):

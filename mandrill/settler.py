@@ -6,20 +6,21 @@ that gives up raises, which stops the service (whose shutdown flushes again).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 from anyio.abc import TaskStatus
 
 from mandrill.holdings import Holdings
 from mandrill.message import Delivery
 from mandrill.obs.counters import Counters
+from mandrill.policy import DEFER_SECONDS
 from mandrill.sources.base import Source
 
 #: Most ack ids sent per request by the settler (sources chunk further if they must).
 MAX_BATCH = 1000
 #: How long a settlement may wait for batch-mates; bounds publish → settle latency.
 MAX_DELAY = 0.01
-#: A deferred delivery comes back after this long (its lease is set to it, not to 0).
-DEFER_SECONDS = 10
 
 
 class Settler:
@@ -42,14 +43,15 @@ class Settler:
         self._max_delay = max_delay
         self._acks: list[str] = []
         self._nacks: list[str] = []
-        self._defers: list[str] = []
+        #: Deferred ack ids by the seconds they stay away (their lease is set to it).
+        self._defers: dict[int, list[str]] = {}
         self._pending = anyio.Event()
         self._full = anyio.Event()
         self._flushing = anyio.Lock()
 
     @property
     def pending(self) -> int:
-        return len(self._acks) + len(self._nacks) + len(self._defers)
+        return len(self._acks) + len(self._nacks) + sum(map(len, self._defers.values()))
 
     def ack(self, delivery: Delivery) -> None:
         """Queue an ack (never blocks)."""
@@ -65,10 +67,10 @@ class Settler:
         self._counters.nacked += 1
         self._queued()
 
-    def defer(self, delivery: Delivery) -> None:
-        """Queue a delayed nack: redelivered after ``DEFER_SECONDS`` (never blocks)."""
+    def defer(self, delivery: Delivery, seconds: int = DEFER_SECONDS) -> None:
+        """Queue a delayed nack: redelivered after ``seconds`` (never blocks)."""
         self._holdings.release(delivery.ack_id)
-        self._defers.append(delivery.ack_id)
+        self._defers.setdefault(seconds, []).append(delivery.ack_id)
         self._counters.deferred += 1
         self._queued()
 
@@ -96,11 +98,12 @@ class Settler:
         self._pending = anyio.Event()
         self._full = anyio.Event()
         while self.pending:
-            for queue, send in (
+            sends: list[tuple[list[str], Callable[[list[str]], Awaitable[None]]]] = [
                 (self._acks, self._source.acknowledge),
                 (self._nacks, self._nack_now),
-                (self._defers, self._nack_later),
-            ):
+            ]
+            sends += [(queue, self._nack_after(seconds)) for seconds, queue in self._defers.items()]
+            for queue, send in sends:
                 ids = queue[: self._max_batch]
                 del queue[: self._max_batch]
                 if not ids:
@@ -111,12 +114,17 @@ class Settler:
                     # Put back what was not sent (cancelled or failed): never drop an ack id.
                     queue[:0] = ids
                     raise
+            for seconds in [seconds for seconds, queue in self._defers.items() if not queue]:
+                del self._defers[seconds]
 
     async def _nack_now(self, ack_ids: list[str]) -> None:
         await self._source.modify_ack_deadline(ack_ids, 0)
 
-    async def _nack_later(self, ack_ids: list[str]) -> None:
-        await self._source.modify_ack_deadline(ack_ids, DEFER_SECONDS)
+    def _nack_after(self, seconds: int) -> Callable[[list[str]], Awaitable[None]]:
+        async def nack_later(ack_ids: list[str]) -> None:
+            await self._source.modify_ack_deadline(ack_ids, seconds)
+
+        return nack_later
 
     def _queued(self) -> None:
         self._pending.set()

@@ -26,6 +26,7 @@ from mandrill.policy import (
     Result,
     Settlement,
     Verdict,
+    defer_seconds,
     settlement_for,
 )
 from mandrill.restarters.base import Restarter
@@ -120,7 +121,7 @@ class Worker:
         elif settlement is Settlement.NACK:
             self._settler.nack(delivery)
         elif settlement is Settlement.DEFER:
-            self._settler.defer(delivery)
+            self._settler.defer(delivery, defer_seconds(delivery.delivery_attempt))
         else:
             log.warning("giving up on message %s: restart of %s failed %d times; dead-lettering it",
                         message.message_id, message.hostname, failures, extra=_context(message))

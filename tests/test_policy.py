@@ -1,3 +1,4 @@
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -9,6 +10,7 @@ from mandrill.policy import (
     Settlement,
     Verdict,
     decide_restart,
+    defer_seconds,
     format_duration,
     leases_due,
     settlement_for,
@@ -114,3 +116,18 @@ def test_format_duration():
     assert format_duration(0) == "0s"
     assert format_duration(90061) == "1d 1h 1m 1s"
     assert format_duration(6 * DAY) == "6d"
+
+
+@pytest.mark.parametrize(
+    ("attempt", "seconds"),
+    [(None, 10), (0, 10), (1, 10), (4, 10), (5, 20), (6, 40), (9, 320), (10, 600),
+     (10**6, 600)],
+)
+def test_a_deferred_delivery_stays_away_longer_each_time(attempt, seconds):
+    assert defer_seconds(attempt) == seconds
+
+
+def test_deferrals_outlast_a_long_restart_before_a_dead_letter_policy_takes_them():
+    # Pub/Sub's policy (mandrill setup's default: 10 deliveries) must not take a message
+    # that waits for a restart of several minutes (--restart-timeout, a GCE reset).
+    assert sum(defer_seconds(attempt) for attempt in range(1, 10)) >= 10 * 60

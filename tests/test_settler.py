@@ -11,7 +11,8 @@ from mandrill.errors import SourceError
 from mandrill.holdings import Holdings
 from mandrill.message import Delivery
 from mandrill.obs.counters import Counters
-from mandrill.settler import DEFER_SECONDS, Settler
+from mandrill.policy import DEFER_SECONDS
+from mandrill.settler import Settler
 from mandrill.sources.memory import MemoryBroker
 from tests.ledger import delivery
 
@@ -126,3 +127,15 @@ async def test_a_final_flush_waits_for_the_request_the_run_loop_has_in_flight() 
         tg.cancel_scope.cancel()
     assert settler.pending == 0
     assert source.sent == [("ack", [a.ack_id])]
+
+
+async def test_deferrals_go_with_their_own_delay() -> None:
+    source = FlakySource(failures=0)
+    holdings, (a, b, c) = held("a", "b", "c")
+    settler = Settler(source, holdings, Counters())
+    settler.defer(a, 10)
+    settler.defer(b, 40)
+    settler.defer(c, 10)
+    await settler.flush()
+    assert sorted(source.sent) == [("deadline 10", ["ack-a", "ack-c"]), ("deadline 40", ["ack-b"])]
+    assert settler.pending == 0
