@@ -22,7 +22,7 @@ from mandrill.ledger import open_ledger
 from mandrill.ledger.base import Ledger
 from mandrill.message import Message
 from mandrill.obs.counters import Counters
-from mandrill.policy import RateLimit
+from mandrill.policy import Outcome, RateLimit
 from mandrill.publisher import publish_chaos
 from mandrill.restarters.base import Restarter
 from mandrill.safety import SafetyControls, TimeWindow, parse_timezone
@@ -256,7 +256,7 @@ def add_notifier(parts: Parts, notifier: Notifier) -> None:
     """Run ``notifier`` beside the service and tell it every restart decision."""
     from mandrill.notify import Notification
 
-    def on_decision(message: Message, outcome: str, detail: str) -> None:
+    def on_decision(message: Message, outcome: Outcome, detail: str) -> None:
         notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))
 
     parts.companions = [*parts.companions, notifier.run]

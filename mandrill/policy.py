@@ -31,6 +31,8 @@ FINAL_OUTCOMES = frozenset({Outcome.RESTARTED, Outcome.SKIPPED, Outcome.DRY_RUN}
 
 
 class Verdict(StrEnum):
+    """What the ledger's claim decided for one message."""
+
     RESTART = "restart"
     SKIP = "skip"  # the host must not be restarted now (interval rule, safety control)
     DUPLICATE = "duplicate"  # this message was already decided
@@ -65,6 +67,8 @@ class RateLimit:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """A :class:`Verdict` with the reason a user reads in the history."""
+
     verdict: Verdict
     reason: str
     #: Earlier failed restarts of this message (for the poison-message limit).
@@ -135,6 +139,8 @@ def defer_seconds(delivery_attempt: int | None) -> int:
 
 
 class Settlement(StrEnum):
+    """What becomes of a delivery once its work is over."""
+
     ACK = "ack"
     NACK = "nack"
     #: Hand back, but only after a pause: another worker is on it, retrying at once spins.
@@ -150,7 +156,6 @@ class Result(StrEnum):
     DUPLICATE = "duplicate"
     BUSY = "busy"
     RESTART_FAILED = "restart_failed"
-    INVALID = "invalid"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
     DRY_RUN = "dry_run"
 
@@ -160,8 +165,6 @@ def settlement_for(result: Result, failures: int, max_attempts: int) -> Settleme
 
     ``failures`` counts failed restarts of this message including the current one.
     """
-    if result is Result.INVALID:
-        return Settlement.DEAD_LETTER
     if result is Result.RESTART_FAILED:
         return Settlement.DEAD_LETTER if failures >= max_attempts else Settlement.NACK
     if result is Result.BUSY:

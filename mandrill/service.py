@@ -39,6 +39,7 @@ from mandrill.ledger.base import Ledger
 from mandrill.message import Delivery, Message
 from mandrill.obs.counters import Counters
 from mandrill.obs.metrics import Observability
+from mandrill.policy import Outcome
 from mandrill.restarters.base import Restarter
 from mandrill.settler import Settler
 from mandrill.shutdown import Shutdown, watch_signals
@@ -80,7 +81,7 @@ class Parts:
     publisher: Callable[[], Coroutine[Any, Any, Any]] | None = None
     companions: Sequence[LongLived] = field(default_factory=list)
     #: Called with (message, outcome, detail) for every restart decision (notifications).
-    on_decision: Callable[[Message, str, str], None] | None = None
+    on_decision: Callable[[Message, Outcome, str], None] | None = None
 
 
 async def serve(

@@ -44,6 +44,8 @@ DAY = 86400.0
 
 @dataclass
 class WorkerSettings:
+    """What the worker decides by: the interval rule, attempts, dry run, safety controls."""
+
     domain: str = DEFAULT_DOMAIN
     min_restart_interval: float = 7 * DAY
     #: Restart again a host whose restart has an unknown outcome (its daemon died
@@ -73,7 +75,7 @@ class Worker:
         settler: Settler,
         counters: Counters,
         settings: WorkerSettings,
-        on_decision: Callable[[Message, str, str], None] | None = None,
+        on_decision: Callable[[Message, Outcome, str], None] | None = None,
         shutdown: Shutdown | None = None,
     ) -> None:
         self._source = source
@@ -192,7 +194,7 @@ class Worker:
         if self.settings.dry_run:
             await self._finish(restart_id, Outcome.DRY_RUN, "dry run: would restart")
             self._counters.dry_run += 1
-            self._notify(message, "dry_run", "would restart")
+            self._notify(message, Outcome.DRY_RUN, "would restart")
             log.info("DRY RUN: would restart %s", message.hostname, extra=_context(message))
             return Result.DRY_RUN, failures
         try:
@@ -213,7 +215,7 @@ class Worker:
             return await self._restart_failed(message, restart_id, failures, f"bug: {exc!r}")
         await self._finish(restart_id, Outcome.RESTARTED, detail)
         self._counters.restarted += 1
-        self._notify(message, "restarted", detail)
+        self._notify(message, Outcome.RESTARTED, detail)
         if log.isEnabledFor(logging.INFO):  # spare building the context on the hot path
             log.info("restarted %s (%s)", message.hostname, detail, extra=_context(message))
         return Result.RESTARTED, failures
@@ -234,7 +236,7 @@ class Worker:
     ) -> tuple[Result, int]:
         await self._finish(restart_id, Outcome.FAILED, detail)
         self._counters.restart_failed += 1
-        self._notify(message, "failed", detail)
+        self._notify(message, Outcome.FAILED, detail)
         log.warning("restart of %s failed (attempt %d): %s", message.hostname, failures + 1,
                     detail, extra=_context(message))
         return Result.RESTART_FAILED, failures + 1
@@ -259,7 +261,7 @@ class Worker:
     def _note_skip(self, message: Message, reason: str) -> None:
         self._counters.skipped += 1
         self._counters.skip_reasons[skip_label(reason)] += 1
-        self._notify(message, "skipped", reason)
+        self._notify(message, Outcome.SKIPPED, reason)
         log.info("skipped %s: %s", message.hostname, reason, extra=_context(message))
 
     async def _finish(self, restart_id: int, outcome: Outcome, detail: str) -> None:
@@ -295,7 +297,7 @@ class Worker:
         self._counters.completed += 1
         self._counters.latency.observe(self._wall_clock() - delivery.publish_time.timestamp())
 
-    def _notify(self, message: Message, outcome: str, detail: str) -> None:
+    def _notify(self, message: Message, outcome: Outcome, detail: str) -> None:
         if self._on_decision is not None:
             self._on_decision(message, outcome, detail)
 

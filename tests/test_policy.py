@@ -84,7 +84,6 @@ def test_settlement():
     assert settlement_for(Result.SKIPPED, 0, 5) is Settlement.ACK
     assert settlement_for(Result.DUPLICATE, 0, 5) is Settlement.ACK
     assert settlement_for(Result.DRY_RUN, 0, 5) is Settlement.ACK
-    assert settlement_for(Result.INVALID, 0, 5) is Settlement.DEAD_LETTER
     assert settlement_for(Result.BUSY, 0, 5) is Settlement.DEFER
     assert settlement_for(Result.LEDGER_UNAVAILABLE, 0, 5) is Settlement.DEFER
     assert settlement_for(Result.RESTART_FAILED, 4, 5) is Settlement.NACK
@@ -96,7 +95,7 @@ def test_only_restart_failures_and_bad_input_avoid_ack(result, failures, max_att
     settlement = settlement_for(result, failures, max_attempts)
     if settlement is not Settlement.ACK:
         assert result in (
-            Result.RESTART_FAILED, Result.INVALID, Result.BUSY, Result.LEDGER_UNAVAILABLE
+            Result.RESTART_FAILED, Result.BUSY, Result.LEDGER_UNAVAILABLE
         )
 
 
