@@ -116,18 +116,20 @@ class Worker:
             )
             self._settler.nack(delivery)
             return
-        settlement = settlement_for(result, failures, self.settings.max_attempts)
-        if settlement is Settlement.ACK:
-            self._settler.ack(delivery)
-            self._completed(delivery)
-        elif settlement is Settlement.NACK:
-            self._settler.nack(delivery)
-        elif settlement is Settlement.DEFER:
-            self._settler.defer(delivery, defer_seconds(delivery.delivery_attempt))
-        else:
-            log.warning("giving up on message %s: restart of %s failed %d times; dead-lettering it",
-                        message.message_id, message.hostname, failures, extra=_context(message))
-            await self._dead_letter(delivery, f"restart failed {failures} times")
+        match settlement_for(result, failures, self.settings.max_attempts):
+            case Settlement.ACK:
+                self._settler.ack(delivery)
+                self._completed(delivery)
+            case Settlement.NACK:
+                self._settler.nack(delivery)
+            case Settlement.DEFER:
+                self._settler.defer(delivery, defer_seconds(delivery.delivery_attempt))
+            case Settlement.DEAD_LETTER:
+                log.warning(
+                    "giving up on message %s: restart of %s failed %d times; dead-lettering it",
+                    message.message_id, message.hostname, failures, extra=_context(message),
+                )
+                await self._dead_letter(delivery, f"restart failed {failures} times")
 
     async def _work(self, message: Message) -> tuple[Result, int]:
         now = self._wall_clock()
