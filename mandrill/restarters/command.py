@@ -194,9 +194,11 @@ class CommandRestarter:
 
     async def _end_group(self, process: Process) -> str:
         """SIGTERM the command's process group, SIGKILL it after ``kill_grace``, reap the
-        command; say which it took. Shielded: it runs when the caller is cancelled."""
+        command; say which it took. Shielded, as it runs when the caller is cancelled, and
+        bounded by the two waits."""
         group = process.pid  # the leader of its own session: its pid is the group's id
-        with anyio.CancelScope(shield=True):
+        bound = anyio.current_time() + self.kill_grace + KILL_WAIT
+        with anyio.CancelScope(shield=True, deadline=bound):
             _signal_group(group, signal.SIGTERM)
             with anyio.move_on_after(self.kill_grace):
                 await _wait_for_group(process, group)

@@ -49,6 +49,9 @@ PROJECT_VARIABLES = ("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT")
 REQUEST_SECONDS = 30.0
 WAIT_REQUEST_SECONDS = 150.0
 
+#: How long closing the HTTP session may take once the caller is cancelled.
+CLOSE_SECONDS = 5.0
+
 # Fixed forever: changing it would let a redelivered message reset its instance again.
 _REQUEST_ID_NAMESPACE = uuid.UUID("6f1c1d0e-3b7a-5b8e-9a52-8d0f3c1e6a21")
 
@@ -216,7 +219,7 @@ class GceRestarter:
     ) -> None:
         session, self._session = self._session, None
         if session is not None:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(CLOSE_SECONDS, shield=True):
                 await self._bridge.call(session.close)
 
     async def restart(self, message: Message) -> str:

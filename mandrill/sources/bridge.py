@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -25,6 +26,10 @@ import anyio
 from anyio.from_thread import start_blocking_portal
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: How long stopping the asyncio thread may take at exit.
+CLOSE_SECONDS = 5.0
 
 BACKENDS = ("asyncio", "trio")
 
@@ -97,5 +102,11 @@ async def open_asyncio_bridge(backend: str) -> AsyncIterator[AsyncioBridge]:
         loop = await anyio.to_thread.run_sync(portal.call, asyncio.get_running_loop)
         yield AsyncioBridge(loop)
     finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(portal_cm.__exit__, None, None, None)
+        # Joins the asyncio thread: bounded, so that a call stuck there cannot hold the
+        # daemon's exit (the process does not wait for an abandoned thread either).
+        with anyio.move_on_after(CLOSE_SECONDS, shield=True) as scope:
+            await anyio.to_thread.run_sync(
+                portal_cm.__exit__, None, None, None, abandon_on_cancel=True
+            )
+        if scope.cancelled_caught:
+            log.warning("the asyncio thread did not stop within %.0fs; left behind", CLOSE_SECONDS)
