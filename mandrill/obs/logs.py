@@ -59,6 +59,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False, default=str)
 
 
+class _Handoff(logging.handlers.QueueHandler):
+    """Queues the record as it is: formatting (the message, the JSON document, a traceback)
+    happens in the writer thread, not on the event loop's thread.
+
+    The stock ``prepare`` formats every record before queueing it (about half of what a
+    log call costs its caller). mandrill's log arguments are immutable values (strings,
+    numbers, exceptions), so formatting them later in the writer thread writes the same
+    line.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
@@ -84,7 +98,7 @@ def configured_logging(
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
-    queue_handler = logging.handlers.QueueHandler(records)
+    queue_handler = _Handoff(records)
     loggers = [logging.getLogger(name) for name in LOGGERS]
     saved = [(logger.level, logger.propagate) for logger in loggers]
     for logger in loggers:
