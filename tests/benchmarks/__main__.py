@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks import emulator, inprocess, latency, memory, report, shutdown
+from tests.benchmarks import emulator, inflight, inprocess, latency, memory, report, shutdown
 from tests.benchmarks.common import ROOT, Results, progress
 
-BENCHMARKS = ("inprocess", "shutdown", "memory", "emulator", "latency")
+BENCHMARKS = ("inprocess", "shutdown", "memory", "emulator", "inflight", "latency")
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +35,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-messages", type=int, default=100_000,
                         help="messages per memory run (the issue asks 1,000,000: slower)")
     parser.add_argument("--shutdown-rounds", type=int, default=3)
+    parser.add_argument("--inflight-rounds", type=int, default=1,
+                        help="rounds of the max-in-flight curve (each point a few seconds)")
     parser.add_argument("--latency-rate", type=float, default=1000.0)
     parser.add_argument("--latency-seconds", type=float, default=6.0)
     parser.add_argument("--latency-warmup", type=float, default=2.0)
@@ -64,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in chosen:
         progress("memory")
         extra["memory_runs"] = memory.run(results, messages=arguments.memory_messages)
-    if "emulator" in chosen or "latency" in chosen:
+    if {"emulator", "inflight", "latency"} & set(chosen):
         with emulator.running_emulator():
             if "emulator" in chosen:
                 progress("emulator throughput")
                 emulator.run(results, messages=arguments.messages, rounds=arguments.rounds,
                              warmup=arguments.warmup)
+            if "inflight" in chosen:
+                progress("throughput against --max-in-flight (restart latency 0.5 s)")
+                extra["recommended_max_in_flight"] = inflight.run(
+                    results, rounds=arguments.inflight_rounds
+                )
             if "latency" in chosen:
                 progress("latency")
                 latency.run(results, rate=arguments.latency_rate,

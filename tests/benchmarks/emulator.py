@@ -46,13 +46,17 @@ from tests.fixtures.emulator import find_launcher, start_emulator, stop_emulator
 BENCHMARK = "emulator"
 #: CPU time of the client process (not the emulator) per message.
 CPU_BENCHMARK = "emulator client CPU"
+#: mandrill against both baselines, as the issue states its goal.
+RATIO_BENCHMARK = "emulator ratios"
 PROJECT = "bench"
 #: gcloud-aio's clients take whole-second timeouts.
 REQUEST_TIMEOUT = 30
-TARGET_VS_SUBSCRIBE = 2.0
+TARGET_VS_SUBSCRIBE = 1.0
 #: How long ``subscribe()`` gets to handle a drain's messages.
 SUBSCRIBE_LIMIT = 60.0
-TARGET_VS_BARE = 0.8
+TARGET_VS_BARE = 0.5
+#: CPU per message of mandrill on asyncio (issue 14); trio's is reported.
+TARGET_CPU_US = 50.0
 CONTENDERS = (
     "asyncio/mandrill",
     "trio/mandrill",
@@ -317,6 +321,13 @@ def compare(results: Results) -> None:
         vs_subscribe = ours.median / subscribe_figure.median
         ours.compare(bare)
         assert ours.ratio is not None
+        # The second ratio as a figure of its own, so that the table prints both.
+        results.figure(RATIO_BENCHMARK, backend, "mandrill / subscribe()", "x").samples.append(
+            vs_subscribe
+        )
+        results.figure(RATIO_BENCHMARK, backend, "mandrill / bare loop", "x").samples.append(
+            ours.ratio
+        )
         results.target(BENCHMARK, backend, f"mandrill >= {TARGET_VS_SUBSCRIBE}x subscribe()"
                        " (asyncio)", vs_subscribe, TARGET_VS_SUBSCRIBE, "x",
                        higher_is_better=True)
@@ -326,7 +337,10 @@ def compare(results: Results) -> None:
     for backend in BACKENDS:
         bare_cpu = results.figure(CPU_BENCHMARK, backend, "bare", "us/msg")
         bare_cpu.ratio = 1.0
-        results.figure(CPU_BENCHMARK, backend, "mandrill", "us/msg").compare(bare_cpu)
+        ours_cpu = results.figure(CPU_BENCHMARK, backend, "mandrill", "us/msg").compare(bare_cpu)
+        if backend == "asyncio":
+            results.target(CPU_BENCHMARK, backend, f"mandrill CPU <= {TARGET_CPU_US:.0f} us/msg",
+                           ours_cpu.median, TARGET_CPU_US, "us/msg", higher_is_better=False)
     results.figure(CPU_BENCHMARK, "asyncio", "subscribe()", "us/msg").compare(
         results.figure(CPU_BENCHMARK, "asyncio", "bare", "us/msg")
     )
