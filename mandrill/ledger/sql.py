@@ -8,7 +8,9 @@ Queries are written with ``?`` placeholders; :class:`Dialect` adapts them.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 from mandrill.ledger.base import Claim
 from mandrill.ledger.schema import Cursor, Dialect
@@ -40,11 +42,16 @@ def save(cur: Cursor, d: Dialect, subscription: str, message: Message, now: floa
             message.instance_name,
             message.hostname,
             message.data,
-            json.dumps(dict(message.attributes)),
+            _attributes_json(message.attributes),
             message.publish_time.timestamp(),
             now,
         ),
     )
+
+
+def _attributes_json(attributes: Mapping[str, str]) -> str:
+    # Most messages have none: spare the encoder.
+    return json.dumps(dict(attributes)) if attributes else "{}"
 
 
 def dead_letter(
@@ -61,7 +68,7 @@ def dead_letter(
             subscription,
             delivery.message_id,
             delivery.data,
-            json.dumps(dict(delivery.attributes)),
+            _attributes_json(delivery.attributes),
             delivery.publish_time.timestamp(),
             now,
             reason,
@@ -298,7 +305,8 @@ def insert(
     cur.execute(
         d.sql(
             "INSERT INTO restarts (subscription, message_id, hostname, decided_at, finished_at,"
-            " outcome, detail, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
+            " outcome, detail, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            + ("" if d.has_lastrowid else " RETURNING id")
         ),
         (
             subscription,
@@ -311,6 +319,8 @@ def insert(
             owner,
         ),
     )
+    if d.has_lastrowid:
+        return int(cast(Any, cur).lastrowid)  # SQLite's cursor: not in the protocol
     (row_id,) = cur.fetchone()
     return int(row_id)
 

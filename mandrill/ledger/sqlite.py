@@ -31,6 +31,7 @@ DIALECT = sql.Dialect(
     lock_host=lambda cur, host: None,
     try_lock_host=lambda cur, host: True,
     table_exists="SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+    has_lastrowid=True,
 )
 
 
