@@ -5,8 +5,8 @@
 on average, as ``mandrill run`` does), the Pub/Sub source and a SQLite file ledger, once
 per in-flight bound. With restarts that slow, throughput is bound by how many are under
 way at once (Little's law: at most ``in_flight / 0.25 s``); the curve shows where the
-daemon's own cost takes over. Each point drains ``16 x in_flight`` messages (at least
-``MIN_MESSAGES``), so every point lasts a few seconds.
+daemon's own cost takes over. Each point drains ``16 x in_flight`` messages (within
+``MIN_MESSAGES`` .. ``MAX_MESSAGES``), so every point lasts a few seconds.
 
 Memory per held message: the peak RSS of each run (a fresh process) against its in-flight
 bound; the slope of a least-squares line through the points is what one more message held
@@ -34,15 +34,16 @@ from tests.benchmarks.memory import MB, status_bytes
 
 BENCHMARK = "max-in-flight"
 MEMORY_BENCHMARK = "memory per held message"
-IN_FLIGHT = (16, 64, 256, 1024)
+IN_FLIGHT = (16, 64, 256, 1024, 2048, 4096)
 RESTART_LATENCY = 0.5
 MIN_MESSAGES = 512
+MAX_MESSAGES = 20_000
 GOOD_SHARE = 0.9
 BACKEND = "asyncio"
 
 
 def messages_for(in_flight: int) -> int:
-    return max(MIN_MESSAGES, 16 * in_flight)
+    return min(MAX_MESSAGES, max(MIN_MESSAGES, 16 * in_flight))
 
 
 def drain(backend: str, subscription: str, messages: int, in_flight: int) -> Timing:
