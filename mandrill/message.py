@@ -17,6 +17,11 @@ DEFAULT_DOMAIN = "example.net"
 # RFC 1123 label: letters, digits and inner hyphens, 1 to 63 characters.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE | re.ASCII)
 _MAX_HOSTNAME = 253
+#: The wire form of :func:`encode_payload`, which every publisher sends: read without the
+#: JSON decoder (which costs twice as much on a payload this small). The name has no
+#: escapes and no quotes, so what it captures is exactly what ``json.loads`` would return;
+#: anything else goes through the decoder.
+_WIRE_FORM = re.compile(rb'\{"instance_name": "([A-Za-z0-9-]{1,63})"\}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,9 @@ def parse_delivery(delivery: Delivery, domain: str = DEFAULT_DOMAIN) -> Message:
     object with a string ``instance_name`` that is one RFC 1123 label.
     """
     data = delivery.data
+    wire = _WIRE_FORM.fullmatch(data)
+    if wire is not None:
+        return _message(delivery, wire.group(1).decode("ascii"), domain)
     if len(data) > MAX_PAYLOAD_BYTES:
         raise InvalidMessage(f"payload too large ({len(data)} bytes > {MAX_PAYLOAD_BYTES})")
     try:
@@ -84,6 +92,10 @@ def parse_delivery(delivery: Delivery, domain: str = DEFAULT_DOMAIN) -> Message:
         raise InvalidMessage("payload has no 'instance_name'")
     if not isinstance(instance_name, str):
         raise InvalidMessage(f"'instance_name' is a {type(instance_name).__name__}, not a string")
+    return _message(delivery, instance_name, domain)
+
+
+def _message(delivery: Delivery, instance_name: str, domain: str) -> Message:
     if not is_valid_label(instance_name):
         raise InvalidMessage(
             f"'instance_name' {_preview(instance_name)} is not a valid host label (RFC 1123)"
@@ -98,7 +110,7 @@ def parse_delivery(delivery: Delivery, domain: str = DEFAULT_DOMAIN) -> Message:
         publish_time=delivery.publish_time,
         delivery_attempt=delivery.delivery_attempt,
         attributes=delivery.attributes,
-        data=data,
+        data=delivery.data,
     )
 
 

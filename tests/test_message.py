@@ -91,3 +91,17 @@ def test_domain_validation():
     for bad in ("", "a..b", "-x.com", "a b.com", "x" * 300):
         with pytest.raises(ValueError, match="not a valid DNS domain"):
             validate_domain(bad)
+
+
+@given(st.text(alphabet=string.ascii_letters + string.digits + "-", max_size=70))
+def test_the_wire_form_reads_as_the_json_decoder_would(name):
+    """encode_payload's bytes take a path without the JSON decoder; the same object with
+    other spacing goes through it: both must decide alike."""
+    outcomes = []
+    for data in (encode_payload(name), json.dumps({"instance_name": name}, indent=1).encode()):
+        try:
+            message = parse_delivery(delivery(data))
+            outcomes.append((message.instance_name, message.hostname))
+        except InvalidMessage as exc:
+            outcomes.append(exc.reason)
+    assert outcomes[0] == outcomes[1]
