@@ -40,7 +40,7 @@ IDLE = re.compile(r"/(selectors|threading|queue)\.py:|get_events \(.*trio|stages
 RULES: tuple[tuple[str, str], ...] = (
     ("logging", r"\(logging/|obs/logs\.py"),
     ("ledger: SQL (in the batch)", r"ledger/sql\.py|ledger/sqlite\.py"),
-    ("ledger: queueing, waiting for the batch", r"ledger/batch\.py|ledger/store\.py"),
+    ("ledger: queueing, waiting for the batch", r"ledger/batch\.py|ledger/sqlledger\.py"),
     ("decision (policy)", r"mandrill/policy\.py"),
     ("restart (simulated, latency 0)", r"restarters/"),
     ("settlement (batched acks)",
