@@ -5,19 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mandrill.retry import GaveUp, RetryPolicy, backoff_delays, retry
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.support.fakes import FakeTime
 
 
 class Flaky(Exception):

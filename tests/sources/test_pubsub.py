@@ -35,6 +35,7 @@ from mandrill.sources.pubsub import (
     setup_pubsub,
 )
 from tests.fixtures.emulator import PubSubEmulator, PubSubNames
+from tests.support.fakes import FakeTime
 from tests.support.metadata import FakeMetadataServer
 
 #: Every wait on the emulator is bounded by this; a healthy one answers in milliseconds.
@@ -445,20 +446,6 @@ def test_describe_error_is_one_line() -> None:
     assert describe_error(TimeoutError()) == "TimeoutError: no response in time"
 
 
-class FakeTime:
-    """A clock that only moves when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await anyio.lowlevel.checkpoint()
 
 
 async def test_retries_transient_failures_then_succeeds() -> None:

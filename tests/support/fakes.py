@@ -14,6 +14,22 @@ from mandrill.message import Message
 from mandrill.sources.memory import MemoryBroker
 
 
+class FakeTime:
+    """A clock that only moves when the code under test sleeps (for retry loops)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await anyio.lowlevel.checkpoint()
+
+
 class ScriptedRestarter:
     """Records every call; fails a host's first ``fail_first[host]`` restarts; blocks
     hosts listed in ``block`` until cancelled."""
