@@ -19,6 +19,7 @@ from mandrill.settler import Settler
 from mandrill.shutdown import Shutdown
 from mandrill.sources.memory import MemoryBroker
 from mandrill.worker import Worker, WorkerSettings
+from tests.ledger import writing
 from tests.support.fakes import ScriptedRestarter, payloads
 
 
@@ -68,11 +69,8 @@ async def bench() -> AsyncIterator[Bench]:
     ledger = SQLLedger(SQLiteDatabase(":memory:"), DIALECT)
     holdings = Holdings(16)
     counters = Counters()
-    async with anyio.create_task_group() as tg:
-        await tg.start(ledger.run)
+    async with writing(ledger):
         yield Bench(broker, ledger, Settler(broker, holdings, counters), counters, holdings)
-        tg.cancel_scope.cancel()
-    await ledger.aclose()
 
 
 async def test_a_restart_is_recorded_and_acked(bench):

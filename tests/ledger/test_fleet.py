@@ -20,7 +20,7 @@ from mandrill.ledger.base import Claim
 from mandrill.ledger.postgres import connection_params, lock_host, open_postgres_ledger
 from mandrill.message import Message
 from mandrill.policy import Verdict
-from tests.ledger import T0, WEEK, message
+from tests.ledger import T0, WEEK, message, writing
 
 pytestmark = pytest.mark.postgres
 
@@ -31,13 +31,8 @@ HOSTS = 50
 async def running(url: str, *, max_batch: int = 2000) -> AsyncIterator[SQLLedger]:
     """A ledger with its writer running, like one daemon's."""
     ledger = await open_postgres_ledger(url, max_batch=max_batch)
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(ledger.run)
-            yield ledger
-            tg.cancel_scope.cancel()
-    finally:
-        await ledger.aclose()
+    async with writing(ledger):
+        yield ledger
 
 
 async def test_each_host_restarts_once_across_daemons(postgres_url: str) -> None:

@@ -13,7 +13,7 @@ import anyio
 
 from mandrill.ledger import SQLLedger, open_ledger
 from mandrill.policy import UNKNOWN_REASON, Outcome, Verdict
-from tests.ledger import T0, WEEK, message
+from tests.ledger import T0, WEEK, message, writing
 
 TIMEOUT = 30.0
 
@@ -40,13 +40,8 @@ async def daemon(
     ledger = await open_ledger(
         url, subscription=subscription, instance_timeout=instance_timeout, clock=clock
     )
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(ledger.run)
-            yield ledger
-            tg.cancel_scope.cancel()
-    finally:
-        await ledger.aclose()
+    async with writing(ledger):
+        yield ledger
 
 
 async def test_a_silent_daemons_claim_is_resolved_as_unknown(durable_url: str) -> None:
