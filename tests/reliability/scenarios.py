@@ -235,7 +235,10 @@ async def sigkill_mid_restart(env: Env, backend: str, scale: int) -> Result:
         resolved_after = anyio.current_time() - killed_at
 
         async def all_completed() -> bool:
-            return len(_lines(restarts_log)) >= count
+            # Every restart that began: a claim the killed daemon made but had not begun
+            # to act on is resolved as unknown too, and that host is (by design) not
+            # restarted again, so fewer than ``count`` may run.
+            return len(_lines(restarts_log)) >= len(begun())
 
         await eventually(all_completed, seconds=DRAIN_SECONDS, what="every restart to end")
         assert await survivor.stop() == 0, survivor.tail()
