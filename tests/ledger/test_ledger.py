@@ -15,19 +15,13 @@ from mandrill.ledger.postgres import PostgresDatabase
 from mandrill.ledger.sqlite import SQLiteDatabase
 from mandrill.message import encode_payload
 from mandrill.policy import Outcome, Verdict
-from tests.ledger import HOUR, T0, WEEK, delivery, message
+from tests.ledger import HOUR, T0, WEEK, delivery, message, writing
 
 
 @pytest.fixture
 async def ledger(ledger_url: str) -> AsyncIterator[SQLLedger]:
-    opened = await open_ledger(ledger_url)
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(opened.run)
-            yield opened
-            tg.cancel_scope.cancel()
-    finally:
-        await opened.aclose()
+    async with writing(await open_ledger(ledger_url)) as opened:
+        yield opened
 
 
 async def test_saved_messages_are_kept_for_replay(ledger: SQLLedger) -> None:
