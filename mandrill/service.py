@@ -162,9 +162,7 @@ async def serve(
                     )
                     daemon.cancel_scope.cancel()
         finally:
-            shutdown.settle_by = min(
-                shutdown.settle_by, anyio.current_time() + settings.settle_timeout
-            )
+            shutdown.settle_within(settings.settle_timeout)
             for shield in shields:
                 shield.deadline = shutdown.settle_by
             if companions is not None:
@@ -216,7 +214,7 @@ async def _cancel_on_request(
     with anyio.CancelScope() as own:
         task_status.started(own)
         await shutdown.requested.wait()
-        shutdown.settle_by = min(shutdown.settle_by, anyio.current_time() + settle_timeout)
+        shutdown.settle_within(settle_timeout)
         starting.cancel()
 
 
@@ -269,9 +267,8 @@ async def _process(
             intake.cancel_scope.cancel()
         # Pulling has stopped and the stream is closed: workers finish what they hold.
         log.info("stopped pulling; %d in flight, grace %.1fs", len(holdings), settings.grace)
-        now = anyio.current_time()
-        workers.cancel_scope.deadline = now + settings.grace
-        shutdown.settle_by = min(shutdown.settle_by, now + settings.grace + settings.settle_timeout)
+        workers.cancel_scope.deadline = anyio.current_time() + settings.grace
+        shutdown.settle_within(settings.grace + settings.settle_timeout)
 
 
 async def _consume(
@@ -317,7 +314,7 @@ async def _force_when_asked(
     shutdown: Shutdown, workers: anyio.CancelScope, settle_timeout: float
 ) -> None:
     await shutdown.forced.wait()
-    shutdown.settle_by = min(shutdown.settle_by, anyio.current_time() + settle_timeout)
+    shutdown.settle_within(settle_timeout)
     workers.cancel()
 
 

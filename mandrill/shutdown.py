@@ -29,6 +29,11 @@ class Shutdown:
         self.reason = ""
         self.settle_by = math.inf
 
+    def settle_within(self, seconds: float) -> None:
+        """Everything held must be settled ``seconds`` from now at the latest (a deadline
+        already set earlier stays)."""
+        self.settle_by = min(self.settle_by, anyio.current_time() + seconds)
+
     def last_words(self, seconds: float) -> anyio.CancelScope:
         """A shielded scope for what a cancelled task must still do (record that its
         restart was cancelled): at most ``seconds``, and never past ``settle_by``."""
