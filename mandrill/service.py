@@ -127,6 +127,7 @@ async def serve(
         settings=worker_settings,
         on_decision=parts.on_decision,
         shutdown=shutdown,
+        stop_after=settings.stop_after,
     )
     async with anyio.create_task_group() as lasting:
         if settings.handle_signals:
@@ -306,8 +307,6 @@ async def _work(
                 settler.nack(delivery)
                 continue
             await worker.handle(delivery)
-            if stop_after is not None and counters.completed >= stop_after:
-                shutdown.request(f"processed {counters.completed} messages")
 
 
 async def _force_when_asked(

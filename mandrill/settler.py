@@ -6,16 +6,21 @@ that gives up raises, which stops the service (whose shutdown flushes again).
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import anyio
 from anyio.abc import TaskStatus
 
+from mandrill.errors import LedgerError
 from mandrill.holdings import Holdings
 from mandrill.message import Delivery
 from mandrill.obs.counters import Counters
 from mandrill.policy import DEFER_SECONDS
 from mandrill.sources.base import Source
+
+log = logging.getLogger(__name__)
 
 #: Most ack ids sent per request by the settler (sources chunk further if they must).
 MAX_BATCH = 1000
@@ -45,13 +50,39 @@ class Settler:
         self._nacks: list[str] = []
         #: Deferred ack ids by the seconds they stay away (their lease is set to it).
         self._defers: dict[int, list[str]] = {}
+        #: Settlements waiting for their outcome's ledger write (see :meth:`after`).
+        self._after: deque[tuple[Awaitable[object], Delivery, Callable[[Delivery], None]]] = (
+            deque()
+        )
         self._pending = anyio.Event()
         self._full = anyio.Event()
         self._flushing = anyio.Lock()
 
     @property
     def pending(self) -> int:
-        return len(self._acks) + len(self._nacks) + sum(map(len, self._defers.values()))
+        return (
+            len(self._acks)
+            + len(self._nacks)
+            + sum(map(len, self._defers.values()))
+            + len(self._after)
+        )
+
+    def after(
+        self,
+        recorded: Awaitable[object],
+        delivery: Delivery,
+        settle: Callable[[Delivery], None],
+    ) -> None:
+        """Queue ``settle(delivery)`` (:meth:`ack`, :meth:`nack` …) to run once ``recorded``
+        (the ledger write of its outcome) is done, so that no ack goes out before its outcome
+        is committed, while the worker moves on at once. Like every settlement, it frees the
+        delivery's in-flight slot at once (a source that cannot be reached must not stop
+        the daemon from working on what it can). A write that failed is logged; the delivery
+        is settled anyway (its outcome is in the ledger's journal, or lost: the claim is
+        resolved as unknown once this daemon stops)."""
+        self._holdings.release(delivery.ack_id)
+        self._after.append((recorded, delivery, settle))
+        self._pending.set()
 
     def ack(self, delivery: Delivery) -> None:
         """Queue an ack (never blocks)."""
@@ -97,7 +128,8 @@ class Settler:
     async def _send_queued(self) -> None:
         self._pending = anyio.Event()
         self._full = anyio.Event()
-        while self.pending:
+        await self._settle_recorded(len(self._after))
+        while self._acks or self._nacks or self._defers:
             sends: list[tuple[list[str], Callable[[list[str]], Awaitable[None]]]] = [
                 (self._acks, self._source.acknowledge),
                 (self._nacks, self._nack_now),
@@ -116,6 +148,22 @@ class Settler:
                     raise
             for seconds in [seconds for seconds, queue in self._defers.items() if not queue]:
                 del self._defers[seconds]
+
+    async def _settle_recorded(self, count: int) -> None:
+        """Settle the first ``count`` waiting for their writes (those queued as a flush
+        begins: a flush does not chase those that come in while it waits)."""
+        # In queue order, which is the ledger's commit order: after the first wait for a
+        # batch, the others of that batch are done (an op awaited when done does not yield).
+        # Interrupted (cancelled at the final settlement's deadline), the delivery is left
+        # unsettled: the source redelivers it when its lease expires.
+        for _ in range(count):
+            recorded, delivery, settle = self._after.popleft()
+            try:
+                await recorded
+            except LedgerError as exc:
+                log.error("could not record the outcome of message %s: %s",
+                          delivery.message_id, exc, extra={"message_id": delivery.message_id})
+            settle(delivery)
 
     async def _nack_now(self, ack_ids: list[str]) -> None:
         await self._source.modify_ack_deadline(ack_ids, 0)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import anyio
 
 from mandrill.errors import InvalidMessage, LedgerError, RestartFailed
-from mandrill.ledger.base import Ledger
+from mandrill.ledger.base import Claim, Ledger
 from mandrill.message import DEFAULT_DOMAIN, Delivery, Message, parse_delivery
 from mandrill.obs.counters import Counters, dead_letter_label, skip_label
 from mandrill.policy import (
@@ -64,7 +64,8 @@ class WorkerSettings:
 class Worker:
     """Handles deliveries, one :meth:`handle` call each (many at once, on the daemon's
     long-lived worker tasks): parse, save beside the claim, restart if the ledger's claim
-    says so, then settle through the :class:`~mandrill.settler.Settler`."""
+    says so, then settle through the :class:`~mandrill.settler.Settler`, which waits for the
+    outcome's ledger write so that the worker does not."""
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class Worker:
         settings: WorkerSettings,
         on_decision: Callable[[Message, Outcome, str], None] | None = None,
         shutdown: Shutdown | None = None,
+        stop_after: int | None = None,
     ) -> None:
         self._source = source
         self._shutdown = shutdown if shutdown is not None else Shutdown()
@@ -87,14 +89,27 @@ class Worker:
         self.settings = settings
         self._wall_clock = settings.wall_clock
         self._on_decision = on_decision
+        #: Request a graceful stop once this many messages are completed.
+        self._stop_after = stop_after
         limit = settings.max_concurrent_restarts
         self._restart_slots = anyio.CapacityLimiter(limit) if limit else None
 
     async def handle(self, delivery: Delivery) -> None:
         """Work on one delivery and settle it. Raises only cancellation and ``SourceError``."""
         self._counters.received += 1
+        message = await self._parse(delivery)
+        if message is None:
+            return
         try:
-            message = parse_delivery(delivery, self.settings.domain)
+            result, failures, recorded = await self._work(message)
+        except Exception:
+            self._unexpected(delivery, message)
+            return
+        await self._settle(delivery, message, result, failures, recorded)
+
+    async def _parse(self, delivery: Delivery) -> Message | None:
+        try:
+            return parse_delivery(delivery, self.settings.domain)
         except InvalidMessage as exc:
             log.warning(
                 "invalid message %s: %s",
@@ -103,42 +118,63 @@ class Worker:
                 extra={"message_id": delivery.message_id},
             )
             await self._dead_letter(delivery, f"invalid: {exc.reason}")
-            return
-        try:
-            result, failures = await self._work(message)
-        except Exception:
-            # A bug in handling one message must not stop the others.
-            self._counters.errors += 1
-            log.exception(
-                "unexpected error handling message %s; nacking it",
-                message.message_id,
-                extra=_context(message),
-            )
-            self._settler.nack(delivery)
-            return
+            return None
+
+    def _unexpected(self, delivery: Delivery, message: Message) -> None:
+        # A bug in handling one message must not stop the others.
+        self._counters.errors += 1
+        log.exception(
+            "unexpected error handling message %s; nacking it",
+            message.message_id,
+            extra=_context(message),
+        )
+        self._settler.nack(delivery)
+
+    async def _settle(
+        self,
+        delivery: Delivery,
+        message: Message,
+        result: Result,
+        failures: int,
+        recorded: Awaitable[None] | None,
+    ) -> None:
+        """Settle as the result says; with ``recorded`` (the outcome's ledger write), only
+        once it is done (queued with the settler: this worker does not wait for it)."""
+        settle: Callable[[Delivery], None]
         match settlement_for(result, failures, self.settings.max_attempts):
             case Settlement.ACK:
-                self._settler.ack(delivery)
-                self._completed(delivery)
+                settle = self._ack
             case Settlement.NACK:
-                self._settler.nack(delivery)
+                settle = self._settler.nack
             case Settlement.DEFER:
-                self._settler.defer(delivery, defer_seconds(delivery.delivery_attempt))
+                seconds = defer_seconds(delivery.delivery_attempt)
+                settle = lambda delivery: self._settler.defer(delivery, seconds)  # noqa: E731
             case Settlement.DEAD_LETTER:
+                if recorded is not None:
+                    await self._recorded_quietly(recorded)
                 log.warning(
                     "giving up on message %s: restart of %s failed %d times; dead-lettering it",
                     message.message_id, message.hostname, failures, extra=_context(message),
                 )
                 await self._dead_letter(delivery, f"restart failed {failures} times")
+                return
+        if recorded is None:
+            settle(delivery)
+        else:
+            self._settler.after(recorded, delivery, settle)
 
-    async def _work(self, message: Message) -> tuple[Result, int]:
+    async def _work(self, message: Message) -> tuple[Result, int, Awaitable[None] | None]:
         now = self._wall_clock()
         # Queued now, so the save commits in the same batch as the claim below.
         saved = self._ledger.save(message, now)
         # Cancelled, this does not wait for the save: it still commits with its batch (the
         # ledger writer outlives the workers), and waiting would hold a shutdown up for as
         # long as the ledger hangs.
-        result = await self._decide_and_restart(message, now)
+        outcome = await self._decide_and_restart(message, now)
+        await self._check_saved(message, saved)
+        return outcome
+
+    async def _check_saved(self, message: Message, saved: Awaitable[None]) -> None:
         try:
             await saved
         except LedgerError as exc:
@@ -146,16 +182,17 @@ class Worker:
             self._counters.save_failed += 1
             log.log(self._ledger_level(logging.ERROR), "could not save message %s: %s",
                     message.message_id, exc, extra=_context(message))
-        return result
 
-    async def _decide_and_restart(self, message: Message, now: float) -> tuple[Result, int]:
+    async def _decide_and_restart(
+        self, message: Message, now: float
+    ) -> tuple[Result, int, Awaitable[None] | None]:
         settings = self.settings
         if settings.skip_checks:
             when = datetime.fromtimestamp(now, UTC)
             for check in settings.skip_checks:
                 reason = check(message, when)
                 if reason is not None:
-                    return await self._skip_before_claim(message, now, reason), 0
+                    return await self._skip_before_claim(message, now, reason), 0, None
         try:
             claim = await self._ledger.claim(
                 message,
@@ -165,11 +202,20 @@ class Worker:
                 retry_unknown=settings.retry_unknown,
             )
         except LedgerError as exc:
-            self._counters.ledger_unavailable += 1
-            log.log(self._ledger_level(logging.WARNING),
-                    "cannot decide on message %s, handing it back: %s", message.message_id, exc,
-                    extra=_context(message))
-            return Result.LEDGER_UNAVAILABLE, 0
+            return self._ledger_unavailable(message, exc), 0, None
+        if claim.restart_id is None:
+            return *self._decided(message, claim), None
+        return await self._restart(message, claim.restart_id, claim.decision.failures)
+
+    def _ledger_unavailable(self, message: Message, exc: LedgerError) -> Result:
+        self._counters.ledger_unavailable += 1
+        log.log(self._ledger_level(logging.WARNING),
+                "cannot decide on message %s, handing it back: %s", message.message_id, exc,
+                extra=_context(message))
+        return Result.LEDGER_UNAVAILABLE
+
+    def _decided(self, message: Message, claim: Claim) -> tuple[Result, int]:
+        """The result of a claim that restarts nothing (a duplicate, a busy host, a skip)."""
         decision = claim.decision
         if decision.verdict is Verdict.DUPLICATE:
             self._counters.duplicates += 1
@@ -184,21 +230,19 @@ class Worker:
             log.info("message %s: %s; retrying it later", message.message_id, decision.reason,
                      extra=_context(message))
             return Result.BUSY, decision.failures
-        if decision.verdict is Verdict.SKIP:
-            self._note_skip(message, decision.reason)
-            return Result.SKIPPED, decision.failures
-        assert claim.restart_id is not None
-        return await self._restart(message, claim.restart_id, decision.failures)
+        assert decision.verdict is Verdict.SKIP, decision
+        self._note_skip(message, decision.reason)
+        return Result.SKIPPED, decision.failures
 
     async def _restart(
         self, message: Message, restart_id: int, failures: int
-    ) -> tuple[Result, int]:
+    ) -> tuple[Result, int, Awaitable[None]]:
         if self.settings.dry_run:
-            await self._finish(restart_id, Outcome.DRY_RUN, "dry run: would restart")
+            recorded = self._record(restart_id, Outcome.DRY_RUN, "dry run: would restart")
             self._counters.dry_run += 1
             self._notify(message, Outcome.DRY_RUN, "would restart")
             log.info("DRY RUN: would restart %s", message.hostname, extra=_context(message))
-            return Result.DRY_RUN, failures
+            return Result.DRY_RUN, failures, recorded
         try:
             if self._restart_slots is None:
                 detail = await self._timed_restart(message)
@@ -206,21 +250,22 @@ class Worker:
                 async with self._restart_slots:
                     detail = await self._timed_restart(message)
         except RestartFailed as exc:
-            return await self._restart_failed(message, restart_id, failures, str(exc))
+            return self._restart_failed(message, restart_id, failures, str(exc))
         except anyio.get_cancelled_exc_class():
             with self._shutdown.last_words(CANCEL_RECORD_SECONDS):
-                await self._finish(restart_id, Outcome.CANCELLED, "cancelled by shutdown")
+                await self._recorded(restart_id, Outcome.CANCELLED, self._record(
+                    restart_id, Outcome.CANCELLED, "cancelled by shutdown"))
             raise
         except Exception as exc:
             log.exception("restarter raised unexpectedly for %s", message.hostname,
                           extra=_context(message))
-            return await self._restart_failed(message, restart_id, failures, f"bug: {exc!r}")
-        await self._finish(restart_id, Outcome.RESTARTED, detail)
+            return self._restart_failed(message, restart_id, failures, f"bug: {exc!r}")
+        recorded = self._record(restart_id, Outcome.RESTARTED, detail)
         self._counters.restarted += 1
         self._notify(message, Outcome.RESTARTED, detail)
         if log.isEnabledFor(logging.INFO):  # spare building the context on the hot path
             log.info("restarted %s (%s)", message.hostname, detail, extra=_context(message))
-        return Result.RESTARTED, failures
+        return Result.RESTARTED, failures, recorded
 
     async def _timed_restart(self, message: Message) -> str:
         """The restart, timed for the histogram (success or failure; not cancellation)."""
@@ -233,15 +278,15 @@ class Worker:
         self._counters.restart_duration.observe(anyio.current_time() - started)
         return detail
 
-    async def _restart_failed(
+    def _restart_failed(
         self, message: Message, restart_id: int, failures: int, detail: str
-    ) -> tuple[Result, int]:
-        await self._finish(restart_id, Outcome.FAILED, detail)
+    ) -> tuple[Result, int, Awaitable[None]]:
+        recorded = self._record(restart_id, Outcome.FAILED, detail)
         self._counters.restart_failed += 1
         self._notify(message, Outcome.FAILED, detail)
         log.warning("restart of %s failed (attempt %d): %s", message.hostname, failures + 1,
                     detail, extra=_context(message))
-        return Result.RESTART_FAILED, failures + 1
+        return Result.RESTART_FAILED, failures + 1, recorded
 
     async def _skip_before_claim(self, message: Message, now: float, reason: str) -> Result:
         try:
@@ -266,13 +311,26 @@ class Worker:
         self._notify(message, Outcome.SKIPPED, reason)
         log.info("skipped %s: %s", message.hostname, reason, extra=_context(message))
 
-    async def _finish(self, restart_id: int, outcome: Outcome, detail: str) -> None:
+    def _record(self, restart_id: int, outcome: Outcome, detail: str) -> Awaitable[None]:
+        """Queue the outcome of a claimed restart; the settler waits for it before the
+        message is settled."""
+        return self._ledger.finish(restart_id, self._wall_clock(), outcome, detail)
+
+    async def _recorded(
+        self, restart_id: int, outcome: Outcome, recorded: Awaitable[None]
+    ) -> None:
         try:
-            await self._ledger.finish(restart_id, self._wall_clock(), outcome, detail)
+            await recorded
         except LedgerError as exc:
             # Journal and ledger both failed: the claim stays 'restarting' (its host waits)
             # while this daemon runs; once it stops, any daemon resolves it as 'unknown'.
             log.error("could not record outcome %s of restart %d: %s", outcome, restart_id, exc)
+
+    async def _recorded_quietly(self, recorded: Awaitable[None]) -> None:
+        try:
+            await recorded
+        except LedgerError as exc:
+            log.error("could not record the outcome of a restart: %s", exc)
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Keep the delivery (ledger and dead-letter topic), then ack it.
@@ -292,12 +350,15 @@ class Worker:
             return
         self._counters.dead_lettered += 1
         self._counters.dead_letter_reasons[dead_letter_label(reason)] += 1
-        self._settler.ack(delivery)
-        self._completed(delivery)
+        self._ack(delivery)
 
-    def _completed(self, delivery: Delivery) -> None:
-        self._counters.completed += 1
-        self._counters.latency.observe(self._wall_clock() - delivery.publish_time.timestamp())
+    def _ack(self, delivery: Delivery) -> None:
+        self._settler.ack(delivery)
+        counters = self._counters
+        counters.completed += 1
+        counters.latency.observe(self._wall_clock() - delivery.publish_time.timestamp())
+        if self._stop_after is not None and counters.completed >= self._stop_after:
+            self._shutdown.request(f"processed {counters.completed} messages")
 
     def _notify(self, message: Message, outcome: Outcome, detail: str) -> None:
         if self._on_decision is not None:

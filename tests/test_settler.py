@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from mandrill.errors import SourceError
+from mandrill.errors import LedgerError, SourceError
 from mandrill.holdings import Holdings
 from mandrill.message import Delivery
 from mandrill.obs.counters import Counters
@@ -139,3 +139,33 @@ async def test_deferrals_go_with_their_own_delay() -> None:
     await settler.flush()
     assert sorted(source.sent) == [("deadline 10", ["ack-a", "ack-c"]), ("deadline 40", ["ack-b"])]
     assert settler.pending == 0
+
+
+async def test_a_settlement_after_a_write_waits_for_it_and_keeps_the_lease() -> None:
+    source = FlakySource(failures=0)
+    holdings, (a, b) = held("a", "b")
+    settler = Settler(source, holdings, Counters())
+    written = anyio.Event()
+    settler.after(written.wait(), a, settler.ack)
+    settler.nack(b)
+    assert len(holdings) == 0  # in-flight slots are freed at once, as for every settlement
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(settler.flush)
+        await anyio.wait_all_tasks_blocked()
+        assert source.sent == []  # nothing goes out ahead of the write
+        written.set()
+    assert source.sent == [("ack", ["ack-a"]), ("deadline 0", ["ack-b"])]
+
+
+async def test_a_failed_write_is_logged_and_its_delivery_settled_all_the_same(caplog) -> None:
+    source = FlakySource(failures=0)
+    holdings, (a,) = held("a")
+    settler = Settler(source, holdings, Counters())
+
+    async def failed() -> None:
+        raise LedgerError("ledger write failed: disk full")
+
+    settler.after(failed(), a, settler.ack)
+    await settler.flush()
+    assert source.sent == [("ack", ["ack-a"])]
+    assert "could not record the outcome of message a: ledger write failed" in caplog.text

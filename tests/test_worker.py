@@ -144,3 +144,15 @@ async def test_a_cancelled_restart_records_no_later_than_the_settle_deadline(ben
         tg.cancel_scope.cancel()
     await bench.ledger.drain()
     assert (await bench.ledger.counts())["restarts_cancelled"] == 2
+
+
+async def test_the_worker_does_not_wait_for_the_outcome_the_ack_does(bench):
+    # The outcome's write is queued and handed to the settler: the worker moves on to its
+    # next delivery, and the ack goes out only once the outcome is committed.
+    (delivery,) = await bench.deliveries("web-1")
+    await bench.worker(ScriptedRestarter()).handle(delivery)
+    assert bench.settler.pending == 1  # waiting for its outcome's write, with the settler
+    assert len(bench.holdings) == 0  # its in-flight slot is free already
+    await bench.settler.flush()
+    assert (await bench.ledger.counts())["restarts_restarted"] == 1
+    assert bench.broker.stats.acked == 1

@@ -70,7 +70,7 @@ class Ledger(Protocol):
         right after it. A redelivery counts its deliveries."""
         ...
 
-    async def claim(
+    def claim(
         self,
         message: Message,
         now: float,
@@ -78,20 +78,25 @@ class Ledger(Protocol):
         rate_limit: RateLimit | None = None,
         *,
         retry_unknown: bool = False,
-    ) -> Claim:
-        """Decide atomically (across daemons) whether this message restarts its host, under
-        the interval rule and the fleet's ``rate_limit``; a claimed restart is owned by this
-        daemon instance. First resolves the host's claims whose owner stopped heartbeating
-        as ``unknown`` (counted as restarts unless ``retry_unknown``)."""
+    ) -> Awaitable[Claim]:
+        """Queue a claim at call time (the claims of many messages made before the first
+        is awaited commit in one batch); await it for the decision. Decides atomically
+        (across daemons) whether this message restarts its host, under the interval rule and
+        the fleet's ``rate_limit``; a claimed restart is owned by this daemon instance. First
+        resolves the host's claims whose owner stopped heartbeating as ``unknown`` (counted
+        as restarts unless ``retry_unknown``)."""
         ...
 
     async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
         """Record a decision taken before the claim (a safety control's skip)."""
         ...
 
-    async def finish(self, restart_id: int, now: float, outcome: Outcome, detail: str) -> None:
-        """Record how a claimed restart ended (also over an ``unknown`` resolution that
-        another daemon made while this one could not prove it was alive)."""
+    def finish(
+        self, restart_id: int, now: float, outcome: Outcome, detail: str
+    ) -> Awaitable[None]:
+        """Queue (at call time) how a claimed restart ended (also over an ``unknown``
+        resolution that another daemon made while this one could not prove it was alive);
+        await the result for it to be recorded."""
         ...
 
     async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:

@@ -10,7 +10,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 import anyio
 from anyio.abc import TaskStatus
@@ -150,7 +150,7 @@ class SQLLedger:
             key=f"message:{message.message_id}",
         )
 
-    async def claim(
+    def claim(
         self,
         message: Message,
         now: float,
@@ -158,10 +158,10 @@ class SQLLedger:
         rate_limit: RateLimit | None = None,
         *,
         retry_unknown: bool = False,
-    ) -> Claim:
+    ) -> Op[Claim]:
         d, owner = self._dialect, self._owner()
         key = f"host:{message.hostname}"
-        return await self._batcher.submit(
+        return self._batcher.submit(
             lambda cur: sql.claim(
                 cur, d, owner, message, now, min_interval, rate_limit,
                 retry_unknown=retry_unknown,
@@ -176,12 +176,23 @@ class SQLLedger:
                                    finished=True)
         )
 
-    async def finish(self, restart_id: int, now: float, outcome: Outcome, detail: str) -> None:
+    def finish(
+        self, restart_id: int, now: float, outcome: Outcome, detail: str
+    ) -> Awaitable[None]:
+        """Queue the outcome at call time; await the result for it to be committed (or,
+        with a journal, kept there when the database fails)."""
+        op = self._submit_finish(restart_id, now, outcome, detail)
+        if self.journal is None:
+            return op
+        return self._kept_if_failed(op, restart_id, now, outcome, detail)
+
+    async def _kept_if_failed(
+        self, op: Op[None], restart_id: int, now: float, outcome: Outcome, detail: str
+    ) -> None:
+        assert self.journal is not None
         try:
-            await self._submit_finish(restart_id, now, outcome, detail)
+            await op
         except LedgerError as exc:
-            if self.journal is None:
-                raise
             await self.journal.keep(restart_id, now, outcome, detail)
             self._journal_written.set()
             log.warning("%s; outcome %s of restart %d kept in %s until the ledger is back",

@@ -83,7 +83,7 @@ async def test_opposite_lock_orders_do_not_deadlock(postgres_url: str) -> None:
             saves.append(ledger.save(message(f"shared-{msg.instance_name}"), T0))
         async with anyio.create_task_group() as tg:
             for msg in msgs:
-                tg.start_soon(ledger.claim, msg, T0, WEEK)
+                tg.start_soon(ledger.claim(msg, T0, WEEK).wait)
             for save in saves:
                 await save
 
