@@ -97,28 +97,30 @@ class Worker:
     async def handle(self, delivery: Delivery) -> None:
         """Work on one delivery and settle it. Raises only cancellation and ``SourceError``."""
         self._counters.received += 1
-        message = await self._parse(delivery)
-        if message is None:
+        try:
+            message = parse_delivery(delivery, self.settings.domain)
+        except InvalidMessage as exc:
+            await self._invalid(delivery, exc)
             return
         try:
             result, failures, recorded = await self._work(message)
         except Exception:
             self._unexpected(delivery, message)
             return
-        await self._settle(delivery, message, result, failures, recorded)
+        settlement = settlement_for(result, failures, self.settings.max_attempts)
+        if settlement is Settlement.DEAD_LETTER:
+            await self._give_up(delivery, message, failures, recorded)
+        else:
+            self._settle(delivery, settlement, recorded)
 
-    async def _parse(self, delivery: Delivery) -> Message | None:
-        try:
-            return parse_delivery(delivery, self.settings.domain)
-        except InvalidMessage as exc:
-            log.warning(
-                "invalid message %s: %s",
-                delivery.message_id,
-                exc.reason,
-                extra={"message_id": delivery.message_id},
-            )
-            await self._dead_letter(delivery, f"invalid: {exc.reason}")
-            return None
+    async def _invalid(self, delivery: Delivery, exc: InvalidMessage) -> None:
+        log.warning(
+            "invalid message %s: %s",
+            delivery.message_id,
+            exc.reason,
+            extra={"message_id": delivery.message_id},
+        )
+        await self._dead_letter(delivery, f"invalid: {exc.reason}")
 
     def _unexpected(self, delivery: Delivery, message: Message) -> None:
         # A bug in handling one message must not stop the others.
@@ -130,18 +132,13 @@ class Worker:
         )
         self._settler.nack(delivery)
 
-    async def _settle(
-        self,
-        delivery: Delivery,
-        message: Message,
-        result: Result,
-        failures: int,
-        recorded: Awaitable[None] | None,
+    def _settle(
+        self, delivery: Delivery, settlement: Settlement, recorded: Awaitable[None] | None
     ) -> None:
-        """Settle as the result says; with ``recorded`` (the outcome's ledger write), only
-        once it is done (queued with the settler: this worker does not wait for it)."""
+        """Ack, nack or defer; with ``recorded`` (the outcome's ledger write), only once it is
+        done (queued with the settler: this worker does not wait for it)."""
         settle: Callable[[Delivery], None]
-        match settlement_for(result, failures, self.settings.max_attempts):
+        match settlement:
             case Settlement.ACK:
                 settle = self._ack
             case Settlement.NACK:
@@ -149,19 +146,27 @@ class Worker:
             case Settlement.DEFER:
                 seconds = defer_seconds(delivery.delivery_attempt)
                 settle = lambda delivery: self._settler.defer(delivery, seconds)  # noqa: E731
-            case Settlement.DEAD_LETTER:
-                if recorded is not None:
-                    await self._recorded_quietly(recorded)
-                log.warning(
-                    "giving up on message %s: restart of %s failed %d times; dead-lettering it",
-                    message.message_id, message.hostname, failures, extra=_context(message),
-                )
-                await self._dead_letter(delivery, f"restart failed {failures} times")
-                return
+            case _:
+                raise AssertionError(settlement)
         if recorded is None:
             settle(delivery)
         else:
             self._settler.after(recorded, delivery, settle)
+
+    async def _give_up(
+        self,
+        delivery: Delivery,
+        message: Message,
+        failures: int,
+        recorded: Awaitable[None] | None,
+    ) -> None:
+        if recorded is not None:
+            await self._recorded_quietly(recorded)
+        log.warning(
+            "giving up on message %s: restart of %s failed %d times; dead-lettering it",
+            message.message_id, message.hostname, failures, extra=_context(message),
+        )
+        await self._dead_letter(delivery, f"restart failed {failures} times")
 
     async def _work(self, message: Message) -> tuple[Result, int, Awaitable[None] | None]:
         now = self._wall_clock()
@@ -171,10 +176,6 @@ class Worker:
         # ledger writer outlives the workers), and waiting would hold a shutdown up for as
         # long as the ledger hangs.
         outcome = await self._decide_and_restart(message, now)
-        await self._check_saved(message, saved)
-        return outcome
-
-    async def _check_saved(self, message: Message, saved: Awaitable[None]) -> None:
         try:
             await saved
         except LedgerError as exc:
@@ -182,6 +183,7 @@ class Worker:
             self._counters.save_failed += 1
             log.log(self._ledger_level(logging.ERROR), "could not save message %s: %s",
                     message.message_id, exc, extra=_context(message))
+        return outcome
 
     async def _decide_and_restart(
         self, message: Message, now: float
@@ -269,13 +271,15 @@ class Worker:
 
     async def _timed_restart(self, message: Message) -> str:
         """The restart, timed for the histogram (success or failure; not cancellation)."""
-        started = anyio.current_time()
+        # time.monotonic, not anyio's clock: a restart takes real time, and anyio looks up
+        # its backend on every call (two a message).
+        started = time.monotonic()
         try:
             detail = await self._restarter.restart(message)
         except Exception:
-            self._counters.restart_duration.observe(anyio.current_time() - started)
+            self._counters.restart_duration.observe(time.monotonic() - started)
             raise
-        self._counters.restart_duration.observe(anyio.current_time() - started)
+        self._counters.restart_duration.observe(time.monotonic() - started)
         return detail
 
     def _restart_failed(
