@@ -190,7 +190,9 @@ class Database(Protocol):
     """
 
     def run_batch(self, ops: list[Op[Any]]) -> None:
-        """Run every op in one transaction, each in its own savepoint; set result or error.
+        """Run every op in one transaction, each in its own savepoint; set result or error
+        (:func:`run_in_savepoint`: a :class:`Gathered` op that fails is run again item by
+        item, so that only the failing items get an error).
 
         Raises when the batch as a whole failed (cannot begin or commit).
         """

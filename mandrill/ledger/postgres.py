@@ -19,9 +19,13 @@ Correctness across daemons rests on two things:
   :meth:`PostgresDatabase.run_batch` runs a batch's ops sorted by :attr:`Op.key
   <mandrill.ledger.batch.Op.key>`, the lock each op takes (``host:…``, ``message:…``):
   every transaction then acquires its locks in one global order, and a wait-for cycle
-  cannot form. Reordering is safe because the ops of one batch were all pending at once:
-  none was submitted after another one's result was known, so any order is one that
-  could have happened. (Committing per claim would also avoid the cycle, but would cost a
+  cannot form. A batch's writes of one kind are gathered into one op
+  (:meth:`~mandrill.ledger.batch.Batcher.gather`) whose key is the smallest of its items'
+  and which takes its items' locks in key order: its claims lock the fleet (if any has a
+  rate limit) and then their hosts, its message rows are upserted in message id order, so
+  the order stays global. Reordering is safe because the ops of one batch were all pending
+  at once: none was submitted after another one's result was known, so any order is one
+  that could have happened. (Committing per claim would also avoid the cycle, but would cost a
   commit per message and would still leave the saves' row locks unordered.)
 """
 
