@@ -11,7 +11,7 @@ import anyio
 
 from mandrill.errors import LedgerError
 from mandrill.ledger import schema, sql
-from mandrill.ledger.batch import Op, run_in_savepoint, size
+from mandrill.ledger.batch import Gathered, Op, run_in_savepoint, size
 from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.sqlledger import SQLLedger
 
@@ -93,6 +93,8 @@ class SQLiteDatabase:
                 raise
             for op in ops:  # rolled back: leave them as they came
                 op.result = op.error = None
+                for item in op.items if isinstance(op, Gathered) else ():
+                    item.result = item.error = None
             return False
         finally:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
