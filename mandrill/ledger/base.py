@@ -94,9 +94,13 @@ class Ledger(Protocol):
     def finish(
         self, restart_id: int, now: float, outcome: Outcome, detail: str
     ) -> Awaitable[None]:
-        """Queue (at call time) how a claimed restart ended (also over an ``unknown``
-        resolution that another daemon made while this one could not prove it was alive);
-        await the result for it to be recorded."""
+        """Record how a claimed restart ended (also over an ``unknown`` resolution that
+        another daemon made while this one could not prove it was alive).
+
+        Queued at call time, like :meth:`save`: it commits with the next batch whether or
+        not the result is awaited. Await the result to learn whether it was recorded (in
+        the ledger, or in the outcome journal when the ledger could not take it); once its
+        batch has committed, awaiting it returns at once."""
         ...
 
     async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:

@@ -19,9 +19,13 @@ Correctness across daemons rests on two things:
   :meth:`PostgresDatabase.run_batch` runs a batch's ops sorted by :attr:`Op.key
   <mandrill.ledger.batch.Op.key>`, the lock each op takes (``host:…``, ``message:…``):
   every transaction then acquires its locks in one global order, and a wait-for cycle
-  cannot form. Reordering is safe because the ops of one batch were all pending at once:
-  none was submitted after another one's result was known, so any order is one that
-  could have happened. (Committing per claim would also avoid the cycle, but would cost a
+  cannot form. A batch's writes of one kind are gathered into one op
+  (:meth:`~mandrill.ledger.batch.Batcher.gather`) whose key is the smallest of its items'
+  and which takes its items' locks in key order: its claims lock the fleet (if any has a
+  rate limit) and then their hosts, its message rows are upserted in message id order, so
+  the order stays global. Reordering is safe because the ops of one batch were all pending
+  at once: none was submitted after another one's result was known, so any order is one
+  that could have happened. (Committing per claim would also avoid the cycle, but would cost a
   commit per message and would still leave the saves' row locks unordered.)
 """
 
@@ -41,7 +45,7 @@ from psycopg.rows import TupleRow
 
 from mandrill.errors import LedgerError, describe
 from mandrill.ledger import schema, sql
-from mandrill.ledger.batch import Op
+from mandrill.ledger.batch import Op, run_in_savepoint
 from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.sqlledger import SQLLedger
 
@@ -83,6 +87,17 @@ def lock_host(cur: sql.Cursor, hostname: str) -> None:
     )
 
 
+def lock_hosts(cur: sql.Cursor, hostnames: list[str]) -> None:
+    """:func:`lock_host` for each host, in the order given, in one statement (a function
+    scan returns its array's elements in order, and the locks are taken row by row)."""
+    if hostnames:
+        cur.execute(
+            "SELECT count(pg_advisory_xact_lock(hashtextextended(%s || h, 0)))"
+            " FROM unnest(%s::text[]) AS h",
+            (_HOST_LOCK_PREFIX, hostnames),
+        )
+
+
 def try_lock_host(cur: sql.Cursor, hostname: str) -> bool:
     """Take the host's lock if it is free (released at commit or rollback); never waits."""
     cur.execute(
@@ -99,6 +114,9 @@ DIALECT = sql.Dialect(
     id_column="BIGSERIAL PRIMARY KEY",
     lock_host=lock_host,
     try_lock_host=try_lock_host,
+    in_list="= ANY(?)",
+    list_param=list,
+    lock_hosts=lock_hosts,
     # In the connection's search_path, as every other statement.
     table_exists="SELECT to_regclass(?) IS NOT NULL",
 )
@@ -169,15 +187,8 @@ class PostgresDatabase:
                 # Lock order: see the module docstring. sorted() is stable, so ops on one
                 # key keep the order they were queued in.
                 for op in sorted(ops, key=_lock_key):
-                    cur.execute("SAVEPOINT op")
-                    try:
-                        op.result = op.fn(cur)
-                    except Exception as exc:
-                        if conn.closed:
-                            raise  # the connection is gone: the whole batch failed
-                        cur.execute("ROLLBACK TO SAVEPOINT op")
-                        op.error = LedgerError(f"ledger write failed: {describe(exc)}")
-                    cur.execute("RELEASE SAVEPOINT op")
+                    # The connection gone: the whole batch failed.
+                    run_in_savepoint(cur, op, fatal=lambda exc: conn.closed)
                 cur.execute("COMMIT")
         except BaseException:
             # The server rolls back what was not committed when the connection closes; a

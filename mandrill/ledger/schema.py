@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,6 +16,7 @@ class Cursor(Protocol):
     """The part of a DB-API cursor the ledger uses (sqlite3's and psycopg's both fit)."""
 
     def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> Any: ...
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[Any]: ...
 
@@ -37,8 +38,18 @@ class Dialect:
     #: A query with one parameter, a table name, whose first row's first column is true
     #: when that table exists.
     table_exists: str
+    #: ``column {in_list}`` is true when the column's value is one of a list of strings
+    #: passed as one parameter, ``list_param(values)``: one statement text whatever the
+    #: list's length (prepared once, cached once).
+    in_list: str
+    list_param: Callable[[list[str]], Any]
+    #: Takes the locks of several hosts, in the order given, in one round trip.
+    lock_hosts: Callable[[Cursor, list[str]], None]
     #: The cursor's ``lastrowid`` is the id of the row just inserted (SQLite): cheaper than
     #: ``RETURNING id`` (measured: 7.4 -> 4.6 us an insert). Else ``RETURNING`` it is.
+    #: There, the rows one ``executemany`` inserts also have consecutive ids (an
+    #: ``AUTOINCREMENT`` key, under the transaction's write lock): the last one's id tells
+    #: them all.
     has_lastrowid: bool = False
 
     def sql(self, text: str) -> str:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 
-from mandrill.errors import LedgerError, describe
+from mandrill.errors import LedgerError
 from mandrill.ledger import schema, sql
-from mandrill.ledger.batch import Op
+from mandrill.ledger.batch import Gathered, Op, run_in_savepoint, size
 from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.sqlledger import SQLLedger
 
@@ -31,6 +32,9 @@ DIALECT = sql.Dialect(
     lock_host=lambda cur, host: None,
     try_lock_host=lambda cur, host: True,
     table_exists="SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+    in_list="IN (SELECT value FROM json_each(?))",
+    list_param=json.dumps,
+    lock_hosts=lambda cur, hosts: None,
     has_lastrowid=True,
 )
 
@@ -79,7 +83,7 @@ class SQLiteDatabase:
         is busy every statement waits for the GIL again (up to the 5 ms switch interval).
         Measured under load: batches 5-10x faster, p99 publish -> settle about 3x lower.
         """
-        if not self.inline or len(ops) > INLINE_MAX_OPS:
+        if not self.inline or sum(map(size, ops)) > INLINE_MAX_OPS:
             return False
         self._conn.execute("PRAGMA busy_timeout = 0")
         try:
@@ -89,6 +93,8 @@ class SQLiteDatabase:
                 raise
             for op in ops:  # rolled back: leave them as they came
                 op.result = op.error = None
+                for item in op.items if isinstance(op, Gathered) else ():
+                    item.result = item.error = None
             return False
         finally:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -97,7 +103,8 @@ class SQLiteDatabase:
     def run_batch(self, ops: list[Op[Any]]) -> None:
         # Fast path: the whole batch in one transaction with no savepoints (they cost two
         # statements per op). If any op fails, roll back and run it again op by op, each
-        # in its own savepoint, so that one failure does not sink its batch-mates.
+        # in its own savepoint (a gathered op that fails again: item by item), so that one
+        # failure does not sink its batch-mates.
         if not self._run(ops, savepoints=False):
             self._run(ops, savepoints=True)
 
@@ -107,17 +114,13 @@ class SQLiteDatabase:
         try:
             for op in ops:
                 if savepoints:
-                    cur.execute("SAVEPOINT op")
+                    run_in_savepoint(cur, op)
+                    continue
                 try:
                     op.result = op.fn(cur)
-                except Exception as exc:
-                    if not savepoints:
-                        self._conn.rollback()
-                        return False
-                    cur.execute("ROLLBACK TO op")
-                    op.error = LedgerError(f"ledger write failed: {describe(exc)}")
-                if savepoints:
-                    cur.execute("RELEASE op")
+                except Exception:
+                    self._conn.rollback()
+                    return False
             cur.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:

@@ -35,6 +35,13 @@ HEARTBEATS_PER_TIMEOUT = 6
 FORGET_INSTANCES_AFTER = 7 * 86400.0
 
 
+#: The kinds of gathered ops (see Batcher.gather): message rows (saves and dead letters, in
+#: one op so that their row locks are taken in one order), claims, and finishes.
+_MESSAGES = "messages"
+_CLAIMS = "claims"
+_FINISHES = "finishes"
+
+
 def new_instance(clock: Callable[[], float] = time.time) -> sql.Instance:
     """This process as a daemon instance: ``host:pid:random`` (readable in the history)."""
     host = socket.gethostname()
@@ -143,12 +150,18 @@ class SQLLedger:
             if not await self.record_kept_outcomes():
                 self._journal_written.set()  # still waiting: try again later
 
+    # Each kind of write is gathered into one op per batch (Batcher.gather): one statement
+    # per kind and batch, executed for many rows, instead of one per message.
+
     def save(self, message: Message, now: float) -> Op[None]:
-        d, subscription = self._dialect, self.subscription
-        return self._batcher.submit(
-            lambda cur: sql.save(cur, d, subscription, message, now),
-            key=f"message:{message.message_id}",
+        return self._batcher.gather(
+            _MESSAGES, self._write_messages,
+            sql.message_row(self.subscription, message, now),
+            key="message:" + message.message_id,
         )
+
+    def _write_messages(self, cur: sql.Cursor, rows: list[sql.MessageRow]) -> list[None]:
+        return sql.write_messages(cur, self._dialect, rows)
 
     def claim(
         self,
@@ -159,15 +172,16 @@ class SQLLedger:
         *,
         retry_unknown: bool = False,
     ) -> Op[Claim]:
-        d, owner = self._dialect, self._owner()
-        key = f"host:{message.hostname}"
-        return self._batcher.submit(
-            lambda cur: sql.claim(
-                cur, d, owner, message, now, min_interval, rate_limit,
-                retry_unknown=retry_unknown,
-            ),
+        key = "host:" + message.hostname
+        return self._batcher.gather(
+            _CLAIMS, self._claim_many,
+            sql.ClaimRequest(self._owner(), message, now, min_interval, rate_limit,
+                             retry_unknown),
             key=sql.FLEET_LOCK + key if rate_limit is not None else key,
         )
+
+    def _claim_many(self, cur: sql.Cursor, requests: list[sql.ClaimRequest]) -> list[Claim]:
+        return sql.claim_many(cur, self._dialect, requests)
 
     async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
         d, subscription = self._dialect, self.subscription
@@ -179,14 +193,15 @@ class SQLLedger:
     def finish(
         self, restart_id: int, now: float, outcome: Outcome, detail: str
     ) -> Awaitable[None]:
-        """Queue the outcome at call time; await the result for it to be committed (or,
-        with a journal, kept there when the database fails)."""
+        """Queue the outcome of a claimed restart now (in the next batch); await the result
+        to learn that it was recorded. With a journal, an outcome the database could not
+        take is kept in the journal instead (awaiting fails only if that fails too)."""
         op = self._submit_finish(restart_id, now, outcome, detail)
         if self.journal is None:
             return op
-        return self._kept_if_failed(op, restart_id, now, outcome, detail)
+        return self._finish_or_keep(op, restart_id, now, outcome, detail)
 
-    async def _kept_if_failed(
+    async def _finish_or_keep(
         self, op: Op[None], restart_id: int, now: float, outcome: Outcome, detail: str
     ) -> None:
         assert self.journal is not None
@@ -201,10 +216,12 @@ class SQLLedger:
     def _submit_finish(
         self, restart_id: int, now: float, outcome: Outcome, detail: str
     ) -> Op[None]:
-        d = self._dialect
-        return self._batcher.submit(
-            lambda cur: sql.finish(cur, d, restart_id, now, outcome, detail)
+        return self._batcher.gather(
+            _FINISHES, self._finish_many, sql.finish_row(restart_id, now, outcome, detail)
         )
+
+    def _finish_many(self, cur: sql.Cursor, rows: list[sql.FinishRow]) -> list[None]:
+        return sql.finish_many(cur, self._dialect, rows)
 
     async def record_kept_outcomes(self) -> bool:
         """Write the journal's outcomes to the database; True when none is left."""
@@ -237,10 +254,10 @@ class SQLLedger:
         return len(recorded) == len(kept)
 
     async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:
-        d, subscription = self._dialect, self.subscription
-        await self._batcher.submit(
-            lambda cur: sql.dead_letter(cur, d, subscription, delivery, now, reason),
-            key=f"message:{delivery.message_id}",
+        await self._batcher.gather(
+            _MESSAGES, self._write_messages,
+            sql.dead_letter_row(self.subscription, delivery, now, reason),
+            key="message:" + delivery.message_id,
         )
 
     async def history(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -9,7 +10,7 @@ import anyio
 import pytest
 
 from mandrill.errors import LedgerError
-from mandrill.ledger.batch import Batcher, Op
+from mandrill.ledger.batch import Batcher, Gathered, Op, run_in_savepoint
 
 T = TypeVar("T")
 
@@ -216,3 +217,100 @@ async def test_query_runs_without_the_writer_and_wraps_errors() -> None:
     db.failing = True
     with pytest.raises(LedgerError, match=r"^ledger query failed: server closed the connection$"):
         await batcher.query(lambda _: None)
+
+
+def tens(_: Any, payloads: list[int]) -> list[int]:
+    return [payload * 10 for payload in payloads]
+
+
+async def test_gathered_items_share_one_op_per_batch_and_kind() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db)
+    runs: list[list[int]] = []
+
+    def recorded(cur: Any, payloads: list[int]) -> list[int]:
+        runs.append(list(payloads))
+        return tens(cur, payloads)
+
+    items = [batcher.gather("tens", recorded, i, key=f"k{3 - i}") for i in range(3)]
+    plain = batcher.submit(returns("plain"), key="a")
+    other = batcher.gather("other", tens, 7, key="z")
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        assert [await item for item in items] == [0, 10, 20]
+        assert await plain == "plain"
+        assert await other == 70
+        tg.cancel_scope.cancel()
+    assert runs == [[0, 1, 2]]
+    # One op for the three items, with the smallest of their keys.
+    assert db.batches == [["k1", "a", "z"]]
+
+
+async def test_a_batch_taken_for_committing_is_not_extended() -> None:
+    release = threading.Event()
+
+    class SlowDatabase(FakeDatabase):
+        def run_batch(self, ops: list[Op[Any]]) -> None:
+            release.wait(5)
+            super().run_batch(ops)
+
+    db = SlowDatabase()
+    batcher = Batcher(db)
+    runs: list[list[int]] = []
+
+    def recorded(cur: Any, payloads: list[int]) -> list[int]:
+        runs.append(list(payloads))
+        return tens(cur, payloads)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        first = batcher.gather("tens", recorded, 1)
+        await anyio.wait_all_tasks_blocked()  # the writer has taken it, waits in a thread
+        second = batcher.gather("tens", recorded, 2)
+        release.set()
+        assert (await first, await second) == (10, 20)
+        tg.cancel_scope.cancel()
+    assert runs == [[1], [2]]
+
+
+async def test_gathered_items_count_towards_max_batch() -> None:
+    db = FakeDatabase()
+    batcher = Batcher(db, max_batch=2)
+    items = [batcher.gather("tens", tens, i) for i in range(5)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        assert [await item for item in items] == [0, 10, 20, 30, 40]
+        tg.cancel_scope.cancel()
+    assert len(db.batches) == 3
+
+
+class RecordingCursor:
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def execute(self, statement: str) -> None:
+        self.statements.append(statement)
+
+
+def test_a_failed_gathered_op_is_run_again_item_by_item() -> None:
+    def checked(cur: Any, payloads: list[int]) -> list[int]:
+        if 13 in payloads:
+            raise ValueError("unlucky")
+        return tens(cur, payloads)
+
+    gathered = Gathered(checked, "", anyio.Event())
+    items = [gathered.add(payload, "") for payload in (1, 13, 2)]
+    cur = RecordingCursor()
+    run_in_savepoint(cur, gathered)
+    assert [(item.result, str(item.error)) for item in items] == [
+        (10, "None"),
+        (None, "ledger write failed: unlucky"),
+        (20, "None"),
+    ]
+    assert cur.statements == [
+        "SAVEPOINT op", "ROLLBACK TO SAVEPOINT op",
+        *["SAVEPOINT op", "RELEASE SAVEPOINT op"],
+        *["SAVEPOINT op", "ROLLBACK TO SAVEPOINT op", "RELEASE SAVEPOINT op"],
+        *["SAVEPOINT op", "RELEASE SAVEPOINT op"],
+        "RELEASE SAVEPOINT op",
+    ]

@@ -19,8 +19,8 @@ from mandrill.ledger import SQLLedger
 from mandrill.ledger.base import Claim
 from mandrill.ledger.postgres import connection_params, lock_host, open_postgres_ledger
 from mandrill.message import Message
-from mandrill.policy import Verdict
-from tests.ledger import T0, WEEK, message, writing
+from mandrill.policy import Outcome, RateLimit, Verdict
+from tests.ledger import HOUR, T0, WEEK, delivery, message, writing
 
 pytestmark = pytest.mark.postgres
 
@@ -98,6 +98,49 @@ async def test_opposite_lock_orders_do_not_deadlock(postgres_url: str) -> None:
 
     assert counts["messages_received"] == 4 * 30 + 30
     assert counts["restarts_restarting"] == 30
+
+
+async def test_coalesced_batches_of_two_daemons_do_not_deadlock(postgres_url: str) -> None:
+    # Both daemons get every message at once, in opposite orders: each batch saves,
+    # dead-letters, claims (every other message under a fleet rate limit: the fleet lock
+    # too) and finishes for many of the same messages and hosts in one transaction, each
+    # kind gathered into one op. Their locks must still be taken in one global order.
+    limit = RateLimit(100_000, HOUR)
+    restarted: Counter[str] = Counter()
+    verdicts: Counter[Verdict] = Counter()
+
+    async def work(ledger: SQLLedger, msg: Message, index: int) -> None:
+        saved = ledger.save(msg, T0)
+        claim = await ledger.claim(msg, T0, WEEK, limit if index % 2 else None)
+        verdicts[claim.decision.verdict] += 1
+        if claim.restart_id is not None:
+            restarted[msg.hostname] += 1
+            await ledger.finish(claim.restart_id, T0 + 1, Outcome.RESTARTED, "")
+        await saved
+        if index % 7 == 0:
+            await ledger.dead_letter(delivery(msg.message_id, msg.instance_name), T0, "test")
+
+    rounds = 4
+    async with running(postgres_url) as a, running(postgres_url) as b:
+        for round_ in range(rounds):
+            messages = [message(f"r{round_}-m{h}-{k}", f"r{round_}-host-{h}")
+                        for h in range(HOSTS) for k in range(3)]
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for index, msg in enumerate(messages):
+                        tg.start_soon(work, a, msg, index)
+                        tg.start_soon(work, b, messages[-1 - index], len(messages) - 1 - index)
+        counts = await a.counts()
+
+    assert restarted == {
+        f"r{round_}-host-{h}.example.net": 1 for round_ in range(rounds) for h in range(HOSTS)
+    }
+    assert sum(verdicts.values()) == 2 * rounds * 3 * HOSTS
+    assert counts["restarts_restarted"] == rounds * HOSTS
+    assert counts.get("restarts_restarting", 0) == 0
+    dead = rounds * sum(1 for index in range(3 * HOSTS) if index % 7 == 0)
+    assert counts["messages_dead_letter"] == dead
+    assert counts["messages_received"] == rounds * 3 * HOSTS - dead
 
 
 async def test_broken_connection_fails_one_batch_then_reconnects(
