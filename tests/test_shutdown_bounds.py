@@ -14,7 +14,7 @@ import pytest
 from anyio.abc import TaskStatus
 
 from mandrill.errors import LedgerError
-from mandrill.ledger.batch import Op
+from mandrill.ledger.ops import Op
 from mandrill.ledger.sqlite import DIALECT, SQLiteDatabase
 from mandrill.ledger.sqlledger import SQLLedger
 from mandrill.obs.counters import Counters

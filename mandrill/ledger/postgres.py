@@ -17,7 +17,7 @@ Correctness across daemons rests on two things:
   whose batches took the same locks in opposite orders (A then B, B then A) would deadlock;
   PostgreSQL would notice only after ``deadlock_timeout`` and abort one op. So
   :meth:`PostgresDatabase.run_batch` runs a batch's ops sorted by :attr:`Op.key
-  <mandrill.ledger.batch.Op.key>`, the lock each op takes (``host:…``, ``message:…``):
+  <mandrill.ledger.ops.Op.key>`, the lock each op takes (``host:…``, ``message:…``):
   every transaction then acquires its locks in one global order, and a wait-for cycle
   cannot form. A batch's writes of one kind are gathered into one op
   (:meth:`~mandrill.ledger.batch.Batcher.gather`) whose key is the smallest of its items'
@@ -45,8 +45,8 @@ from psycopg.rows import TupleRow
 
 from mandrill.errors import LedgerError, describe
 from mandrill.ledger import schema, sql
-from mandrill.ledger.batch import Op, run_in_savepoint
 from mandrill.ledger.journal import OutcomeJournal
+from mandrill.ledger.ops import Op, run_in_savepoint
 from mandrill.ledger.sqlledger import SQLLedger
 
 T = TypeVar("T")

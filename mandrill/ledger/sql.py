@@ -7,23 +7,15 @@ Queries are written with ``?`` placeholders; :class:`Dialect` adapts them.
 
 from __future__ import annotations
 
-import bisect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
-from mandrill.ledger.base import Claim
 from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.message import Delivery, Message
 from mandrill.policy import (
-    Decision,
     Outcome,
-    Prior,
-    RateLimit,
-    Verdict,
-    decide_restart,
-    format_duration,
 )
 
 # -- messages ------------------------------------------------------------------------------
@@ -157,334 +149,7 @@ def forget_instances(cur: Cursor, d: Dialect, before: float) -> None:
     )
 
 
-# -- decisions -----------------------------------------------------------------------------
-
-
-#: The lock name that serialises rate-limited decisions across the fleet. It sorts before
-#: every ``host:`` and ``message:`` key, so batches always take it first (no deadlock).
-FLEET_LOCK = "*fleet*"
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """Who claims a restart, and which claims count as orphaned: those whose owner has not
-    heartbeated since ``alive_since`` (on the ledger's clock), or has stopped."""
-
-    instance_id: str
-    subscription: str
-    alive_since: float
-
-
-class ClaimRequest(NamedTuple):
-    """One message's claim, as :func:`claim_many` takes it (the arguments of :func:`claim`)."""
-
-    owner: Owner
-    message: Message
-    now: float
-    min_interval: float
-    rate_limit: RateLimit | None
-    retry_unknown: bool
-
-
-def claim(
-    cur: Cursor,
-    d: Dialect,
-    owner: Owner,
-    message: Message,
-    now: float,
-    min_interval: float,
-    rate_limit: RateLimit | None = None,
-    *,
-    retry_unknown: bool = False,
-) -> Claim:
-    """Decide whether ``message`` restarts its host, inside the caller's transaction, with
-    :func:`mandrill.policy.decide_restart` over what the ledger knows (this message's
-    decisions, the host's last counted restart and claims under way, the fleet's count), and
-    record a ``restarting`` claim owned by ``owner`` when it does.
-
-    Holds the host's lock (and the fleet's, with a ``rate_limit``) until the transaction
-    ends, so that daemons decide on one host one at a time. Resolves the host's orphaned
-    claims (their owner stopped heartbeating) as ``unknown`` first; they count as restarts
-    unless ``retry_unknown``.
-    """
-    request = ClaimRequest(owner, message, now, min_interval, rate_limit, retry_unknown)
-    return claim_many(cur, d, [request])[0]
-
-
-class _Row:
-    """A restart row as the claims of one batch see it: read from the ledger, or inserted
-    by one of them (``id`` None until it is). ``order`` is the ledger's order (the id's)."""
-
-    __slots__ = ("decided_at", "hostname", "id", "last_seen", "message_id", "order", "outcome",
-                 "owner", "stopped_at", "subscription")
-
-    def __init__(
-        self, order: int, row_id: int | None, subscription: str, message_id: str,
-        hostname: str, outcome: Outcome, decided_at: float, owner: str | None,
-        last_seen: float | None, stopped_at: float | None,
-    ) -> None:
-        self.order = order
-        self.id = row_id
-        self.subscription = subscription
-        self.message_id = message_id
-        self.hostname = hostname
-        self.outcome = outcome
-        self.decided_at = decided_at
-        self.owner = owner
-        self.last_seen = last_seen
-        self.stopped_at = stopped_at
-
-
-def _order(row: _Row) -> int:
-    return row.order
-
-
-def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Claim]:
-    """:func:`claim` for several messages (one batch's claims, with one owner), in a few
-    statements however many they are: the locks (the fleet's first if any claim has a rate
-    limit, then every host's, in name order), one read of what the ledger knows of all of
-    their messages and hosts (and one of the fleet's recent restarts, with a rate limit),
-    then the decisions, message by message in the order given, each seeing the effects of
-    those before it as if they had been written (a claim under way, a skip, an orphan
-    resolved), and last the writes: one ``executemany`` each for the orphans resolved and
-    the rows inserted. Returns one claim per request, in order.
-    """
-    owner = requests[0].owner
-    subscription, instance_id = owner.subscription, owner.instance_id
-    host_set = {request.message.hostname for request in requests}
-    hosts = sorted(host_set)
-    rate_limited = [request for request in requests if request.rate_limit is not None]
-    d.lock_hosts(cur, [FLEET_LOCK, *hosts] if rate_limited else hosts)
-    message_ids = {request.message.message_id: None for request in requests}
-    listed_hosts = d.list_param(hosts)
-    # One round trip: the messages' decisions and the hosts' claims under way (with their
-    # owners' heartbeats), then rows (id NULL) with each host's last restart and unknown.
-    cur.execute(
-        d.sql(
-            "SELECT r.id, r.subscription, r.message_id, r.hostname, r.outcome, r.decided_at,"
-            " r.owner, i.last_seen, i.stopped_at FROM restarts r"
-            " LEFT JOIN instances i ON i.instance_id = r.owner"
-            f" WHERE (r.message_id {d.in_list} AND r.subscription IN (?, ''))"
-            # The outcome as a literal, not a parameter: SQLite can use the partial index
-            # restarts_under_way only for a literal, and re-prepares the statement on every
-            # execution for a parameter (measured: 32 -> 6.5 us a claim).
-            f" OR (r.hostname {d.in_list} AND r.outcome = '{Outcome.RESTARTING.value}')"
-            " UNION ALL SELECT NULL, NULL, NULL, hostname, outcome, MAX(decided_at), NULL, NULL,"
-            f" NULL FROM restarts WHERE hostname {d.in_list} AND outcome IN (?, ?)"
-            " GROUP BY hostname, outcome"
-        ),
-        (
-            d.list_param(list(message_ids)),
-            subscription,
-            listed_hosts,
-            listed_hosts,
-            Outcome.RESTARTED,
-            Outcome.UNKNOWN,
-        ),
-    )
-    last_restarted: dict[str, float] = {}
-    last_unknown: dict[str, float] = {}
-    loaded: list[_Row] = []
-    for row_id, row_subscription, message_id, hostname, outcome, decided_at, *rest in (
-        cur.fetchall()
-    ):
-        if row_id is None:
-            latest = last_restarted if outcome == Outcome.RESTARTED else last_unknown
-            latest[hostname] = decided_at
-        else:
-            loaded.append(_Row(int(row_id), int(row_id), row_subscription, message_id,
-                               hostname, Outcome(outcome), decided_at, *rest))
-    loaded.sort(key=_order)
-    by_message: dict[str, list[_Row]] = {}
-    by_host: dict[str, list[_Row]] = {}
-    for row in loaded:
-        if row.message_id in message_ids and row.subscription in (subscription, ""):
-            by_message.setdefault(row.message_id, []).append(row)
-        if row.hostname in host_set:
-            by_host.setdefault(row.hostname, []).append(row)
-    fleet: list[float] = []
-    if rate_limited:
-        since = min(request.now - request.rate_limit.window  # type: ignore[union-attr]
-                    for request in rate_limited)
-        cur.execute(
-            d.sql("SELECT decided_at FROM restarts WHERE decided_at > ? AND outcome IN (?, ?, ?)"),
-            (since, Outcome.RESTARTED, Outcome.RESTARTING, Outcome.UNKNOWN),
-        )
-        fleet = sorted(decided_at for (decided_at,) in cur.fetchall())
-    #: When the claims under way that this batch adds were decided (for the fleet's count).
-    added: list[float] = []
-    next_order = (loaded[-1].order if loaded else 0) + 1
-    resolutions: list[tuple[Any, ...]] = []
-    inserts: list[tuple[Any, ...]] = []
-    inserted_by: list[int | None] = []  # per insert, the request whose claim it is
-    restarting, unknown = _RESTARTING, _UNKNOWN
-    decisions_made: list[Decision] = []
-    for request in requests:
-        message, now, retry_unknown = request.message, request.now, request.retry_unknown
-        message_id, hostname = message.message_id, message.hostname
-        own = by_message.get(message_id)
-        on_host = by_host.get(hostname)
-        under_way = [row for row in on_host if row.outcome is restarting] if on_host else None
-        if not under_way:
-            rows = own or ()
-        elif not own:
-            rows = under_way
-        else:
-            rows = sorted({id(row): row for row in own + under_way}.values(), key=_order)
-        last = last_restarted.get(hostname)
-        if not retry_unknown:
-            last = _latest(last, last_unknown.get(hostname))
-        decisions: list[tuple[Outcome, float]] = []
-        busy_with: str | None = None
-        for row in rows:
-            outcome = row.outcome
-            if outcome is restarting and _orphaned(
-                request.owner, row.owner, row.decided_at, row.last_seen, row.stopped_at
-            ):
-                resolutions.append(_resolution(row.id, row.owner, row.last_seen, now))
-                row.outcome = outcome = unknown
-                known = last_unknown.get(row.hostname, row.decided_at)
-                last_unknown[row.hostname] = max(known, row.decided_at)
-                if not retry_unknown:
-                    last = _latest(last, row.decided_at)
-            if row.message_id == message_id and row.subscription in (subscription, ""):
-                decisions.append((outcome, row.decided_at))
-            elif outcome is restarting:
-                busy_with = row.message_id
-        rate_limit = request.rate_limit
-        if not decisions and busy_with is None and last is None and rate_limit is None:
-            # What decide_restart decides for a message and a host with no history: spares
-            # building its Prior for the common case (a first message for its host).
-            decision = _FIRST_RESTART
-        else:
-            if len(decisions) > 1:
-                decisions.sort(key=_decided_at)
-            fleet_count = 0
-            if rate_limit is not None:
-                since = now - rate_limit.window
-                fleet_count = len(fleet) - bisect.bisect_right(fleet, since)
-                fleet_count += sum(1 for decided_at in added if decided_at > since)
-            prior = Prior(decisions, last, fleet_count, busy_with)
-            decision = decide_restart(prior, now, request.min_interval, rate_limit,
-                                      retry_unknown=retry_unknown)
-        decisions_made.append(decision)
-        verdict = decision.verdict
-        if verdict is _RESTART:
-            new = _Row(next_order, None, subscription, message_id, hostname, restarting, now,
-                       instance_id, None, None)
-            if on_host is None:
-                by_host[hostname] = [new]
-            else:
-                on_host.append(new)
-            added.append(now)
-            inserted_by.append(len(decisions_made) - 1)
-            inserts.append((subscription, message_id, hostname, now, None, restarting, "",
-                            instance_id))
-        elif verdict is _SKIP:
-            new = _Row(next_order, None, subscription, message_id, hostname, _SKIPPED, now,
-                       None, None, None)
-            inserted_by.append(None)
-            inserts.append((subscription, message_id, hostname, now, now, _SKIPPED,
-                            decision.reason, None))
-        else:
-            continue
-        next_order += 1
-        if own is None:
-            by_message[message_id] = [new]
-        else:
-            own.append(new)
-    if resolutions:
-        cur.executemany(d.sql(_RESOLVE_ORPHAN), resolutions)
-    row_ids: list[int | None] = [None] * len(requests)
-    for index, row_id in zip(inserted_by, insert_many(cur, d, inserts), strict=True):
-        if index is not None:
-            row_ids[index] = row_id
-    return [Claim(decision, row_id)
-            for decision, row_id in zip(decisions_made, row_ids, strict=True)]
-
-
-# Enum members as module constants: a class attribute lookup of an enum member is slow
-# (about 0.15 us in Python 3.11), and a batch's claims look them up often.
-_RESTARTING, _UNKNOWN, _SKIPPED = Outcome.RESTARTING, Outcome.UNKNOWN, Outcome.SKIPPED
-_RESTART, _SKIP = Verdict.RESTART, Verdict.SKIP
-_FIRST_RESTART = Decision(Verdict.RESTART, "", 0)
-
-
-def _decided_at(decision: tuple[Outcome, float]) -> float:
-    return decision[1]
-
-
-def _latest(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    return a if b is None else max(a, b)
-
-
-def _orphaned(
-    owner: Owner,
-    claimant: str | None,
-    decided_at: float,
-    last_seen: float | None,
-    stopped_at: float | None,
-) -> bool:
-    if claimant is None:
-        # A claim from before instances existed: only its age can tell.
-        return bool(decided_at < owner.alive_since)
-    if claimant == owner.instance_id:
-        return False  # this daemon's own, alive however late its last heartbeat
-    return last_seen is None or stopped_at is not None or last_seen < owner.alive_since
-
-
-def resolve_orphans(cur: Cursor, d: Dialect, owner: Owner, now: float) -> int:
-    """Resolve every orphaned claim of the ledger as unknown (a heartbeat's sweep), so that
-    the record is right even if no message for its host comes again; returns how many.
-
-    A host being decided by another transaction right now is left to that claim, which
-    resolves it itself: the sweep only takes host locks that are free, so it never waits
-    for one and can never be part of a deadlock.
-    """
-    cur.execute(
-        d.sql(
-            "SELECT r.id, r.hostname, r.decided_at, r.owner, i.last_seen, i.stopped_at"
-            " FROM restarts r LEFT JOIN instances i ON i.instance_id = r.owner"
-            " WHERE r.outcome = ?"
-        ),
-        (Outcome.RESTARTING,),
-    )
-    resolved = 0
-    for row_id, hostname, decided_at, claimant, last_seen, stopped_at in cur.fetchall():
-        if _orphaned(owner, claimant, decided_at, last_seen, stopped_at) and d.try_lock_host(
-            cur, hostname
-        ):
-            resolve_orphan(cur, d, int(row_id), claimant, last_seen, now)
-            resolved += 1
-    return resolved
-
-
-_RESOLVE_ORPHAN = (
-    "UPDATE restarts SET outcome = ?, finished_at = ?, detail = ? WHERE id = ? AND outcome = ?"
-)
-
-
-def resolve_orphan(
-    cur: Cursor, d: Dialect, row_id: int, claimant: str | None, last_seen: float | None,
-    now: float,
-) -> None:
-    """Record that nobody knows how the restart of an orphaned claim ended."""
-    cur.execute(d.sql(_RESOLVE_ORPHAN), _resolution(row_id, claimant, last_seen, now))
-
-
-def _resolution(
-    row_id: int | None, claimant: str | None, last_seen: float | None, now: float
-) -> tuple[Any, ...]:
-    if claimant is None:
-        whose = "a daemon from before instance heartbeats"
-    elif last_seen is None:
-        whose = f"daemon {claimant} (never seen)"
-    else:
-        whose = f"daemon {claimant} (last seen {format_duration(max(0.0, now - last_seen))} ago)"
-    detail = f"{whose} stopped mid-restart; the restart may or may not have happened"
-    return (Outcome.UNKNOWN, now, detail, row_id, Outcome.RESTARTING)
+# -- restarts ------------------------------------------------------------------------------
 
 
 _INSERT_RESTART = (
@@ -493,7 +158,7 @@ _INSERT_RESTART = (
 )
 
 
-def _restart_row(
+def restart_row(
     subscription: str, message: Message, now: float, outcome: Outcome, detail: str, *,
     finished: bool, owner: str | None,
 ) -> tuple[Any, ...]:
@@ -513,14 +178,14 @@ def insert(
     finished: bool = False,
     owner: str | None = None,
 ) -> int:
-    row = _restart_row(subscription, message, now, outcome, detail, finished=finished,
+    row = restart_row(subscription, message, now, outcome, detail, finished=finished,
                        owner=owner)
     (row_id,) = insert_many(cur, d, [row])
     return row_id
 
 
 def insert_many(cur: Cursor, d: Dialect, rows: list[tuple[Any, ...]]) -> list[int]:
-    """Insert restart rows (:func:`_restart_row`); returns their ids, in order."""
+    """Insert restart rows (:func:`restart_row`); returns their ids, in order."""
     if not rows:
         return []
     if d.has_lastrowid:
@@ -576,4 +241,4 @@ def _restart_id(row: FinishRow) -> int:
     return row[3]
 
 
-__all__ = ["ClaimRequest", "Cursor", "Decision", "Dialect", "Instance", "Owner"]
+__all__ = ["Cursor", "Dialect", "Instance"]

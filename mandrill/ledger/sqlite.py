@@ -11,8 +11,8 @@ import anyio
 
 from mandrill.errors import LedgerError
 from mandrill.ledger import schema, sql
-from mandrill.ledger.batch import Gathered, Op, run_in_savepoint, size
 from mandrill.ledger.journal import OutcomeJournal
+from mandrill.ledger.ops import Gathered, Op, run_in_savepoint, size
 from mandrill.ledger.sqlledger import SQLLedger
 
 T = TypeVar("T")

@@ -16,10 +16,11 @@ import anyio
 from anyio.abc import TaskStatus
 
 from mandrill.errors import LedgerError
-from mandrill.ledger import reads, sql
+from mandrill.ledger import claims, reads, sql
 from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
-from mandrill.ledger.batch import Batcher, Database, Op
+from mandrill.ledger.batch import Batcher, Database
 from mandrill.ledger.journal import OutcomeJournal
+from mandrill.ledger.ops import Op
 from mandrill.message import Delivery, Message
 from mandrill.policy import Outcome, RateLimit
 
@@ -126,7 +127,7 @@ class SQLLedger:
 
         def beat(cur: sql.Cursor) -> None:
             # The sweep first, while this transaction holds no lock (see resolve_orphans).
-            resolved = sql.resolve_orphans(cur, d, owner, now)
+            resolved = claims.resolve_orphans(cur, d, owner, now)
             if resolved:
                 log.warning("resolved %d restart claims of stopped daemons as unknown",
                             resolved)
@@ -136,9 +137,9 @@ class SQLLedger:
 
         return self._batcher.submit(beat)
 
-    def _owner(self) -> sql.Owner:
+    def _owner(self) -> claims.Owner:
         # Liveness on the ledger's own clock, the one its heartbeats are written with.
-        return sql.Owner(
+        return claims.Owner(
             self.instance.instance_id, self.subscription, self._clock() - self.instance_timeout
         )
 
@@ -175,13 +176,13 @@ class SQLLedger:
         key = "host:" + message.hostname
         return self._batcher.gather(
             _CLAIMS, self._claim_many,
-            sql.ClaimRequest(self._owner(), message, now, min_interval, rate_limit,
+            claims.ClaimRequest(self._owner(), message, now, min_interval, rate_limit,
                              retry_unknown),
-            key=sql.FLEET_LOCK + key if rate_limit is not None else key,
+            key=claims.FLEET_LOCK + key if rate_limit is not None else key,
         )
 
-    def _claim_many(self, cur: sql.Cursor, requests: list[sql.ClaimRequest]) -> list[Claim]:
-        return sql.claim_many(cur, self._dialect, requests)
+    def _claim_many(self, cur: sql.Cursor, requests: list[claims.ClaimRequest]) -> list[Claim]:
+        return claims.claim_many(cur, self._dialect, requests)
 
     async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
         d, subscription = self._dialect, self.subscription

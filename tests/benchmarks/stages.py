@@ -39,8 +39,8 @@ IDLE = re.compile(r"/(selectors|threading|queue)\.py:|get_events \(.*trio|stages
 #: ``stage``. Checked from the leaf frame up; the first frame that matches any rule decides.
 RULES: tuple[tuple[str, str], ...] = (
     ("logging", r"\(logging/|obs/logs\.py"),
-    ("ledger: SQL (in the batch)", r"ledger/sql\.py|ledger/sqlite\.py"),
-    ("ledger: queueing, waiting for the batch", r"ledger/batch\.py|ledger/sqlledger\.py"),
+    ("ledger: SQL (in the batch)", r"ledger/(sql|claims|sqlite|postgres)\.py"),
+    ("ledger: queueing, waiting for the batch", r"ledger/(batch|ops|sqlledger)\.py"),
     ("decision (policy)", r"mandrill/policy\.py"),
     ("restart (simulated, latency 0)", r"restarters/"),
     ("settlement (batched acks)",

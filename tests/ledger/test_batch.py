@@ -10,7 +10,8 @@ import anyio
 import pytest
 
 from mandrill.errors import LedgerError
-from mandrill.ledger.batch import Batcher, Gathered, Op, run_in_savepoint
+from mandrill.ledger.batch import Batcher
+from mandrill.ledger.ops import Gathered, Op, run_in_savepoint
 
 T = TypeVar("T")
 

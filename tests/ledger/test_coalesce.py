@@ -15,10 +15,10 @@ import anyio
 import pytest
 
 from mandrill.errors import LedgerError
-from mandrill.ledger import SQLLedger, sql
+from mandrill.ledger import SQLLedger, claims, sql
 from mandrill.ledger.base import Claim
-from mandrill.ledger.batch import Op, size
 from mandrill.ledger.journal import OutcomeJournal
+from mandrill.ledger.ops import Op, size
 from mandrill.ledger.postgres import PostgresDatabase
 from mandrill.ledger.sqlite import DIALECT as SQLITE
 from mandrill.ledger.sqlite import SQLiteDatabase
@@ -452,19 +452,21 @@ def test_claims_lock_the_fleet_then_their_hosts_in_name_order() -> None:
     dialect = dataclasses.replace(
         SQLITE, lock_hosts=lambda cur, hosts: locked.append(list(hosts))
     )
-    owner = sql.Owner("me", "s", T0 - HOUR)
+    owner = claims.Owner("me", "s", T0 - HOUR)
     requests = [
-        sql.ClaimRequest(owner, message("m1", "web-2"), T0, WEEK, None, False),
-        sql.ClaimRequest(owner, message("m2", "web-1"), T0, WEEK, RateLimit(5, HOUR), False),
-        sql.ClaimRequest(owner, message("m3", "web-2"), T0, WEEK, None, False),
+        claims.ClaimRequest(owner, message("m1", "web-2"), T0, WEEK, None, False),
+        claims.ClaimRequest(owner, message("m2", "web-1"), T0, WEEK, RateLimit(5, HOUR), False),
+        claims.ClaimRequest(owner, message("m3", "web-2"), T0, WEEK, None, False),
     ]
     db = SQLiteDatabase(":memory:")
     try:
-        claims = db.run_query(lambda cur: sql.claim_many(cur, dialect, requests))
+        decided = db.run_query(lambda cur: claims.claim_many(cur, dialect, requests))
     finally:
         db.close()
-    assert [c.decision.verdict for c in claims] == [Verdict.RESTART, Verdict.RESTART, Verdict.BUSY]
-    assert locked == [[sql.FLEET_LOCK, "web-1.example.net", "web-2.example.net"]]
+    assert [c.decision.verdict for c in decided] == [
+        Verdict.RESTART, Verdict.RESTART, Verdict.BUSY
+    ]
+    assert locked == [[claims.FLEET_LOCK, "web-1.example.net", "web-2.example.net"]]
 
 
 async def test_a_batch_orders_its_gathered_ops_by_their_first_lock(

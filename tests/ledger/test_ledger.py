@@ -10,7 +10,8 @@ import pytest
 
 from mandrill.errors import LedgerError
 from mandrill.ledger import SQLLedger, open_ledger, reads, sql
-from mandrill.ledger.batch import Batcher, Database, Op
+from mandrill.ledger.batch import Batcher, Database
+from mandrill.ledger.ops import Op
 from mandrill.ledger.postgres import PostgresDatabase
 from mandrill.ledger.sqlite import SQLiteDatabase
 from mandrill.message import encode_payload

@@ -9,7 +9,8 @@ from typing import Any
 import anyio
 
 from mandrill.ledger import reads, sql
-from mandrill.ledger.batch import Batcher, Op
+from mandrill.ledger.batch import Batcher
+from mandrill.ledger.ops import Op
 from mandrill.ledger.sqlite import DIALECT, INLINE_MAX_OPS, SQLiteDatabase
 from tests.ledger import T0, message
 

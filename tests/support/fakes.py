@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from mandrill.errors import LedgerError, RestartFailed
-from mandrill.ledger.batch import Op
+from mandrill.ledger.ops import Op
 from mandrill.message import Message
 from mandrill.sources.memory import MemoryBroker
 
