@@ -13,7 +13,7 @@ group, and every shield carries a deadline.
         └── daemon (task group)
             ├── lease keeper    extends every held lease, in batches
             └── workers (task group; deadline set to now + grace at the first signal)
-                ├── worker-0 … N    long-lived; each takes deliveries from one stream
+                ├── worker-0 … N    long-lived; each takes one delivery at a time (Handover)
                 └── intake (task group, cancelled at the first signal)
                     ├── consumer    pulls while there is room (backpressure)
                     └── publisher   only in the embedded demo
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.abc import TaskStatus
 
+from mandrill.handover import Handover
 from mandrill.holdings import Holdings
 from mandrill.lease import LeaseKeeper
 from mandrill.ledger.base import Ledger
@@ -158,9 +158,7 @@ async def serve(
                     if observability is not None:
                         observability.health.set_serving({"ledger": parts.ledger.healthy})
                     log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
-                    await _process(
-                        settings, parts, worker, settler, holdings, counters, shutdown, daemon
-                    )
+                    await _process(settings, parts, worker, settler, holdings, shutdown, daemon)
                     daemon.cancel_scope.cancel()
         finally:
             shutdown.settle_within(settings.settle_timeout)
@@ -236,48 +234,34 @@ async def _process(
     worker: Worker,
     settler: Settler,
     holdings: Holdings,
-    counters: Counters,
     shutdown: Shutdown,
     daemon: anyio.abc.TaskGroup,
 ) -> None:
-    # Everything in the stream is also in holdings, whose size is bounded by the same
-    # number: send_nowait below can never block.
-    send, receive = anyio.create_memory_object_stream[Delivery](settings.max_in_flight)
+    # Everything handed over is also in holdings, bounded by max_in_flight.
+    handover: Handover[Delivery] = Handover()
     async with anyio.create_task_group() as workers:
         daemon.start_soon(
             _force_when_asked, shutdown, workers.cancel_scope, settings.settle_timeout,
             name="force watcher",
         )
-        async with receive:
-            for number in range(settings.max_in_flight):
-                workers.start_soon(
-                    _work,
-                    receive.clone(),
-                    worker,
-                    settler,
-                    counters,
-                    shutdown,
-                    settings.stop_after,
-                    name=f"worker-{number}",
-                )
+        for number in range(settings.max_in_flight):
+            workers.start_soon(
+                _work, handover, worker, settler, shutdown, name=f"worker-{number}"
+            )
         async with anyio.create_task_group() as intake:
-            intake.start_soon(_consume, parts.source, holdings, send, name="consumer")
+            intake.start_soon(_consume, parts.source, holdings, handover, name="consumer")
             if parts.publisher is not None:
                 intake.start_soon(parts.publisher, name="publisher")
             await shutdown.requested.wait()
             intake.cancel_scope.cancel()
-        # Pulling has stopped and the stream is closed: workers finish what they hold.
+        # Pulling has stopped and the hand-over is closed: workers finish what they hold.
         log.info("stopped pulling; %d in flight, grace %.1fs", len(holdings), settings.grace)
         workers.cancel_scope.deadline = anyio.current_time() + settings.grace
         shutdown.settle_within(settings.grace + settings.settle_timeout)
 
 
-async def _consume(
-    source: Source,
-    holdings: Holdings,
-    send: MemoryObjectSendStream[Delivery],
-) -> None:
-    async with send:
+async def _consume(source: Source, holdings: Holdings, handover: Handover[Delivery]) -> None:
+    try:
         while True:
             room = await holdings.wait_for_room()
             asked = min(room, MAX_PULL)
@@ -287,26 +271,22 @@ async def _consume(
                 if delivery.ack_id in holdings:
                     continue
                 holdings.add(delivery, now, source.ack_deadline)
-                send.send_nowait(delivery)
+                handover.put(delivery)
             if len(deliveries) < asked:
                 await anyio.sleep(SHORT_PULL_PAUSE)
+    finally:
+        handover.close()
 
 
 async def _work(
-    receive: ObjectReceiveStream[Delivery],
-    worker: Worker,
-    settler: Settler,
-    counters: Counters,
-    shutdown: Shutdown,
-    stop_after: int | None,
+    handover: Handover[Delivery], worker: Worker, settler: Settler, shutdown: Shutdown
 ) -> None:
-    async with receive:
-        async for delivery in receive:
-            if shutdown.requested.is_set():
-                # Not started yet: hand it back at once rather than during the grace.
-                settler.nack(delivery)
-                continue
-            await worker.handle(delivery)
+    async for delivery in handover:
+        if shutdown.requested.is_set():
+            # Not started yet: hand it back at once rather than during the grace.
+            settler.nack(delivery)
+            continue
+        await worker.handle(delivery)
 
 
 async def _force_when_asked(
