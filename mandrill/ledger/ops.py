@@ -139,3 +139,16 @@ def run_in_savepoint(
         else:
             op.error = LedgerError(f"ledger write failed: {describe(exc)}")
     cur.execute("RELEASE SAVEPOINT op")
+
+
+def in_key_order(ops: list[Op[Any]]) -> list[Op[Any]]:
+    """A batch's ops in the order every database runs them: by :attr:`Op.key`, stably (ops
+    on one key keep their queue order). Outcomes, records and heartbeats (no key) first, so
+    that a claim gathered earlier in the batch still sees an outcome queued before it (else
+    its host reads as busy); then the fleet lock, hosts, messages: on PostgreSQL the one
+    global lock order that keeps two daemons out of a deadlock."""
+    return sorted(ops, key=_key)
+
+
+def _key(op: Op[Any]) -> str:
+    return op.key

@@ -46,7 +46,7 @@ from psycopg.rows import TupleRow
 from mandrill.errors import LedgerError, describe
 from mandrill.ledger import schema, sql
 from mandrill.ledger.journal import OutcomeJournal
-from mandrill.ledger.ops import Op, run_in_savepoint
+from mandrill.ledger.ops import Op, in_key_order, run_in_savepoint
 from mandrill.ledger.sqlledger import SQLLedger
 
 T = TypeVar("T")
@@ -184,9 +184,8 @@ class PostgresDatabase:
         try:
             with conn.cursor() as cur:
                 cur.execute("BEGIN")
-                # Lock order: see the module docstring. sorted() is stable, so ops on one
-                # key keep the order they were queued in.
-                for op in sorted(ops, key=_lock_key):
+                # Lock order: see the module docstring.
+                for op in in_key_order(ops):
                     # The connection gone: the whole batch failed.
                     run_in_savepoint(cur, op, fatal=lambda exc: conn.closed)
                 cur.execute("COMMIT")
@@ -272,10 +271,6 @@ async def open_postgres_ledger(
         db, DIALECT, max_batch=max_batch, outage_limit=outage_limit, journal=journal,
         **options,
     )
-
-
-def _lock_key(op: Op[Any]) -> str:
-    return op.key
 
 
 def redact(url: str) -> str:

@@ -12,7 +12,7 @@ import anyio
 from mandrill.errors import LedgerError
 from mandrill.ledger import schema, sql
 from mandrill.ledger.journal import OutcomeJournal
-from mandrill.ledger.ops import Gathered, Op, run_in_savepoint, size
+from mandrill.ledger.ops import Gathered, Op, in_key_order, run_in_savepoint, size
 from mandrill.ledger.sqlledger import SQLLedger
 
 T = TypeVar("T")
@@ -105,6 +105,7 @@ class SQLiteDatabase:
         # statements per op). If any op fails, roll back and run it again op by op, each
         # in its own savepoint (a gathered op that fails again: item by item), so that one
         # failure does not sink its batch-mates.
+        ops = in_key_order(ops)
         if not self._run(ops, savepoints=False):
             self._run(ops, savepoints=True)
 

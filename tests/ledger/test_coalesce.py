@@ -429,6 +429,23 @@ async def test_finish_awaited_before_its_batch_waits_for_it(
     assert [h.outcome for h in await ledger.history()] == ["failed"]
 
 
+async def test_an_outcome_counts_for_a_claim_queued_after_it_in_the_same_batch(
+    ledger_and_db: tuple[SQLLedger, HeldDatabase],
+) -> None:
+    # The batch's claims op is opened (by another host's claim) before the outcome comes:
+    # the outcome must still be written before the claims run, or the host reads as busy.
+    ledger, held = ledger_and_db
+    claim = await ledger.claim(message("m1", "web-1"), T0, WEEK)
+    restart_id = claim.restart_id
+    assert restart_id is not None
+    _, _, later = await one_batch(ledger, held, [
+        lambda: ledger.claim(message("m9", "web-9"), T0 + 1, WEEK),
+        lambda: ledger.finish(restart_id, T0 + 1, Outcome.RESTARTED, "ok"),
+        lambda: ledger.claim(message("m2", "web-1"), T0 + 2, WEEK),
+    ])
+    assert later.decision.verdict is Verdict.SKIP, later  # restarted just now, not busy
+
+
 async def test_finish_with_a_journal(durable_url: str, tmp_path: Path) -> None:
     journal = OutcomeJournal(tmp_path / "outcomes.jsonl", "ledger-a")
     async with held_ledger(durable_url, journal=journal) as (ledger, _):
