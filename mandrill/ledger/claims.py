@@ -40,7 +40,7 @@ class Owner:
 
 
 class ClaimRequest(NamedTuple):
-    """One message's claim, as :func:`claim_many` takes it (the arguments of :func:`claim`)."""
+    """One message's claim, as :func:`claim_many` takes it."""
 
     owner: Owner
     message: Message
@@ -48,31 +48,6 @@ class ClaimRequest(NamedTuple):
     min_interval: float
     rate_limit: RateLimit | None
     retry_unknown: bool
-
-
-def claim(
-    cur: Cursor,
-    d: Dialect,
-    owner: Owner,
-    message: Message,
-    now: float,
-    min_interval: float,
-    rate_limit: RateLimit | None = None,
-    *,
-    retry_unknown: bool = False,
-) -> Claim:
-    """Decide whether ``message`` restarts its host, inside the caller's transaction, with
-    :func:`mandrill.policy.decide_restart` over what the ledger knows (this message's
-    decisions, the host's last counted restart and claims under way, the fleet's count), and
-    record a ``restarting`` claim owned by ``owner`` when it does.
-
-    Holds the host's lock (and the fleet's, with a ``rate_limit``) until the transaction
-    ends, so that daemons decide on one host one at a time. Resolves the host's orphaned
-    claims (their owner stopped heartbeating) as ``unknown`` first; they count as restarts
-    unless ``retry_unknown``.
-    """
-    request = ClaimRequest(owner, message, now, min_interval, rate_limit, retry_unknown)
-    return claim_many(cur, d, [request])[0]
 
 
 class _Row:
@@ -104,14 +79,24 @@ def _order(row: _Row) -> int:
 
 
 def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Claim]:
-    """:func:`claim` for several messages (one batch's claims, with one owner), in a few
-    statements however many they are: the locks (the fleet's first if any claim has a rate
-    limit, then every host's, in name order), one read of what the ledger knows of all of
-    their messages and hosts (and one of the fleet's recent restarts, with a rate limit),
-    then the decisions, message by message in the order given, each seeing the effects of
-    those before it as if they had been written (a claim under way, a skip, an orphan
-    resolved), and last the writes: one ``executemany`` each for the orphans resolved and
-    the rows inserted. Returns one claim per request, in order.
+    """Decide, for each message of one batch's claims (with one owner), whether it restarts
+    its host, inside the caller's transaction, with :func:`mandrill.policy.decide_restart`
+    over what the ledger knows (the message's decisions, the host's last counted restart and
+    claims under way, the fleet's count), and record a ``restarting`` claim owned by the
+    owner when it does.
+
+    Holds the hosts' locks (and the fleet's, with a ``rate_limit``) until the transaction
+    ends, so that daemons decide on one host one at a time. Resolves a host's orphaned claims
+    (their owner stopped heartbeating) as ``unknown`` first; they count as restarts unless
+    ``retry_unknown``.
+
+    In a few statements however many claims there are: the locks (the fleet's first if any
+    claim has a rate limit, then every host's, in name order), one read of what the ledger
+    knows of all of their messages and hosts (and one of the fleet's recent restarts, with a
+    rate limit), then the decisions, message by message in the order given, each seeing the
+    effects of those before it as if they had been written (a claim under way, a skip, an
+    orphan resolved), and last the writes: one ``executemany`` each for the orphans resolved
+    and the rows inserted. Returns one claim per request, in order.
     """
     owner = requests[0].owner
     subscription, instance_id = owner.subscription, owner.instance_id
@@ -351,4 +336,4 @@ def _resolution(
     return (Outcome.UNKNOWN, now, detail, row_id, Outcome.RESTARTING)
 
 
-__all__ = ["FLEET_LOCK", "ClaimRequest", "Owner", "claim", "claim_many", "resolve_orphans"]
+__all__ = ["FLEET_LOCK", "ClaimRequest", "Owner", "claim_many", "resolve_orphans"]

@@ -97,12 +97,6 @@ def _attributes_json(attributes: Mapping[str, str]) -> str:
     return json.dumps(dict(attributes)) if attributes else "{}"
 
 
-def dead_letter(
-    cur: Cursor, d: Dialect, subscription: str, delivery: Delivery, now: float, reason: str
-) -> None:
-    write_messages(cur, d, [dead_letter_row(subscription, delivery, now, reason)])
-
-
 # -- daemon instances ----------------------------------------------------------------------
 
 
@@ -220,12 +214,6 @@ FinishRow = tuple[float, Outcome, str, int, Outcome, Outcome]
 
 def finish_row(restart_id: int, now: float, outcome: Outcome, detail: str) -> FinishRow:
     return (now, outcome, detail, restart_id, Outcome.RESTARTING, Outcome.UNKNOWN)
-
-
-def finish(
-    cur: Cursor, d: Dialect, restart_id: int, now: float, outcome: Outcome, detail: str
-) -> None:
-    finish_many(cur, d, [finish_row(restart_id, now, outcome, detail)])
 
 
 def finish_many(cur: Cursor, d: Dialect, rows: list[FinishRow]) -> list[None]:
