@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import anyio
 
 from mandrill.errors import InvalidMessage, LedgerError, RestartFailed
-from mandrill.ledger.base import Claim, Ledger
+from mandrill.ledger.base import Ledger
 from mandrill.message import DEFAULT_DOMAIN, Delivery, Message, parse_delivery
 from mandrill.obs.counters import Counters, dead_letter_label, skip_label
 from mandrill.policy import (
@@ -100,37 +100,31 @@ class Worker:
         try:
             message = parse_delivery(delivery, self.settings.domain)
         except InvalidMessage as exc:
-            await self._invalid(delivery, exc)
+            log.warning(
+                "invalid message %s: %s",
+                delivery.message_id,
+                exc.reason,
+                extra={"message_id": delivery.message_id},
+            )
+            await self._dead_letter(delivery, f"invalid: {exc.reason}")
             return
         try:
             result, failures, recorded = await self._work(message)
         except Exception:
-            self._unexpected(delivery, message)
+            # A bug in handling one message must not stop the others.
+            self._counters.errors += 1
+            log.exception(
+                "unexpected error handling message %s; nacking it",
+                message.message_id,
+                extra=_context(message),
+            )
+            self._settler.nack(delivery)
             return
         settlement = settlement_for(result, failures, self.settings.max_attempts)
         if settlement is Settlement.DEAD_LETTER:
             await self._give_up(delivery, message, failures, recorded)
         else:
             self._settle(delivery, settlement, recorded)
-
-    async def _invalid(self, delivery: Delivery, exc: InvalidMessage) -> None:
-        log.warning(
-            "invalid message %s: %s",
-            delivery.message_id,
-            exc.reason,
-            extra={"message_id": delivery.message_id},
-        )
-        await self._dead_letter(delivery, f"invalid: {exc.reason}")
-
-    def _unexpected(self, delivery: Delivery, message: Message) -> None:
-        # A bug in handling one message must not stop the others.
-        self._counters.errors += 1
-        log.exception(
-            "unexpected error handling message %s; nacking it",
-            message.message_id,
-            extra=_context(message),
-        )
-        self._settler.nack(delivery)
 
     def _settle(
         self, delivery: Delivery, settlement: Settlement, recorded: Awaitable[None] | None
@@ -175,7 +169,7 @@ class Worker:
         # Cancelled, this does not wait for the save: it still commits with its batch (the
         # ledger writer outlives the workers), and waiting would hold a shutdown up for as
         # long as the ledger hangs.
-        outcome = await self._decide_and_restart(message, now)
+        result = await self._decide_and_restart(message, now)
         try:
             await saved
         except LedgerError as exc:
@@ -183,7 +177,7 @@ class Worker:
             self._counters.save_failed += 1
             log.log(self._ledger_level(logging.ERROR), "could not save message %s: %s",
                     message.message_id, exc, extra=_context(message))
-        return outcome
+        return result
 
     async def _decide_and_restart(
         self, message: Message, now: float
@@ -204,20 +198,11 @@ class Worker:
                 retry_unknown=settings.retry_unknown,
             )
         except LedgerError as exc:
-            return self._ledger_unavailable(message, exc), 0, None
-        if claim.restart_id is None:
-            return *self._decided(message, claim), None
-        return await self._restart(message, claim.restart_id, claim.decision.failures)
-
-    def _ledger_unavailable(self, message: Message, exc: LedgerError) -> Result:
-        self._counters.ledger_unavailable += 1
-        log.log(self._ledger_level(logging.WARNING),
-                "cannot decide on message %s, handing it back: %s", message.message_id, exc,
-                extra=_context(message))
-        return Result.LEDGER_UNAVAILABLE
-
-    def _decided(self, message: Message, claim: Claim) -> tuple[Result, int]:
-        """The result of a claim that restarts nothing (a duplicate, a busy host, a skip)."""
+            self._counters.ledger_unavailable += 1
+            log.log(self._ledger_level(logging.WARNING),
+                    "cannot decide on message %s, handing it back: %s", message.message_id, exc,
+                    extra=_context(message))
+            return Result.LEDGER_UNAVAILABLE, 0, None
         decision = claim.decision
         if decision.verdict is Verdict.DUPLICATE:
             self._counters.duplicates += 1
@@ -225,16 +210,18 @@ class Worker:
             level = logging.WARNING if decision.reason == UNKNOWN_REASON else logging.INFO
             log.log(level, "duplicate message %s (%s)", message.message_id, decision.reason,
                     extra=_context(message))
-            return Result.DUPLICATE, decision.failures
+            return Result.DUPLICATE, decision.failures, None
         if decision.verdict is Verdict.BUSY:
             # Deferred, not decided: it comes back once the restart under way has an outcome
             # (or its daemon is found dead), and is decided then.
             log.info("message %s: %s; retrying it later", message.message_id, decision.reason,
                      extra=_context(message))
-            return Result.BUSY, decision.failures
-        assert decision.verdict is Verdict.SKIP, decision
-        self._note_skip(message, decision.reason)
-        return Result.SKIPPED, decision.failures
+            return Result.BUSY, decision.failures, None
+        if decision.verdict is Verdict.SKIP:
+            self._note_skip(message, decision.reason)
+            return Result.SKIPPED, decision.failures, None
+        assert claim.restart_id is not None
+        return await self._restart(message, claim.restart_id, decision.failures)
 
     async def _restart(
         self, message: Message, restart_id: int, failures: int
@@ -255,8 +242,7 @@ class Worker:
             return self._restart_failed(message, restart_id, failures, str(exc))
         except anyio.get_cancelled_exc_class():
             with self._shutdown.last_words(CANCEL_RECORD_SECONDS):
-                await self._recorded(restart_id, Outcome.CANCELLED, self._record(
-                    restart_id, Outcome.CANCELLED, "cancelled by shutdown"))
+                await self._finish(restart_id, Outcome.CANCELLED, "cancelled by shutdown")
             raise
         except Exception as exc:
             log.exception("restarter raised unexpectedly for %s", message.hostname,
@@ -320,11 +306,10 @@ class Worker:
         message is settled."""
         return self._ledger.finish(restart_id, self._wall_clock(), outcome, detail)
 
-    async def _recorded(
-        self, restart_id: int, outcome: Outcome, recorded: Awaitable[None]
-    ) -> None:
+    async def _finish(self, restart_id: int, outcome: Outcome, detail: str) -> None:
+        """Record the outcome and wait for it (where nothing settles after it)."""
         try:
-            await recorded
+            await self._record(restart_id, outcome, detail)
         except LedgerError as exc:
             # Journal and ledger both failed: the claim stays 'restarting' (its host waits)
             # while this daemon runs; once it stops, any daemon resolves it as 'unknown'.
