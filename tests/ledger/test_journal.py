@@ -211,3 +211,12 @@ async def test_journal_lines_are_json(tmp_path: Path) -> None:
         "ledger": "ledger-a", "restart_id": 7, "finished_at": T0,
         "outcome": "restarted", "detail": "ok",
     }
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18, finding 7: the journal check uses os.access")
+async def test_a_journal_path_naming_a_directory_is_refused_at_start(tmp_path: Path) -> None:
+    # The outcome journal is checked by opening it for append: a directory, which is
+    # writable as a directory, cannot take an outcome (found during an outage, too late).
+    (tmp_path / "outcomes").mkdir()
+    with pytest.raises(LedgerError, match="outcomes"):
+        await open_ledger(str(tmp_path / "ledger.db"), journal=str(tmp_path / "outcomes"))
