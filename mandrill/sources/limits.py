@@ -25,5 +25,9 @@ MAX_ACK_DEADLINE_SECONDS: Final = 600
 #: The shortest and longest ack deadline a subscription may have.
 MIN_SUBSCRIPTION_ACK_DEADLINE: Final = 10
 MAX_SUBSCRIPTION_ACK_DEADLINE: Final = 600
-#: Bytes one attribute value may hold.
+#: Attributes one message may carry, and the bytes of each one's key and value.
+MAX_ATTRIBUTES: Final = 100
+MAX_ATTRIBUTE_KEY_BYTES: Final = 256
 MAX_ATTRIBUTE_VALUE_BYTES: Final = 1024
+#: Attribute keys may not start with this (Google's own).
+RESERVED_ATTRIBUTE_PREFIX: Final = "goog"

@@ -1,5 +1,7 @@
 """A reverse proxy in front of the Pub/Sub emulator that can hold requests: a Pub/Sub that
-stops answering some calls (settlement at shutdown, say) while the rest still work.
+stops answering some calls (settlement at shutdown, say) while the rest still work; and
+that can refuse requests the emulator accepts but the real service does not (``refuse``:
+see :mod:`tests.support.pubsub_limits`).
 
 It runs in threads of its own (stdlib ``http.server``), so a daemon under test (a real
 process, or serve() on either backend) talks to it over real sockets.
@@ -11,21 +13,29 @@ import http.client
 import http.server
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 #: How long a held request waits for the proxy to close before it gives up on its own.
 HOLD_LIMIT_SECONDS = 300.0
 
 
+#: ``refuse(method, path, body)``: ``None`` to forward the request, else the
+#: ``(status, JSON body)`` to answer in the upstream's stead.
+Refusal = Callable[[str, str, bytes], tuple[int, bytes] | None]
+
+
 class HoldingProxy:
     """Forwards every request to ``upstream`` (``host:port``), except those whose path
     matches ``hold`` once :attr:`holding` is set: they get no answer until the proxy
-    closes. ``held`` counts them."""
+    closes (``held`` counts them); and those ``refuse`` answers itself (``refused`` counts
+    them)."""
 
-    def __init__(self, upstream: str, hold: str) -> None:
+    def __init__(self, upstream: str, hold: str = "$^", refuse: Refusal | None = None) -> None:
         self.upstream = upstream
         self.hold = re.compile(hold)
+        self.refuse = refuse
+        self.refused = 0
         self.holding = threading.Event()
         self.closing = threading.Event()
         self.held = 0
@@ -46,6 +56,16 @@ class HoldingProxy:
                     proxy.first_held.set()
                     proxy.closing.wait(HOLD_LIMIT_SECONDS)
                     self.close_connection = True
+                    return
+                refusal = proxy.refuse and proxy.refuse(self.command, self.path, body or b"")
+                if refusal:
+                    proxy.refused += 1
+                    status, answer = refusal
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
                     return
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=120)
                 try:
