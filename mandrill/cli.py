@@ -10,7 +10,6 @@ the signal (a shell reports 143).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ import anyio
 from mandrill import config
 from mandrill.errors import ConfigError, MandrillError
 from mandrill.obs.logs import configured_logging
+from mandrill.version import version
 
 log = logging.getLogger("mandrill.cli")
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         " closed by its reader; 143 SIGTERM before the daemon was up."
         " `mandrill COMMAND --help` lists a command's settings.",
     )
-    parser.add_argument("--version", action="version", version=f"mandrill {_version()}")
+    parser.add_argument("--version", action="version", version=f"mandrill {version()}")
     commands = parser.add_subparsers(
         dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
     )
@@ -119,13 +119,6 @@ def _add_setting(group: argparse._ActionsContainer, setting: config.Setting) -> 
     group.add_argument(setting.flag, dest=setting.name, default=None,
                        action="append" if setting.repeat else "store",
                        metavar=setting.shown_metavar, help=help_text)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("mandrill")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

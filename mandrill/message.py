@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
+from typing import NamedTuple
 
 from mandrill.errors import InvalidMessage, one_line
 
+_NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 #: Payloads above this size are rejected before JSON parsing (Pub/Sub's own limit is 10 MB).
 MAX_PAYLOAD_BYTES = 64 * 1024
 DEFAULT_DOMAIN = "example.net"
@@ -24,12 +26,12 @@ _MAX_HOSTNAME = 253
 _WIRE_FORM = re.compile(rb'\{"instance_name": "([A-Za-z0-9-]{1,63})"\}')
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     """One delivery of a message: what a worker needs to parse it and to settle it.
 
     ``delivery_attempt`` is ``None`` when the source does not count deliveries (Pub/Sub
-    without a dead-letter policy).
+    without a dead-letter policy). A NamedTuple, as :class:`Message`: immutable, and built
+    without a setattr call per field (a frozen dataclass's way: ~2k instructions each).
     """
 
     ack_id: str
@@ -40,8 +42,7 @@ class Delivery:
     delivery_attempt: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """A validated chaos message: which host to restart."""
 
     message_id: str
@@ -49,7 +50,7 @@ class Message:
     hostname: str
     publish_time: datetime
     delivery_attempt: int | None
-    attributes: Mapping[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, str] = _NO_ATTRIBUTES
     data: bytes = b""
 
 

@@ -181,7 +181,7 @@ async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncI
         ledger: Ledger = await open_ledger(
             cfg.ledger.url, outage_limit=cfg.ledger.ledger_outage_limit,
             journal=cfg.ledger.outcome_journal, subscription=ledger_subscription(cfg.source),
-            instance_timeout=cfg.ledger.instance_timeout,
+            instance_timeout=cfg.ledger.instance_timeout, backend=cfg.backend,
         )
         stack.push_async_callback(ledger.aclose)
         source, topic = await stack.enter_async_context(

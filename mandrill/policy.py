@@ -16,12 +16,15 @@ class Outcome(StrEnum):
     """What the ledger records for one restart decision of one message."""
 
     RESTARTING = "restarting"  # claimed, restart under way
-    #: The daemon that claimed it stopped mid-restart (SIGKILL, crash): the restart may or
-    #: may not have happened. Counts as a restart unless the operator says to retry.
+    #: The restart began and its daemon could not see it end: killed (SIGKILL, a crash,
+    #: found by its silence), or stopping (cancelled after ``--grace``). It may or may not
+    #: have happened: counts as a restart unless the operator says to retry.
     UNKNOWN = "unknown"
     RESTARTED = "restarted"
     FAILED = "failed"
-    CANCELLED = "cancelled"  # shutdown cancelled the restart; the message was nacked
+    #: Claimed, but the restart never began (the daemon was stopping, or lost track of the
+    #: claim): does not count; the message is redelivered.
+    CANCELLED = "cancelled"
     SKIPPED = "skipped"
     DRY_RUN = "dry_run"
 
@@ -39,6 +42,50 @@ class Verdict(StrEnum):
     #: A restart of this message's host is under way (for this message or another one, in
     #: this daemon or another): decided once that restart has an outcome.
     BUSY = "busy"
+
+
+class Reason(StrEnum):
+    """Why a message was not restarted (or not yet), or why a claim ended without an outcome
+    of its own: the code that metrics, the ledger and the status page use. The text a user
+    reads is rendered from it, with the facts of the case (:attr:`Decision.detail`)."""
+
+    # Skips: mandrill_messages_skipped_total{reason}.
+    INTERVAL = "interval"
+    EXCLUDED = "excluded"
+    NOT_ALLOWED = "not_allowed"
+    OUTSIDE_DAYS = "outside_days"
+    OUTSIDE_HOURS = "outside_hours"
+    RATE_LIMIT = "rate_limit"
+    # Duplicates: a redelivery of a message already decided.
+    ALREADY_DECIDED = "already_decided"
+    UNKNOWN_COUNTED = "unknown_counted"
+    # Waits: handed back, decided later.
+    MESSAGE_UNDER_WAY = "message_under_way"
+    HOST_UNDER_WAY = "host_under_way"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"
+    # Dead letters: mandrill_messages_dead_lettered_total{reason}.
+    INVALID = "invalid"
+    MAX_ATTEMPTS = "max_attempts"
+    # Claims that ended without an outcome of their own.
+    DAEMON_LOST = "daemon_lost"  # unknown: its daemon stopped heartbeating mid-restart
+    INTERRUPTED = "interrupted"  # unknown: its daemon cancelled it after it began
+    NOT_STARTED = "not_started"  # cancelled: claimed, but its restart never began
+
+
+#: The reasons of skips, and of dead letters: the labels their counters always show.
+SKIP_REASONS = (
+    Reason.INTERVAL, Reason.EXCLUDED, Reason.NOT_ALLOWED, Reason.OUTSIDE_DAYS,
+    Reason.OUTSIDE_HOURS, Reason.RATE_LIMIT,
+)
+DEAD_LETTER_REASONS = (Reason.INVALID, Reason.MAX_ATTEMPTS)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A safety control's no: its code and the sentence that explains it."""
+
+    reason: Reason
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,59 +113,76 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class Rules:
+    """What a claim is decided by: the interval rule, the fleet's rate limit, and whether a
+    restart of unknown outcome counts (the default) or is retried."""
+
+    min_interval: float
+    rate_limit: RateLimit | None = None
+    retry_unknown: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
-    """A :class:`Verdict` with the reason a user reads in the history."""
+    """A :class:`Verdict`, its :class:`Reason` (``None`` for a restart) and the sentence a
+    user reads in the history (rendered from the reason and the facts of the case)."""
 
     verdict: Verdict
-    reason: str
+    reason: Reason | None = None
+    detail: str = ""
     #: Earlier failed restarts of this message (for the poison-message limit).
     failures: int = 0
 
 
-def decide_restart(
-    prior: Prior,
-    now: float,
-    min_interval: float,
-    rate_limit: RateLimit | None = None,
-    *,
-    retry_unknown: bool = False,
-) -> Decision:
+def decide_restart(prior: Prior, now: float, rules: Rules) -> Decision:
     """Restart, skip, wait (busy), or recognise a duplicate.
 
     Only a restart that succeeded, or whose outcome is unknown, counts for the interval
     rule: a message for a host whose restart is under way waits for its outcome (``BUSY``).
-    With ``retry_unknown``, an unknown outcome counts as a failed attempt instead.
+    With ``rules.retry_unknown``, an unknown outcome counts as a failed attempt instead.
     """
     failures = 0
     for outcome, _decided_at in prior.message_decisions:
         if outcome in FINAL_OUTCOMES:
-            return Decision(Verdict.DUPLICATE, f"already {outcome.value}", failures)
+            return Decision(Verdict.DUPLICATE, Reason.ALREADY_DECIDED,
+                            f"already {outcome.value}", failures)
         if outcome is Outcome.UNKNOWN:
-            if not retry_unknown:
-                return Decision(Verdict.DUPLICATE, UNKNOWN_REASON, failures)
+            if not rules.retry_unknown:
+                return Decision(Verdict.DUPLICATE, Reason.UNKNOWN_COUNTED, UNKNOWN_DETAIL,
+                                failures)
             failures += 1
         if outcome is Outcome.RESTARTING:
-            return Decision(Verdict.BUSY, "a restart for this message is under way", failures)
+            return Decision(Verdict.BUSY, Reason.MESSAGE_UNDER_WAY,
+                            "a restart for this message is under way", failures)
         if outcome is Outcome.FAILED:
             failures += 1
     if prior.host_busy_with is not None:
-        reason = f"host is being restarted (message {prior.host_busy_with}); waiting for it"
-        return Decision(Verdict.BUSY, reason, failures)
+        detail = f"host is being restarted (message {prior.host_busy_with}); waiting for it"
+        return Decision(Verdict.BUSY, Reason.HOST_UNDER_WAY, detail, failures)
     last = prior.host_last_restart
-    if last is not None and now - last < min_interval:
-        ago = format_duration(now - last)
-        return Decision(Verdict.SKIP, f"host restarted {ago} ago", failures)
+    if last is not None and now - last < rules.min_interval:
+        detail = f"host restarted {format_duration(now - last)} ago"
+        return Decision(Verdict.SKIP, Reason.INTERVAL, detail, failures)
+    rate_limit = rules.rate_limit
     if rate_limit is not None and prior.fleet_restarts >= rate_limit.restarts:
-        reason = (
+        detail = (
             f"fleet rate limit: {prior.fleet_restarts} restarts in the last"
             f" {format_duration(rate_limit.window)} (limit {rate_limit.restarts})"
         )
-        return Decision(Verdict.SKIP, reason, failures)
-    return Decision(Verdict.RESTART, "", failures)
+        return Decision(Verdict.SKIP, Reason.RATE_LIMIT, detail, failures)
+    return Decision(Verdict.RESTART, None, "", failures)
 
 
 #: Why a message whose restart has an unknown outcome is settled without another restart.
-UNKNOWN_REASON = "restart outcome unknown (its daemon stopped mid-restart); counted as done"
+UNKNOWN_DETAIL = "restart outcome unknown (its daemon stopped mid-restart); counted as done"
+#: The detail of a claim that ended without an outcome of its own (``{why}`` says how):
+#: cancelled, its restart never began; unknown, it began and its end was not seen.
+NOT_STARTED_DETAIL = (
+    "claimed, but the restart never began ({why}); not counted, the message is redelivered"
+)
+INTERRUPTED_DETAIL = (
+    "interrupted after it began ({why}); the restart may or may not have happened"
+)
 
 
 #: A deferred delivery (its host busy, the ledger down) comes back after this long for its
@@ -148,30 +212,25 @@ class Settlement(StrEnum):
     DEAD_LETTER = "dead_letter"
 
 
-class Result(StrEnum):
-    """How the work on one delivery ended."""
-
-    RESTARTED = "restarted"
-    SKIPPED = "skipped"
-    DUPLICATE = "duplicate"
-    BUSY = "busy"
-    RESTART_FAILED = "restart_failed"
-    LEDGER_UNAVAILABLE = "ledger_unavailable"
-    DRY_RUN = "dry_run"
+def settlement_for(decision: Decision) -> Settlement:
+    """How a message the ledger did not give a restart is settled: a skip or a duplicate is
+    done (acked); a message whose restart is under way waits for its outcome (deferred)."""
+    return Settlement.DEFER if decision.verdict is Verdict.BUSY else Settlement.ACK
 
 
-def settlement_for(result: Result, failures: int, max_attempts: int) -> Settlement:
-    """Ack what is done, nack what may succeed later, dead-letter what never will.
+def settlement_after(outcome: Outcome, failures: int, max_attempts: int, *,
+                     retry_unknown: bool = False) -> Settlement:
+    """How a message whose claimed restart ended with ``outcome`` is settled.
 
-    ``failures`` counts failed restarts of this message including the current one.
+    ``failures`` counts this message's earlier failed restarts. A failed restart is
+    redelivered, or dead-lettered once it failed ``max_attempts`` times; a restart that was
+    interrupted after it began (``UNKNOWN``) counts as done unless ``retry_unknown``; one
+    that never began (``CANCELLED``) is redelivered.
     """
-    if result is Result.RESTART_FAILED:
-        return Settlement.DEAD_LETTER if failures >= max_attempts else Settlement.NACK
-    if result is Result.BUSY:
-        return Settlement.DEFER
-    if result is Result.LEDGER_UNAVAILABLE:
-        # Not at once: until the ledger is back, an immediate redelivery fails again.
-        return Settlement.DEFER
+    if outcome is Outcome.FAILED:
+        return Settlement.DEAD_LETTER if failures + 1 >= max_attempts else Settlement.NACK
+    if outcome is Outcome.CANCELLED or (outcome is Outcome.UNKNOWN and retry_unknown):
+        return Settlement.NACK
     return Settlement.ACK
 
 

@@ -3,7 +3,8 @@
 Pure functions over plain data (h11-style): no I/O and no clock reads; callers pass the time
 as an aware ``datetime``. The ``parse_*`` functions turn flag values into those data and
 raise ``ValueError`` with a one-line message for a bad spec. A check returns ``None`` when
-a restart may go ahead, else a one-line reason to record with the skip.
+a restart may go ahead, else a :class:`~mandrill.policy.Refusal`: the reason's code and
+the sentence to record with the skip.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datetime import datetime, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mandrill.message import Message
+from mandrill.policy import Reason, Refusal
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _FULL_WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -56,14 +58,16 @@ def matching_pattern(patterns: Iterable[str], message: Message) -> str | None:
 
 def host_skip_reason(
     message: Message, exclude: Iterable[str] = (), only: Iterable[str] = ()
-) -> str | None:
+) -> Refusal | None:
     """Why the host may not be restarted: excluded (which wins), or not among ``only``."""
     excluded_by = matching_pattern(exclude, message)
     if excluded_by is not None:
-        return f"host excluded by pattern {excluded_by!r}"
+        return Refusal(Reason.EXCLUDED, f"host excluded by pattern {excluded_by!r}")
     only = tuple(only)
     if only and matching_pattern(only, message) is None:
-        return f"host matches none of the allowed patterns ({', '.join(only)})"
+        return Refusal(
+            Reason.NOT_ALLOWED, f"host matches none of the allowed patterns ({', '.join(only)})"
+        )
     return None
 
 
@@ -178,7 +182,7 @@ class TimeWindow:
     hours: tuple[HoursWindow, ...] = ()
     tz: tzinfo = field(default_factory=lambda: ZoneInfo("UTC"))
 
-    def skip_reason(self, now: datetime) -> str | None:
+    def skip_reason(self, now: datetime) -> Refusal | None:
         """Why ``now`` (aware) is outside the window; ``ValueError`` if ``now`` is naive."""
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("the time checked against a window must be timezone-aware")
@@ -186,11 +190,17 @@ class TimeWindow:
         zone = str(self.tz)
         if self.weekdays is not None and local.weekday() not in self.weekdays:
             allowed = format_weekdays(self.weekdays)
-            return f"outside allowed days ({allowed} {zone}): it is {WEEKDAYS[local.weekday()]}"
+            return Refusal(
+                Reason.OUTSIDE_DAYS,
+                f"outside allowed days ({allowed} {zone}): it is {WEEKDAYS[local.weekday()]}",
+            )
         minute = local.hour * 60 + local.minute
         if self.hours and not any(minute in window for window in self.hours):
             allowed = ",".join(map(str, self.hours))
-            return f"outside allowed hours ({allowed} {zone}): it is {local:%H:%M}"
+            return Refusal(
+                Reason.OUTSIDE_HOURS,
+                f"outside allowed hours ({allowed} {zone}): it is {local:%H:%M}",
+            )
         return None
 
 
@@ -210,7 +220,7 @@ class SafetyControls:
     only: tuple[str, ...] = ()
     window: TimeWindow | None = None
 
-    def skip_reason(self, message: Message, now: datetime) -> str | None:
+    def skip_reason(self, message: Message, now: datetime) -> Refusal | None:
         """Why this message's host must not be restarted at ``now`` (aware), or ``None``.
 
         Host patterns first, then the time window. Raises ``ValueError`` for a naive ``now``

@@ -1,51 +1,60 @@
 """serve(): the daemon's task tree, and nothing else.
 
-The nesting is the order of shutdown: what must outlive the workers sits in an outer
-group, and every shield carries a deadline.
+A delivery flows one way: intake (consumer) → decider → restart workers → settler, with
+dead letters beside; each stage hands values on through memory object streams and never
+calls back. The nesting is the order of shutdown: what must outlive the workers sits in an
+outer group, and every shield carries a deadline.
 
     serve
     └── lasting (task group: outlives the workers; cancelled last)
         ├── signal watcher      first signal: graceful stop; second: force
         ├── probes              lag probe, metrics server, task dump (when configured)
-        ├── ledger writer       batched commits
-        ├── settler             batched acks and nacks
+        ├── ledger              heartbeat, sweep of claims nobody holds, kept outcomes
+        ├── settler             outcomes recorded, then acks and nacks, in batches
         ├── companions (task group: notifier …; stopped as the final settlement begins)
         └── daemon (task group)
             ├── lease keeper    extends every held lease, in batches
-            └── workers (task group; deadline set to now + grace at the first signal)
-                ├── worker-0 … N    long-lived; each takes one delivery at a time (Handover)
+            └── work (task group; deadline set to now + grace at the first signal)
+                ├── worker-0 … N    long-lived; each restarts one claimed host at a time
+                ├── dead letters    publish, record, settle
                 └── intake (task group, cancelled at the first signal)
                     ├── consumer    pulls while there is room (backpressure)
+                    ├── decider     one ledger transaction per batch of deliveries
                     └── publisher   only in the embedded demo
 
-    final settlement (shielded, deadline ``settle_by``): nack what is held, flush the
-    settler, drain the ledger; then ``lasting`` is cancelled.
+    final settlement (shielded, deadline ``settle_by``): claims never started and dead
+    letters never kept are handed to the settler (nacked), so is everything still held;
+    the settler drains its stream and ends; the ledger resolves this daemon's open claims
+    and marks it stopped; then ``lasting`` is cancelled.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from mandrill.handover import Handover
+from mandrill.dead_letters import DeadLetters
+from mandrill.decider import Decider
 from mandrill.holdings import Holdings
 from mandrill.lease import LeaseKeeper
-from mandrill.ledger.base import Ledger
+from mandrill.ledger.base import DeadLetterRecord, Finish, Ledger
 from mandrill.message import Delivery, Message
 from mandrill.obs.counters import Counters
 from mandrill.obs.metrics import Observability
-from mandrill.policy import Outcome
+from mandrill.policy import NOT_STARTED_DETAIL, Outcome, Reason, Settlement
 from mandrill.restarters.base import Restarter
-from mandrill.settler import Settler
+from mandrill.settler import Outbox, Settler, settle_stream
 from mandrill.shutdown import Shutdown, watch_signals
 from mandrill.sources.base import Source
 from mandrill.sources.limits import MAX_PULL_MESSAGES as MAX_PULL
-from mandrill.worker import Worker, WorkerSettings
+from mandrill.worker import SHUTTING_DOWN, Claimed, Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,33 @@ class Parts:
     on_decision: Callable[[Message, Outcome, str], None] | None = None
 
 
+@dataclass
+class _Streams:
+    """The streams between the stages. Each sending task holds a clone of its own and
+    closes it when it ends; serve() keeps the originals until the final settlement, which
+    drains what no stage took."""
+
+    pulled: tuple[MemoryObjectSendStream[Sequence[Delivery]],
+                  MemoryObjectReceiveStream[Sequence[Delivery]]]
+    restarts: tuple[MemoryObjectSendStream[Claimed], MemoryObjectReceiveStream[Claimed]]
+    letters: tuple[MemoryObjectSendStream[DeadLetterRecord],
+                   MemoryObjectReceiveStream[DeadLetterRecord]]
+
+    @classmethod
+    def open(cls) -> _Streams:
+        # Unbounded: handing on never blocks; what is in them is bounded by the holdings.
+        return cls(
+            anyio.create_memory_object_stream[Sequence[Delivery]](math.inf),
+            anyio.create_memory_object_stream[Claimed](math.inf),
+            anyio.create_memory_object_stream[DeadLetterRecord](math.inf),
+        )
+
+    def close(self) -> None:
+        for send, receive in (self.pulled, self.restarts, self.letters):
+            send.close()
+            receive.close()
+
+
 async def serve(
     settings: ServiceSettings,
     worker_settings: WorkerSettings,
@@ -116,19 +152,16 @@ async def serve(
     shutdown = shutdown or Shutdown()
     counters = counters if counters is not None else Counters()
     holdings = Holdings(settings.max_in_flight)
-    settler = Settler(parts.source, holdings, counters)
-    keeper = LeaseKeeper(parts.source, holdings, counters, max_lease=settings.max_lease)
-    worker = Worker(
-        source=parts.source,
-        ledger=parts.ledger,
-        restarter=parts.restarter,
-        settler=settler,
-        counters=counters,
-        settings=worker_settings,
-        on_decision=parts.on_decision,
-        shutdown=shutdown,
-        stop_after=settings.stop_after,
+    to_settler, settling = settle_stream()
+    outbox = Outbox(to_settler, holdings)
+    settler = Settler(
+        parts.source, parts.ledger, counters, settling, shutdown=shutdown,
+        stop_after=settings.stop_after, wall_clock=worker_settings.wall_clock,
     )
+    #: Set when the settler ends (never, if it did not start: then not waited for).
+    settled: anyio.Event | None = None
+    keeper = LeaseKeeper(parts.source, holdings, counters, max_lease=settings.max_lease)
+    streams = _Streams.open()
     async with anyio.create_task_group() as lasting:
         if settings.handle_signals:
             await lasting.start(watch_signals, shutdown, settings.grace, name="signal watcher")
@@ -145,8 +178,12 @@ async def serve(
                     # Started first, so the lag probe and the metrics server watch start-up.
                     for name, probe in observability.probes(in_flight=holdings.__len__):
                         await lasting.start(probe, name=name)
-                for name, part in (("ledger writer", parts.ledger.run), ("settler", settler.run)):
-                    await lasting.start(_outlive_the_workers, part, shields, name=name)
+                await lasting.start(parts.ledger.run, name="ledger")
+                settled = anyio.Event()
+                await lasting.start(
+                    _outlive_the_workers, _signalling(settler.run, settled), shields,
+                    name="settler",
+                )
                 companions = await lasting.start(
                     _run_companions, parts.companions, name="companions"
                 )
@@ -156,9 +193,12 @@ async def serve(
                     await daemon.start(keeper.run, name="lease keeper")
                     task_status.started(shutdown)
                     if observability is not None:
-                        observability.health.set_serving({"ledger": parts.ledger.healthy})
+                        observability.health.set_serving({"ledger": parts.ledger.problem})
                     log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
-                    await _process(settings, parts, worker, settler, holdings, shutdown, daemon)
+                    await _process(
+                        settings, worker_settings, parts, counters, holdings, outbox, streams,
+                        shutdown, daemon,
+                    )
                     daemon.cancel_scope.cancel()
         finally:
             shutdown.settle_within(settings.settle_timeout)
@@ -166,7 +206,9 @@ async def serve(
                 shield.deadline = shutdown.settle_by
             if companions is not None:
                 companions.cancel()
-            await _settle_held(holdings, settler, parts.ledger, shutdown)
+            with settling:  # the settler's stream, closed whether or not it ran
+                await _final_settlement(holdings, outbox, streams, settler, settled,
+                                        parts.ledger, shutdown, counters)
             for shield in shields:
                 shield.cancel()
             lasting.cancel_scope.cancel()
@@ -177,6 +219,19 @@ async def serve(
         settler.pending,
     )
     return counters
+
+
+def _signalling(run: LongLived, done: anyio.Event) -> LongLived:
+    """``run``, setting ``done`` when it ends (the settler: its stream has ended, or it
+    failed and nothing more will be settled)."""
+
+    async def run_then_signal(*, task_status: TaskStatus[None]) -> None:
+        try:
+            await run(task_status=task_status)
+        finally:
+            done.set()
+
+    return run_then_signal
 
 
 async def _outlive_the_workers(
@@ -230,63 +285,75 @@ async def _run_companions(
 
 async def _process(
     settings: ServiceSettings,
+    worker_settings: WorkerSettings,
     parts: Parts,
-    worker: Worker,
-    settler: Settler,
+    counters: Counters,
     holdings: Holdings,
+    outbox: Outbox,
+    streams: _Streams,
     shutdown: Shutdown,
     daemon: anyio.abc.TaskGroup,
 ) -> None:
-    # Everything handed over is also in holdings, bounded by max_in_flight.
-    handover: Handover[Delivery] = Handover()
-    async with anyio.create_task_group() as workers:
+    (pulled, to_decide), (claimed, to_restart), (lettered, to_keep) = (
+        streams.pulled, streams.restarts, streams.letters
+    )
+    decider = Decider(
+        ledger=parts.ledger, settings=worker_settings, counters=counters, shutdown=shutdown,
+        outbox=outbox.clone(), restarts=claimed.clone(), dead_letters=lettered.clone(),
+        on_decision=parts.on_decision,
+    )
+    dead_letters = DeadLetters(
+        source=parts.source, ledger=parts.ledger, counters=counters, outbox=outbox.clone()
+    )
+    slots = min(settings.max_in_flight,
+                worker_settings.max_concurrent_restarts or settings.max_in_flight)
+    async with anyio.create_task_group() as work:
         daemon.start_soon(
-            _force_when_asked, shutdown, workers.cancel_scope, settings.settle_timeout,
+            _force_when_asked, shutdown, work.cancel_scope, settings.settle_timeout,
             name="force watcher",
         )
-        for number in range(settings.max_in_flight):
-            workers.start_soon(
-                _work, handover, worker, settler, shutdown, name=f"worker-{number}"
+        for number in range(slots):
+            worker = Worker(
+                restarter=parts.restarter, settings=worker_settings, counters=counters,
+                shutdown=shutdown, outbox=outbox.clone(), dead_letters=lettered.clone(),
+                on_decision=parts.on_decision,
             )
+            work.start_soon(worker.run, to_restart.clone(), name=f"worker-{number}")
+        work.start_soon(dead_letters.run, to_keep.clone(), name="dead letters")
         async with anyio.create_task_group() as intake:
-            intake.start_soon(_consume, parts.source, holdings, handover, name="consumer")
+            intake.start_soon(_consume, parts.source, holdings, pulled.clone(), name="consumer")
+            intake.start_soon(decider.run, to_decide.clone(), name="decider")
             if parts.publisher is not None:
                 intake.start_soon(parts.publisher, name="publisher")
+            # The originals stay with serve() for the final settlement: the stages end as
+            # the streams they take from end (the decider's restarts, then the workers').
+            claimed.close()
+            lettered.close()
             await shutdown.requested.wait()
             intake.cancel_scope.cancel()
-        # Pulling has stopped and the hand-over is closed: workers finish what they hold.
+        # Pulling has stopped: workers finish what they hold; claims not started yet are
+        # handed back (they see the shutdown), and the stages end as their streams do.
         log.info("stopped pulling; %d in flight, grace %.1fs", len(holdings), settings.grace)
-        workers.cancel_scope.deadline = anyio.current_time() + settings.grace
+        work.cancel_scope.deadline = anyio.current_time() + settings.grace
         shutdown.settle_within(settings.grace + settings.settle_timeout)
 
 
-async def _consume(source: Source, holdings: Holdings, handover: Handover[Delivery]) -> None:
-    try:
+async def _consume(
+    source: Source, holdings: Holdings, pulled: MemoryObjectSendStream[Sequence[Delivery]]
+) -> None:
+    with pulled:
         while True:
             room = await holdings.wait_for_room()
             asked = min(room, MAX_PULL)
             deliveries = await source.pull(asked)
             now = anyio.current_time()
-            for delivery in deliveries:
-                if delivery.ack_id in holdings:
-                    continue
+            fresh = [delivery for delivery in deliveries if delivery.ack_id not in holdings]
+            for delivery in fresh:
                 holdings.add(delivery, now, source.ack_deadline)
-                handover.put(delivery)
+            if fresh:
+                pulled.send_nowait(fresh)
             if len(deliveries) < asked:
                 await anyio.sleep(SHORT_PULL_PAUSE)
-    finally:
-        handover.close()
-
-
-async def _work(
-    handover: Handover[Delivery], worker: Worker, settler: Settler, shutdown: Shutdown
-) -> None:
-    async for delivery in handover:
-        if shutdown.requested.is_set():
-            # Not started yet: hand it back at once rather than during the grace.
-            settler.nack(delivery)
-            continue
-        await worker.handle(delivery)
 
 
 async def _force_when_asked(
@@ -297,31 +364,54 @@ async def _force_when_asked(
     workers.cancel()
 
 
-async def _settle_held(
-    holdings: Holdings, settler: Settler, ledger: Ledger, shutdown: Shutdown
+async def _final_settlement(
+    holdings: Holdings,
+    outbox: Outbox,
+    streams: _Streams,
+    settler: Settler,
+    settled: anyio.Event | None,
+    ledger: Ledger,
+    shutdown: Shutdown,
+    counters: Counters,
 ) -> None:
-    """Nack everything still held, flush pending settlements and let the ledger commit
-    what is queued: shielded, and bounded by ``shutdown.settle_by``."""
+    """Hand the settler what no stage finished, let it drain its stream, and let the
+    ledger resolve this daemon's open claims: shielded, and bounded by ``settle_by``."""
     with anyio.CancelScope(shield=True, deadline=shutdown.settle_by) as scope:
+        not_started = _drain(streams.restarts[1])
+        counters.restart_cancelled += len(not_started)
+        for claimed in not_started:
+            finish = Finish(claimed.claim, Outcome.CANCELLED,
+                            NOT_STARTED_DETAIL.format(why=SHUTTING_DOWN), Reason.NOT_STARTED)
+            outbox.settle(claimed.delivery, Settlement.NACK, finish)
+        for letter in _drain(streams.letters[1]):
+            outbox.settle(letter.delivery, Settlement.NACK, letter.finish)
         held = holdings.release_all()
         for delivery in held:
-            settler.nack(delivery)
+            outbox.settle(delivery, Settlement.NACK)
+        streams.close()
+        outbox.close()
+        if held or not_started:
+            log.info("handing back %d messages still held at shutdown",
+                     len(held) + len(not_started))
+        if settled is not None:
+            await settled.wait()
         try:
-            await settler.flush()
+            await ledger.stop()
         except Exception as exc:
-            log.error("could not settle %d messages at shutdown: %s; the source redelivers"
-                      " them when their leases expire", settler.pending, exc)
-        else:
-            if held:
-                log.info("nacked %d messages still held at shutdown", len(held))
-        await ledger.drain()
+            log.error("could not record this daemon's stop in the ledger: %s; its open"
+                      " claims are resolved by its peers once its heartbeat ages", exc)
     if scope.cancelled_caught:
-        if settler.pending:
-            log.error(
-                "final settlement cut short by its deadline: %d settlements not sent; the"
-                " source redelivers those messages when their leases expire",
-                settler.pending,
-            )
-        else:
-            log.error("final settlement cut short by its deadline: the ledger is still"
-                      " writing (a write hangs)")
+        log.error(
+            "final settlement cut short by its deadline: %d settlements not sent; the"
+            " source redelivers those messages when their leases expire", settler.pending,
+        )
+
+
+def _drain(stream: MemoryObjectReceiveStream[Any]) -> list[Any]:
+    """What is left in a stream whose takers are gone."""
+    items = []
+    while True:
+        try:
+            items.append(stream.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return items

@@ -1,23 +1,38 @@
-"""Settlement in batches: acks and nacks are queued by workers and sent by one task.
+"""Settlement, the last stages of a message: its outcome recorded, then its ack, nack or
+deferral sent, in batches.
+
+Every other stage hands a delivery on as a value (:class:`Settle`) through an
+:class:`Outbox`, which frees the delivery's in-flight slot at once and never blocks. The
+settler runs two tasks, one way: a recorder writes the outcomes of a batch in one ledger
+transaction it awaits itself, then hands the batch to a sender, which acks, nacks and
+defers. Nothing is acked before its outcome is kept (in the ledger, or in the outcome
+journal while the ledger is down); and a source that does not answer (an outage, its
+requests retried) holds up only the sending, never the recording: a claim does not stay
+open, its host waiting, because an ack cannot go out. The settler ends when every outbox
+is closed and all is sent, so the service's final settlement is the settler draining.
 
 Nothing queued is ever dropped: a failed request is retried by the source, and a source
-that gives up raises, which stops the service (whose shutdown flushes again).
+that gives up raises, which stops the service.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import NamedTuple
 
 import anyio
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from mandrill.errors import LedgerError
 from mandrill.holdings import Holdings
+from mandrill.ledger.base import Finish, Ledger
 from mandrill.message import Delivery
 from mandrill.obs.counters import Counters
-from mandrill.policy import DEFER_SECONDS
+from mandrill.policy import Settlement, defer_seconds
+from mandrill.shutdown import Shutdown
 from mandrill.sources.base import Source
 
 log = logging.getLogger(__name__)
@@ -28,156 +43,195 @@ MAX_BATCH = 1000
 MAX_DELAY = 0.01
 
 
+class Settle(NamedTuple):
+    """A delivery to settle (ack, nack or defer), and the outcome to record first."""
+
+    delivery: Delivery
+    settlement: Settlement
+    finish: Finish | None = None
+
+
+def settle_stream() -> tuple[MemoryObjectSendStream[Settle], MemoryObjectReceiveStream[Settle]]:
+    """The settler's stream: unbounded, so that handing on never blocks (what is in it is
+    bounded by the daemon's holdings: every delivery in it was held)."""
+    return anyio.create_memory_object_stream[Settle](math.inf)
+
+
+class Outbox:
+    """One task's way to the settler: :meth:`settle` frees the delivery's in-flight slot and
+    hands it on (never blocks, and works in a cancelled task). Close it (or leave its
+    ``with``) when the task is done: the settler ends once every outbox is closed."""
+
+    def __init__(self, stream: MemoryObjectSendStream[Settle], holdings: Holdings) -> None:
+        self._stream = stream
+        self._holdings = holdings
+
+    def settle(
+        self, delivery: Delivery, settlement: Settlement, finish: Finish | None = None
+    ) -> None:
+        self._holdings.release(delivery.ack_id)
+        self._stream.send_nowait(Settle(delivery, settlement, finish))
+
+    def clone(self) -> Outbox:
+        return Outbox(self._stream.clone(), self._holdings)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class Settler:
-    """Queues acks, nacks and deferrals from workers without blocking them (freeing each
-    delivery's in-flight slot at once), and sends them in batches from :meth:`run`."""
+    """Records outcomes and sends settlements in batches, from :meth:`run`."""
 
     def __init__(
         self,
         source: Source,
-        holdings: Holdings,
+        ledger: Ledger,
         counters: Counters,
+        stream: MemoryObjectReceiveStream[Settle],
         *,
+        shutdown: Shutdown | None = None,
+        stop_after: int | None = None,
+        wall_clock: Callable[[], float] | None = None,
         max_batch: int = MAX_BATCH,
         max_delay: float = MAX_DELAY,
     ) -> None:
         self._source = source
-        self._holdings = holdings
+        self._ledger = ledger
         self._counters = counters
+        self._stream = stream
+        self._shutdown = shutdown
+        #: Request a graceful stop once this many messages are done.
+        self._stop_after = stop_after
+        self._wall_clock = wall_clock
         self._max_batch = max_batch
         self._max_delay = max_delay
-        self._acks: list[str] = []
-        self._nacks: list[str] = []
-        #: Deferred ack ids by the seconds they stay away (their lease is set to it).
-        self._defers: dict[int, list[str]] = {}
-        #: Settlements waiting for their outcome's ledger write (see :meth:`after`).
-        self._after: deque[tuple[Awaitable[object], Delivery, Callable[[Delivery], None]]] = (
-            deque()
-        )
-        self._pending = anyio.Event()
-        self._full = anyio.Event()
-        self._flushing = anyio.Lock()
+        #: Settlements taken from the stream and not sent yet (for the summary).
+        self._taken = 0
 
     @property
     def pending(self) -> int:
-        return (
-            len(self._acks)
-            + len(self._nacks)
-            + sum(map(len, self._defers.values()))
-            + len(self._after)
-        )
-
-    def after(
-        self,
-        recorded: Awaitable[object],
-        delivery: Delivery,
-        settle: Callable[[Delivery], None],
-    ) -> None:
-        """Queue ``settle(delivery)`` (:meth:`ack`, :meth:`nack` …) to run once ``recorded``
-        (the ledger write of its outcome) is done, so that no ack goes out before its outcome
-        is committed, while the worker moves on at once. Like every settlement, it frees the
-        delivery's in-flight slot at once (a source that cannot be reached must not stop
-        the daemon from working on what it can). A write that failed is logged; the delivery
-        is settled anyway (its outcome is in the ledger's journal, or lost: the claim is
-        resolved as unknown once this daemon stops)."""
-        self._holdings.release(delivery.ack_id)
-        self._after.append((recorded, delivery, settle))
-        self._pending.set()
-
-    def ack(self, delivery: Delivery) -> None:
-        """Queue an ack (never blocks)."""
-        self._holdings.release(delivery.ack_id)
-        self._acks.append(delivery.ack_id)
-        self._counters.acked += 1
-        self._queued()
-
-    def nack(self, delivery: Delivery) -> None:
-        """Queue a nack: the source redelivers the message at once (never blocks)."""
-        self._holdings.release(delivery.ack_id)
-        self._nacks.append(delivery.ack_id)
-        self._counters.nacked += 1
-        self._queued()
-
-    def defer(self, delivery: Delivery, seconds: int = DEFER_SECONDS) -> None:
-        """Queue a delayed nack: redelivered after ``seconds`` (never blocks)."""
-        self._holdings.release(delivery.ack_id)
-        self._defers.setdefault(seconds, []).append(delivery.ack_id)
-        self._counters.deferred += 1
-        self._queued()
+        """Settlements handed to the settler and not sent yet."""
+        return self._taken + self._stream.statistics().current_buffer_used
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Send queued settlements until cancelled. What is queued then is left for the
-        service's final settlement (:meth:`flush` under its deadline).
+        """Record and send what the stream brings until every outbox is closed and all is
+        sent.
 
-        Raises :class:`~mandrill.errors.SourceError` if the source gives up.
+        Raises :class:`~mandrill.errors.SourceError` if the source gives up. Cancelled (the
+        final settlement's deadline), what is not sent is redelivered by the source when
+        its lease expires.
         """
-        task_status.started()
-        while True:
-            await self._pending.wait()
-            with anyio.move_on_after(self._max_delay):
-                await self._full.wait()
-            await self.flush()
+        recorded, to_send = anyio.create_memory_object_stream[list[Settle]](math.inf)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._send, to_send, name="settler: sender")
+            task_status.started()
+            with recorded:
+                await self._record(recorded)
 
-    async def flush(self) -> None:
-        """Send everything queued now, after any flush already under way (so that the
-        final settlement also waits for the run loop's requests in flight). Bounded only by
-        the source's own retries: callers at shutdown bound it with a deadline."""
-        async with self._flushing:
-            await self._send_queued()
-
-    async def _send_queued(self) -> None:
-        self._pending = anyio.Event()
-        self._full = anyio.Event()
-        await self._settle_recorded(len(self._after))
-        while self._acks or self._nacks or self._defers:
-            sends: list[tuple[list[str], Callable[[list[str]], Awaitable[None]]]] = [
-                (self._acks, self._source.acknowledge),
-                (self._nacks, self._nack_now),
-            ]
-            sends += [(queue, self._nack_after(seconds)) for seconds, queue in self._defers.items()]
-            for queue, send in sends:
-                ids = queue[: self._max_batch]
-                del queue[: self._max_batch]
-                if not ids:
-                    continue
+    async def _record(self, recorded: MemoryObjectSendStream[list[Settle]]) -> None:
+        """Take batches from the stream, record their outcomes, hand them to the sender."""
+        async with self._stream:
+            while True:
                 try:
-                    await send(ids)
-                except BaseException:
-                    # Put back what was not sent (cancelled or failed): never drop an ack id.
-                    queue[:0] = ids
-                    raise
-            for seconds in [seconds for seconds, queue in self._defers.items() if not queue]:
-                del self._defers[seconds]
+                    first = await self._stream.receive()
+                except anyio.EndOfStream:
+                    return
+                # Batch-mates come while this waits, without a wake each.
+                await anyio.sleep(self._max_delay)
+                batch = [first]
+                while len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._stream.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                self._taken += len(batch)
+                await self._keep_outcomes(batch)
+                recorded.send_nowait(batch)
 
-    async def _settle_recorded(self, count: int) -> None:
-        """Settle the first ``count`` waiting for their writes (those queued as a flush
-        begins: a flush does not chase those that come in while it waits)."""
-        # In queue order, which is the ledger's commit order: after the first wait for a
-        # batch, the others of that batch are done (an op awaited when done does not yield).
-        # Interrupted (cancelled at the final settlement's deadline), the delivery is left
-        # unsettled: the source redelivers it when its lease expires.
-        for _ in range(count):
-            recorded, delivery, settle = self._after.popleft()
-            try:
-                await recorded
-            except LedgerError as exc:
-                log.error("could not record the outcome of message %s: %s",
-                          delivery.message_id, exc, extra={"message_id": delivery.message_id})
-            settle(delivery)
+    async def _keep_outcomes(self, batch: list[Settle]) -> None:
+        """Record the batch's outcomes; one that nothing durable keeps (ledger down, and
+        no journal) turns its ack into a deferral: nothing acked without its record."""
+        finishes = [item.finish for item in batch if item.finish is not None]
+        if not finishes:
+            return
+        kept = await self._ledger.finish(finishes)
+        unkept = {id(finish) for finish, ok in zip(finishes, kept, strict=True) if not ok}
+        if unkept:
+            for index, item in enumerate(batch):
+                if item.settlement is Settlement.ACK and id(item.finish) in unkept:
+                    batch[index] = item._replace(settlement=Settlement.DEFER)
 
-    async def _nack_now(self, ack_ids: list[str]) -> None:
+    async def _send(self, to_send: MemoryObjectReceiveStream[list[Settle]]) -> None:
+        """Send recorded batches (those that came while a send was under way, together)."""
+        async with to_send:
+            async for first in to_send:
+                batch = list(first)
+                while True:
+                    try:
+                        batch += to_send.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._settle(batch)
+
+    async def _settle(self, batch: list[Settle]) -> None:
+        acks: list[str] = []
+        nacks: list[str] = []
+        defers: dict[int, list[str]] = {}
+        counters = self._counters
+        for item in batch:
+            settlement, delivery = item.settlement, item.delivery
+            if settlement is Settlement.ACK:
+                acks.append(delivery.ack_id)
+                self._done(delivery)
+            elif settlement is Settlement.NACK:
+                nacks.append(delivery.ack_id)
+                counters.nacked += 1
+            else:
+                defers.setdefault(defer_seconds(delivery.delivery_attempt), []).append(
+                    delivery.ack_id
+                )
+                counters.deferred += 1
+        sends: list[tuple[list[str], Callable[[Sequence[str]], Awaitable[None]]]] = [
+            (acks, self._source.acknowledge),
+            (nacks, self._nack_now),
+        ]
+        sends += [(ids, self._nack_after(seconds)) for seconds, ids in defers.items()]
+        for ids, send in sends:
+            for start in range(0, len(ids), self._max_batch):
+                chunk = ids[start:start + self._max_batch]
+                await send(chunk)
+                self._taken -= len(chunk)
+
+    def _done(self, delivery: Delivery) -> None:
+        counters = self._counters
+        counters.acked += 1
+        counters.completed += 1
+        if self._wall_clock is not None:
+            counters.latency.observe(self._wall_clock() - delivery.publish_time.timestamp())
+        if (
+            self._stop_after is not None
+            and self._shutdown is not None
+            and counters.completed >= self._stop_after
+        ):
+            self._shutdown.request(f"processed {counters.completed} messages")
+
+    async def _nack_now(self, ack_ids: Sequence[str]) -> None:
         await self._source.modify_ack_deadline(ack_ids, 0)
 
-    def _nack_after(self, seconds: int) -> Callable[[list[str]], Awaitable[None]]:
-        async def nack_later(ack_ids: list[str]) -> None:
+    def _nack_after(self, seconds: int) -> Callable[[Sequence[str]], Awaitable[None]]:
+        async def nack_later(ack_ids: Sequence[str]) -> None:
             await self._source.modify_ack_deadline(ack_ids, seconds)
 
         return nack_later
 
-    def _queued(self) -> None:
-        self._pending.set()
-        if self.pending >= self._max_batch:
-            self._full.set()
 
-
-__all__ = ["MAX_BATCH", "MAX_DELAY", "Settler"]
+__all__ = ["MAX_BATCH", "MAX_DELAY", "Outbox", "Settle", "Settler", "settle_stream"]

@@ -43,7 +43,6 @@ async def publish(names: PubSubNames, backend: str, messages) -> None:
         await t.publish(messages)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18, finding 6: a dead-letter publish failure stops the daemon")
 async def test_a_dead_letter_topic_gone_fails_the_message_not_the_daemon(
     pubsub_emulator: PubSubEmulator, pubsub_names: PubSubNames, backend_name: str
 ) -> None:

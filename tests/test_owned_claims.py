@@ -50,7 +50,6 @@ def daemon(
     )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18, finding 4: a restart interrupted after it began is 'cancelled'")
 async def test_a_restart_interrupted_by_shutdown_counts_as_unknown(ledger: SQLLedger) -> None:
     # SIGTERM while a restart outlasts --grace: the restart began, so it may have happened.
     # Counted as one (as for a daemon SIGKILLed at the same point), the host is not
@@ -81,7 +80,6 @@ async def test_a_restart_interrupted_by_shutdown_counts_as_unknown(ledger: SQLLe
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason="issue 18, finding 3: each daemon compares heartbeats with its own clock")
 async def test_a_daemon_whose_clock_runs_ahead_keeps_its_peers_claims(postgres_url: str) -> None:
     # Two daemons on one PostgreSQL ledger; b's clock runs 28 s ahead (of a 30 s instance
     # timeout, scaled down here to 3 s). The fleet's liveness is judged on the database's
@@ -130,7 +128,6 @@ CLAIMS = "INSERT INTO restarts"  # the transaction that claims restarts
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason="issue 18, finding 1: claims committed after a forced stop are stranded")
 async def test_a_forced_stop_while_claims_commit_strands_no_host(postgres_url: str) -> None:
     # A second signal while the claims' transaction is in flight: the claims commit after
     # their workers are cancelled. Before, they stayed 'restarting', the messages were
@@ -168,7 +165,6 @@ async def test_a_forced_stop_while_claims_commit_strands_no_host(postgres_url: s
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason="issue 18, finding 2: a claim whose COMMIT answer was lost blocks its host")
 async def test_a_lost_commit_answer_does_not_block_the_host(postgres_url: str) -> None:
     # The claim's COMMIT reaches PostgreSQL; the connection drops before its answer. The
     # daemon takes the decision for not written and hands the message back, but the claim
@@ -193,7 +189,6 @@ async def test_a_lost_commit_answer_does_not_block_the_host(postgres_url: str) -
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason="issue 18, finding 5: a ledger batch has no deadline")
 async def test_a_ledger_that_stops_answering_is_an_outage(postgres_url: str) -> None:
     # A frozen server: bytes held, TCP up. Before, nothing noticed: no log line, the
     # ledger reported healthy, the outage limit never fired. Now a transaction that does

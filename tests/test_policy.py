@@ -3,16 +3,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mandrill.policy import (
-    UNKNOWN_REASON,
+    UNKNOWN_DETAIL,
+    Decision,
     Outcome,
     Prior,
-    Result,
+    RateLimit,
+    Reason,
+    Rules,
     Settlement,
     Verdict,
     decide_restart,
     defer_seconds,
     format_duration,
     leases_due,
+    settlement_after,
     settlement_for,
 )
 
@@ -22,7 +26,7 @@ NOW = 1_000_000_000.0
 
 
 def decide(prior: Prior, now: float = NOW, *, retry_unknown: bool = False):
-    return decide_restart(prior, now, WEEK, retry_unknown=retry_unknown)
+    return decide_restart(prior, now, Rules(WEEK, retry_unknown=retry_unknown))
 
 
 def test_a_fresh_host_is_restarted():
@@ -33,7 +37,7 @@ def test_the_seven_day_rule():
     six_days_ago = Prior(host_last_restart=NOW - 6 * DAY)
     decision = decide(six_days_ago)
     assert decision.verdict is Verdict.SKIP
-    assert decision.reason == "host restarted 6d ago"
+    assert (decision.reason, decision.detail) == (Reason.INTERVAL, "host restarted 6d ago")
     assert decide(Prior(host_last_restart=NOW - WEEK)).verdict is Verdict.RESTART
 
 
@@ -57,8 +61,8 @@ def test_a_live_claim_is_busy_however_old():
 
 def test_a_host_being_restarted_makes_other_messages_wait():
     decision = decide(Prior(host_busy_with="m1"))
-    assert (decision.verdict, decision.reason) == (
-        Verdict.BUSY, "host is being restarted (message m1); waiting for it"
+    assert (decision.verdict, decision.reason, decision.detail) == (
+        Verdict.BUSY, Reason.HOST_UNDER_WAY, "host is being restarted (message m1); waiting for it"
     )
     # Even when the host's last restart would make it a skip: the outcome decides.
     assert decide(Prior(host_last_restart=NOW - 1, host_busy_with="m1")).verdict is Verdict.BUSY
@@ -67,7 +71,9 @@ def test_a_host_being_restarted_makes_other_messages_wait():
 def test_an_unknown_outcome_counts_as_done_unless_retried():
     prior = Prior(message_decisions=[(Outcome.UNKNOWN, NOW - 10)])
     decision = decide(prior)
-    assert (decision.verdict, decision.reason) == (Verdict.DUPLICATE, UNKNOWN_REASON)
+    assert (decision.verdict, decision.reason, decision.detail) == (
+        Verdict.DUPLICATE, Reason.UNKNOWN_COUNTED, UNKNOWN_DETAIL
+    )
     retried = decide(prior, retry_unknown=True)
     assert (retried.verdict, retried.failures) == (Verdict.RESTART, 1)
 
@@ -79,24 +85,48 @@ def test_failures_are_counted_and_do_not_block_a_retry():
     assert decision.failures == 2
 
 
-def test_settlement():
-    assert settlement_for(Result.RESTARTED, 0, 5) is Settlement.ACK
-    assert settlement_for(Result.SKIPPED, 0, 5) is Settlement.ACK
-    assert settlement_for(Result.DUPLICATE, 0, 5) is Settlement.ACK
-    assert settlement_for(Result.DRY_RUN, 0, 5) is Settlement.ACK
-    assert settlement_for(Result.BUSY, 0, 5) is Settlement.DEFER
-    assert settlement_for(Result.LEDGER_UNAVAILABLE, 0, 5) is Settlement.DEFER
-    assert settlement_for(Result.RESTART_FAILED, 4, 5) is Settlement.NACK
-    assert settlement_for(Result.RESTART_FAILED, 5, 5) is Settlement.DEAD_LETTER
+def test_the_fleet_rate_limit():
+    rules = Rules(WEEK, RateLimit(3, 3600))
+    full = decide_restart(Prior(fleet_restarts=3), NOW, rules)
+    assert (full.verdict, full.reason) == (Verdict.SKIP, Reason.RATE_LIMIT)
+    assert full.detail == "fleet rate limit: 3 restarts in the last 1h (limit 3)"
+    assert decide_restart(Prior(fleet_restarts=2), NOW, rules).verdict is Verdict.RESTART
 
 
-@given(st.sampled_from(list(Result)), st.integers(0, 100), st.integers(1, 100))
-def test_only_restart_failures_and_bad_input_avoid_ack(result, failures, max_attempts):
-    settlement = settlement_for(result, failures, max_attempts)
-    if settlement is not Settlement.ACK:
-        assert result in (
-            Result.RESTART_FAILED, Result.BUSY, Result.LEDGER_UNAVAILABLE
-        )
+@given(st.sampled_from(list(Outcome)), st.integers(0, 100), st.integers(1, 100))
+def test_every_skip_and_wait_carries_a_reason_code(outcome, age, failures):
+    prior = Prior(message_decisions=[(outcome, NOW - age)], host_last_restart=NOW - age)
+    decision = decide(prior)
+    assert (decision.reason is None) == (decision.verdict is Verdict.RESTART)
+
+
+def test_settlement_of_a_decision_without_a_restart():
+    assert settlement_for(Decision(Verdict.SKIP, Reason.INTERVAL)) is Settlement.ACK
+    assert settlement_for(Decision(Verdict.DUPLICATE, Reason.ALREADY_DECIDED)) is Settlement.ACK
+    assert settlement_for(Decision(Verdict.BUSY, Reason.HOST_UNDER_WAY)) is Settlement.DEFER
+
+
+def test_settlement_after_a_restart():
+    assert settlement_after(Outcome.RESTARTED, 0, 5) is Settlement.ACK
+    assert settlement_after(Outcome.DRY_RUN, 0, 5) is Settlement.ACK
+    assert settlement_after(Outcome.FAILED, 3, 5) is Settlement.NACK
+    assert settlement_after(Outcome.FAILED, 4, 5) is Settlement.DEAD_LETTER
+    # Interrupted after it began: counted (acked) unless unknown outcomes are retried.
+    assert settlement_after(Outcome.UNKNOWN, 0, 5) is Settlement.ACK
+    assert settlement_after(Outcome.UNKNOWN, 0, 5, retry_unknown=True) is Settlement.NACK
+    # Never began: redelivered.
+    assert settlement_after(Outcome.CANCELLED, 0, 5) is Settlement.NACK
+
+
+@given(st.sampled_from(list(Outcome)), st.integers(0, 100), st.integers(1, 100), st.booleans())
+def test_only_a_failure_may_dead_letter_and_a_cancelled_restart_never_acks(
+    outcome, failures, max_attempts, retry_unknown
+):
+    settlement = settlement_after(outcome, failures, max_attempts, retry_unknown=retry_unknown)
+    if settlement is Settlement.DEAD_LETTER:
+        assert outcome is Outcome.FAILED
+    if outcome is Outcome.CANCELLED:
+        assert settlement is Settlement.NACK
 
 
 def test_leases_due():

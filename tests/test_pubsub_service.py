@@ -81,10 +81,11 @@ async def test_nacked_at_shutdown_the_message_goes_to_the_next_consumer_at_once(
     ):
         # max_in_flight=1: no pull is outstanding while the message is held. The
         # emulator (unlike Pub/Sub) may hand a nacked message to a pull its client has
-        # abandoned, which delays its redelivery by an ack deadline.
+        # abandoned, which delays its redelivery by an ack deadline. With --retry-unknown,
+        # a restart cut short by the shutdown is handed back (else it counts as done).
         tg.start_soon(lambda: serve(
             ServiceSettings(handle_signals=False, grace=0.1, max_in_flight=1),
-            WorkerSettings(),
+            WorkerSettings(retry_unknown=True),
             Parts(source, ledger, restarter), shutdown=shutdown,
         ))
         with anyio.fail_after(30):

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mandrill.message import Message
+from mandrill.policy import Reason, Refusal
 from mandrill.safety import (
     WEEKDAYS,
     HoursWindow,
@@ -54,9 +55,11 @@ def test_patterns_match_hostname_or_instance_name_case_insensitively():
 def test_only_restricts_and_exclude_wins():
     assert host_skip_reason(message("web-1"), only=("web-*",)) is None
     reason = host_skip_reason(message("db-1"), only=("web-*", "cache-*"))
-    assert reason == "host matches none of the allowed patterns (web-*, cache-*)"
+    assert reason == Refusal(
+        Reason.NOT_ALLOWED, "host matches none of the allowed patterns (web-*, cache-*)"
+    )
     reason = host_skip_reason(message("web-1"), exclude=("web-1",), only=("web-*",))
-    assert reason == "host excluded by pattern 'web-1'"
+    assert reason == Refusal(Reason.EXCLUDED, "host excluded by pattern 'web-1'")
 
 
 label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
@@ -67,7 +70,8 @@ def test_excluded_always_wins(instance, exclude, only):
     msg = message(instance)
     reason = host_skip_reason(msg, exclude=[*exclude, instance], only=[*only, instance])
     assert reason is not None
-    assert reason.startswith("host excluded")
+    assert reason.reason is Reason.EXCLUDED
+    assert reason.detail.startswith("host excluded")
 
 
 @given(label)
@@ -187,10 +191,14 @@ def test_window_in_its_own_time_zone():
     assert window.skip_reason(MONDAY_NOON_UTC) is None
     # 16:30 UTC is 17:30 in Paris.
     reason = window.skip_reason(MONDAY_NOON_UTC + timedelta(hours=4, minutes=30))
-    assert reason == "outside allowed hours (09:00-17:00 Europe/Paris): it is 17:30"
+    assert reason == Refusal(
+        Reason.OUTSIDE_HOURS, "outside allowed hours (09:00-17:00 Europe/Paris): it is 17:30"
+    )
     # Saturday.
     reason = window.skip_reason(MONDAY_NOON_UTC + timedelta(days=5))
-    assert reason == "outside allowed days (mon,tue,wed,thu,fri Europe/Paris): it is sat"
+    assert reason == Refusal(
+        Reason.OUTSIDE_DAYS, "outside allowed days (mon,tue,wed,thu,fri Europe/Paris): it is sat"
+    )
 
 
 def test_window_wrapping_midnight_uses_the_day_of_the_moment():
@@ -232,11 +240,12 @@ def test_safety_controls():
         window=TimeWindow(parse_weekdays("mon-fri"), (), UTC),
     )
     assert controls.skip_reason(message("web-1"), MONDAY_NOON_UTC) is None
-    assert (
-        controls.skip_reason(message("db-1"), MONDAY_NOON_UTC) == "host excluded by pattern 'db-*'"
-    )
+    excluded = controls.skip_reason(message("db-1"), MONDAY_NOON_UTC)
+    assert excluded == Refusal(Reason.EXCLUDED, "host excluded by pattern 'db-*'")
     saturday = MONDAY_NOON_UTC + timedelta(days=5)
-    assert controls.skip_reason(message("web-1"), saturday).startswith("outside allowed days")
+    outside = controls.skip_reason(message("web-1"), saturday)
+    assert outside is not None
+    assert outside.reason is Reason.OUTSIDE_DAYS
 
 
 def test_default_controls_never_skip():

@@ -20,7 +20,6 @@ from mandrill.shutdown import Shutdown
 from mandrill.sources.memory import MemoryBroker
 from mandrill.worker import WorkerSettings
 from tests.support.fakes import (
-    FailingSaves,
     LosesFirstAcks,
     ScriptedRestarter,
     SlowSettlement,
@@ -83,9 +82,16 @@ async def test_failed_restart_is_redelivered_then_succeeds(ledger):
 
 
 async def test_a_failed_save_is_logged_and_still_acked(ledger):
+    # The database refuses the message's row (as a full disk would): the talk's rule is
+    # that a failed save is logged, not retried, and the restart goes on.
+    def refuse_saves(cur):
+        cur.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages"
+                    " BEGIN SELECT RAISE(ABORT, 'disk full (simulated)'); END")
+
+    await ledger._tx.run(refuse_saves)
     broker = MemoryBroker()
     await broker.publish(payloads("web-1"))
-    counters = await run(broker, FailingSaves(ledger), ScriptedRestarter(), stop_after=1)
+    counters = await run(broker, ledger, ScriptedRestarter(), stop_after=1)
     assert (counters.save_failed, counters.restarted, counters.acked) == (1, 1, 1)
     assert broker.backlog == 0
 
@@ -118,16 +124,17 @@ async def test_a_host_is_not_restarted_twice_within_the_interval(ledger):
     assert rows[0].detail.startswith("host restarted")
 
 
-async def test_a_host_is_restarted_again_once_the_interval_has_passed(ledger):
+async def test_a_host_is_restarted_again_once_the_interval_has_passed():
     broker = MemoryBroker()
     restarter = ScriptedRestarter()
     clock = {"now": time.time() - 8 * DAY}
-    settings = WorkerSettings(wall_clock=lambda: clock["now"])
+    ledger = await open_ledger(":memory:", clock=lambda: clock["now"])
     await broker.publish(payloads("db-1"))
-    await run(broker, ledger, restarter, stop_after=1, worker=settings)
+    await run(broker, ledger, restarter, stop_after=1)
     clock["now"] += 8 * DAY  # eight days later
     await broker.publish(payloads("db-1"))
-    counters = await run(broker, ledger, restarter, stop_after=1, worker=settings)
+    counters = await run(broker, ledger, restarter, stop_after=1)
+    await ledger.aclose()
     assert counters.restarted == 1
     assert restarter.calls["db-1"] == 2
 
@@ -180,11 +187,14 @@ async def test_backpressure_bounds_what_is_pulled(ledger):
         await anyio.wait_all_tasks_blocked()
         assert broker.stats.delivered == 3
         shutdown.request("test")
-    assert broker.stats.nacked == 3
-    assert broker.backlog == 10
+    # The three restarts began: cut short by the end of the grace, they count as done.
+    assert broker.stats.acked == 3
+    assert broker.backlog == 7
 
 
-async def test_cancellation_during_a_restart_nacks_the_message(ledger):
+async def test_a_restart_cut_short_by_the_grace_counts_as_unknown(ledger):
+    # It began, so it may have happened: recorded 'unknown' and counted, as for a daemon
+    # killed at that point; its message is settled, not restarted again.
     broker = MemoryBroker(ack_deadline=600)
     await broker.publish(payloads("hung"))
     restarter = ScriptedRestarter(block=["hung"])
@@ -194,11 +204,45 @@ async def test_cancellation_during_a_restart_nacks_the_message(ledger):
                                   shutdown=shutdown, grace=0.05))
         await restarter.started.wait()
         shutdown.request("test")
+    assert (broker.stats.acked, broker.stats.nacked, broker.backlog) == (1, 0, 0)
+    assert (await ledger.counts())["restarts_unknown"] == 1
+
+
+async def test_with_retry_unknown_a_restart_cut_short_is_redelivered(ledger):
+    broker = MemoryBroker(ack_deadline=600)
+    await broker.publish(payloads("hung"))
+    restarter = ScriptedRestarter(block=["hung"])
+    shutdown = Shutdown()
+    retrying = WorkerSettings(retry_unknown=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run(broker, ledger, restarter, stop_after=None,
+                                  shutdown=shutdown, grace=0.05, worker=retrying))
+        await restarter.started.wait()
+        shutdown.request("test")
     # Nacked, not left to its 600 s lease: ready for immediate redelivery.
-    assert broker.stats.nacked == 1
-    assert broker.backlog == 1
+    assert (broker.stats.nacked, broker.backlog) == (1, 1)
     assert (await broker.pull(1))[0].delivery_attempt == 2
-    assert (await ledger.counts())["restarts_cancelled"] == 1
+    assert (await ledger.counts())["restarts_unknown"] == 1
+
+
+async def test_claims_not_started_at_shutdown_are_cancelled_and_redelivered(ledger):
+    # One worker (--max-concurrent-restarts 1), three claims: two wait for it when the
+    # shutdown begins. They never began: recorded 'cancelled' (not counted), nacked.
+    broker = MemoryBroker(ack_deadline=600)
+    await broker.publish(payloads("first", "second", "third"))
+    restarter = ScriptedRestarter(block=["first"])
+    shutdown = Shutdown()
+    one_at_a_time = WorkerSettings(max_concurrent_restarts=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run(broker, ledger, restarter, stop_after=None,
+                                  shutdown=shutdown, grace=0.05, worker=one_at_a_time))
+        await restarter.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        shutdown.request("test")
+    assert restarter.calls == {"first": 1}
+    assert (broker.stats.acked, broker.stats.nacked, broker.backlog) == (1, 2, 2)
+    outcomes = {row.message_id[-1]: row.outcome for row in await ledger.history()}
+    assert sorted(outcomes.values()) == ["cancelled", "cancelled", "unknown"]
 
 
 async def test_shielded_settlement_completes_while_the_caller_is_cancelled(ledger):
@@ -214,9 +258,10 @@ async def test_shielded_settlement_completes_while_the_caller_is_cancelled(ledge
             await restarter.started.wait()
             await anyio.wait_all_tasks_blocked()
             scope.cancel()
-    assert broker.stats.nacked == 5
-    assert broker.backlog == 5
-    assert (await ledger.counts())["restarts_cancelled"] == 5
+    # Interrupted after they began: counted, and acked.
+    assert broker.stats.acked == 5
+    assert broker.backlog == 0
+    assert (await ledger.counts())["restarts_unknown"] == 5
 
 
 async def test_a_second_request_forces_the_grace_short(ledger):
@@ -230,9 +275,9 @@ async def test_a_second_request_forces_the_grace_short(ledger):
         await restarter.started.wait()
         shutdown.request("first")
         await anyio.wait_all_tasks_blocked()
-        assert broker.stats.nacked == 0  # still within its hour of grace
+        assert broker.stats.acked == 0  # still within its hour of grace
         shutdown.force("second")
-    assert broker.stats.nacked == 1
+    assert broker.stats.acked == 1  # interrupted: unknown, counted
 
 
 class BrokenSource(MemoryBroker):
@@ -249,7 +294,8 @@ async def test_a_source_failure_stops_the_service_and_settles_what_is_held(ledge
     with pytest.raises(ExceptionGroup) as info:
         await run(broker, ledger, restarter, stop_after=None)
     assert info.group_contains(SourceError, match="subscription deleted")
-    assert broker.stats.nacked == 1
+    assert broker.stats.acked == 1  # its restart, interrupted, counts as done
+    assert (await ledger.counts())["restarts_unknown"] == 1
 
 
 class CountsConcurrency(ScriptedRestarter):

@@ -6,15 +6,14 @@ start-up. serve() returns within ``grace + settle_timeout`` (plus slack) on both
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import pytest
 from anyio.abc import TaskStatus
 
 from mandrill.errors import LedgerError
-from mandrill.ledger.ops import Op
 from mandrill.ledger.sqlite import DIALECT, SQLiteDatabase
 from mandrill.ledger.sqlledger import SQLLedger
 from mandrill.obs.counters import Counters
@@ -24,6 +23,7 @@ from mandrill.sources.memory import MemoryBroker
 from mandrill.worker import WorkerSettings
 from tests.support.fakes import ScriptedRestarter, payloads
 
+T = TypeVar("T")
 GRACE = 0.3
 SETTLE = 0.6
 #: Scheduling slack for a loaded 2-core machine; the promise to users is one second.
@@ -56,15 +56,15 @@ class HangingDatabase(SQLiteDatabase):
         self.release = threading.Event()
         self.stuck = threading.Event()
 
-    def try_run_batch(self, ops: list[Op[Any]]) -> bool:
-        return False if self.hang.is_set() else super().try_run_batch(ops)
+    def try_transaction_now(self, work: Callable[[Any], T]) -> tuple[bool, T | None]:
+        return (False, None) if self.hang.is_set() else super().try_transaction_now(work)
 
-    def run_batch(self, ops: list[Op[Any]]) -> None:
+    def transaction(self, work: Callable[[Any], T]) -> T:
         if self.hang.is_set():
             self.stuck.set()
             self.release.wait(60)
             raise LedgerError("released by the test")
-        super().run_batch(ops)
+        return super().transaction(work)
 
 
 @pytest.fixture

@@ -1,158 +1,166 @@
-"""The worker, directly: one delivery from the real broker through the real SQLite ledger,
-and what it queues for settlement (the settler's requests, as the broker receives them)."""
+"""A restart worker, directly: a claimed restart in, its outcome handed on as a value (to the
+settler's stream, or with the message to the dead letters). Claims come from the real
+SQLite ledger; the restarter is scripted."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
 import pytest
 
 from mandrill.holdings import Holdings
-from mandrill.ledger.sqlite import DIALECT, SQLiteDatabase
-from mandrill.ledger.sqlledger import SQLLedger
-from mandrill.message import Delivery
+from mandrill.ledger import SQLLedger, open_ledger
+from mandrill.ledger.base import DeadLetterRecord
 from mandrill.obs.counters import Counters
-from mandrill.policy import defer_seconds
-from mandrill.settler import Settler
+from mandrill.policy import Outcome, Reason, Settlement
+from mandrill.settler import Outbox, Settle, settle_stream
 from mandrill.shutdown import Shutdown
-from mandrill.sources.memory import MemoryBroker
-from mandrill.worker import Worker, WorkerSettings
-from tests.ledger import writing
-from tests.support.fakes import ScriptedRestarter, payloads
-
-
-class RecordingBroker(MemoryBroker):
-    """The real broker, recording each lease change it is asked for."""
-
-    def __init__(self) -> None:
-        super().__init__(ack_deadline=600)
-        self.deadlines: list[tuple[list[str], float]] = []
-
-    async def modify_ack_deadline(self, ack_ids: Sequence[str], seconds: float) -> None:
-        self.deadlines.append((list(ack_ids), seconds))
-        await super().modify_ack_deadline(ack_ids, seconds)
+from mandrill.worker import Claimed, Worker, WorkerSettings
+from tests.ledger import decide_one, delivery, message
+from tests.support.fakes import ScriptedRestarter
 
 
 @dataclass
 class Bench:
-    broker: RecordingBroker
     ledger: SQLLedger
-    settler: Settler
-    counters: Counters
     holdings: Holdings
+    counters: Counters
+    shutdown: Shutdown
+    settled: anyio.abc.ObjectReceiveStream[Settle]
+    lettered: anyio.abc.ObjectReceiveStream[DeadLetterRecord]
+    outbox: Outbox
+    letters: anyio.abc.ObjectSendStream[DeadLetterRecord]
+    workers: list[Worker]
 
     def worker(self, restarter: ScriptedRestarter, **settings: object) -> Worker:
-        return self.worker_with(restarter, Shutdown(), **settings)
-
-    def worker_with(
-        self, restarter: ScriptedRestarter, shutdown: Shutdown, **settings: object
-    ) -> Worker:
-        return Worker(
-            source=self.broker, ledger=self.ledger, restarter=restarter, settler=self.settler,
-            counters=self.counters, settings=WorkerSettings(**settings),  # type: ignore[arg-type]
-            shutdown=shutdown,
+        worker = Worker(
+            restarter=restarter, settings=WorkerSettings(**settings),  # type: ignore[arg-type]
+            counters=self.counters, shutdown=self.shutdown, outbox=self.outbox.clone(),
+            dead_letters=self.letters.clone(),
         )
+        self.workers.append(worker)
+        return worker
 
-    async def deliveries(self, *hosts: str) -> list[Delivery]:
-        await self.broker.publish(payloads(*hosts))
-        pulled = await self.broker.pull(len(hosts))
-        for delivery in pulled:
-            self.holdings.add(delivery, anyio.current_time(), 600)
-        return pulled
+    async def claimed(self, host: str, message_id: str | None = None) -> Claimed:
+        message_id = message_id or f"m-{host}"
+        decided = await decide_one(self.ledger, message(message_id, host))
+        assert decided.claim is not None
+        each = delivery(message_id, host)
+        self.holdings.add(each, 0.0, 600.0)
+        return Claimed(each, message(message_id, host), decided.claim)
 
 
 @pytest.fixture
 async def bench() -> AsyncIterator[Bench]:
-    broker = RecordingBroker()
-    ledger = SQLLedger(SQLiteDatabase(":memory:"), DIALECT)
+    ledger = await open_ledger(":memory:")
+    send, receive = settle_stream()
+    letters, lettered = anyio.create_memory_object_stream[DeadLetterRecord](math.inf)
     holdings = Holdings(16)
-    counters = Counters()
-    async with writing(ledger):
-        yield Bench(broker, ledger, Settler(broker, holdings, counters), counters, holdings)
+    bench = Bench(ledger, holdings, Counters(), Shutdown(), receive, lettered,
+                  Outbox(send, holdings), letters, [])
+    with receive, lettered, bench.outbox, letters:
+        yield bench
+        for worker in bench.workers:
+            worker.close()
+    await ledger.aclose()
 
 
-async def test_a_restart_is_recorded_and_acked(bench):
-    (delivery,) = await bench.deliveries("web-1")
-    await bench.worker(ScriptedRestarter()).handle(delivery)
-    await bench.settler.flush()
-    assert bench.broker.stats.acked == 1
-    assert len(bench.holdings) == 0  # the in-flight slot is free at once
-    assert (await bench.ledger.counts())["restarts_restarted"] == 1
+async def test_a_restart_goes_on_to_be_acked_with_its_outcome(bench: Bench) -> None:
+    claimed = await bench.claimed("web-1")
+    await bench.worker(ScriptedRestarter()).restart(claimed)
+    settled = bench.settled.receive_nowait()
+    assert settled.delivery is claimed.delivery
+    assert settled.settlement is Settlement.ACK
+    assert settled.finish is not None
+    assert (settled.finish.outcome, settled.finish.detail) == (Outcome.RESTARTED, "scripted")
+    assert claimed.claim.began
+    assert len(bench.holdings) == 0  # its in-flight slot is free at once
+    assert bench.counters.restarted == 1
 
 
-async def test_an_invalid_payload_is_dead_lettered_with_its_reason(bench):
-    await bench.broker.publish([(b"{not json", {})])
-    (delivery,) = await bench.broker.pull(1)
-    await bench.worker(ScriptedRestarter()).handle(delivery)
-    await bench.settler.flush()
-    (dead,) = bench.broker.dead_letters
-    assert dead.reason.startswith("invalid: payload is not JSON")
-    assert bench.broker.stats.acked == 1
-    assert (await bench.ledger.saved_messages(status="dead_letter"))[0].data == b"{not json"
+async def test_a_failed_restart_is_nacked_then_dead_lettered_at_max_attempts(
+    bench: Bench,
+) -> None:
+    worker = bench.worker(ScriptedRestarter(always_fail=["flaky"]), max_attempts=2)
+    first = await bench.claimed("flaky")
+    await worker.restart(first)
+    settled = bench.settled.receive_nowait()
+    assert settled.settlement is Settlement.NACK
+    assert settled.finish is not None
+    assert settled.finish.outcome is Outcome.FAILED
+    await bench.ledger.finish([settled.finish])
+
+    second = await bench.claimed("flaky")  # the redelivery: one failure already
+    assert second.claim.failures == 1
+    await worker.restart(second)
+    letter = bench.lettered.receive_nowait()
+    assert (letter.reason, letter.detail) == (Reason.MAX_ATTEMPTS, "restart failed 2 times")
+    assert letter.finish is not None
+    assert letter.finish.outcome is Outcome.FAILED
+    assert len(bench.holdings) == 1  # held until the dead letter is kept
 
 
-async def test_a_failed_restart_is_nacked_then_dead_lettered_after_max_attempts(bench):
-    restarter = ScriptedRestarter(always_fail=["flaky"])
-    worker = bench.worker(restarter, max_attempts=2)
-    (first,) = await bench.deliveries("flaky")
-    await worker.handle(first)
-    await bench.settler.flush()
-    assert bench.broker.deadlines == [([first.ack_id], 0)]  # nacked: redelivered at once
-    (second,) = await bench.broker.pull(1)
-    bench.holdings.add(second, anyio.current_time(), 600)
-    await worker.handle(second)
-    await bench.settler.flush()
-    assert [dead.reason for dead in bench.broker.dead_letters] == ["restart failed 2 times"]
+async def test_a_claim_taken_once_shutdown_began_is_not_started(bench: Bench) -> None:
+    restarter = ScriptedRestarter()
+    claimed = await bench.claimed("web-1")
+    bench.shutdown.request("SIGTERM")
+    await bench.worker(restarter).restart(claimed)
+    assert sum(restarter.calls.values()) == 0
+    assert not claimed.claim.began
+    settled = bench.settled.receive_nowait()
+    assert settled.settlement is Settlement.NACK  # never began: redelivered
+    assert settled.finish is not None
+    assert (settled.finish.outcome, settled.finish.reason) == (
+        Outcome.CANCELLED, Reason.NOT_STARTED,
+    )
 
 
-async def test_a_message_for_a_host_under_restart_is_deferred(bench):
+@pytest.mark.parametrize(("retry_unknown", "settlement"), [
+    (False, Settlement.ACK), (True, Settlement.NACK),
+])
+async def test_a_restart_cancelled_after_it_began_hands_on_an_unknown_outcome(
+    bench: Bench, retry_unknown: bool, settlement: Settlement
+) -> None:
     restarter = ScriptedRestarter(block=["db-1"])
-    worker = bench.worker(restarter)
-    first, second = await bench.deliveries("db-1", "db-1")
+    claimed = await bench.claimed("db-1")
+    worker = bench.worker(restarter, retry_unknown=retry_unknown)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.handle, first)
-        await restarter.started.wait()
-        await worker.handle(second)  # the host's restart is still under way
-        tg.cancel_scope.cancel()
-    await bench.settler.flush()
-    assert ([second.ack_id], defer_seconds(second.delivery_attempt)) in bench.broker.deadlines
-    assert bench.counters.deferred == 1
-
-
-async def test_a_cancelled_restart_records_no_later_than_the_settle_deadline(bench):
-    restarter = ScriptedRestarter(block=["db-1", "db-2"])
-    shutdown = Shutdown()
-    worker = bench.worker_with(restarter, shutdown)
-    (delivery,) = await bench.deliveries("db-1")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.handle, delivery)
+        tg.start_soon(worker.restart, claimed)
         await restarter.started.wait()
         tg.cancel_scope.cancel()
-    assert (await bench.ledger.counts())["restarts_cancelled"] == 1
-
-    # With the settle deadline already past, the cancelled worker does not wait for the
-    # ledger (tests/test_shutdown_bounds.py hangs it); its record is queued all the same,
-    # and the ledger writer, which outlives the workers, commits it.
-    shutdown.settle_by = anyio.current_time()
-    (late,) = await bench.deliveries("db-2")
-    restarter.started = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.handle, late)
-        await restarter.started.wait()
-        tg.cancel_scope.cancel()
-    await bench.ledger.drain()
-    assert (await bench.ledger.counts())["restarts_cancelled"] == 2
+    settled = bench.settled.receive_nowait()
+    assert settled.settlement is settlement
+    assert settled.finish is not None
+    assert (settled.finish.outcome, settled.finish.reason) == (Outcome.UNKNOWN, Reason.INTERRUPTED)
+    assert "interrupted after it began" in settled.finish.detail
+    assert bench.counters.restart_unknown == 1
 
 
-async def test_the_worker_does_not_wait_for_the_outcome_the_ack_does(bench):
-    # The outcome's write is queued and handed to the settler: the worker moves on to its
-    # next delivery, and the ack goes out only once the outcome is committed.
-    (delivery,) = await bench.deliveries("web-1")
-    await bench.worker(ScriptedRestarter()).handle(delivery)
-    assert bench.settler.pending == 1  # waiting for its outcome's write, with the settler
-    assert len(bench.holdings) == 0  # its in-flight slot is free already
-    await bench.settler.flush()
-    assert (await bench.ledger.counts())["restarts_restarted"] == 1
-    assert bench.broker.stats.acked == 1
+async def test_a_dry_run_restarts_nothing_and_records_it(bench: Bench) -> None:
+    restarter = ScriptedRestarter()
+    claimed = await bench.claimed("web-1")
+    await bench.worker(restarter, dry_run=True).restart(claimed)
+    assert sum(restarter.calls.values()) == 0
+    settled = bench.settled.receive_nowait()
+    assert settled.finish is not None
+    assert (settled.settlement, settled.finish.outcome) == (Settlement.ACK, Outcome.DRY_RUN)
+
+
+async def test_a_worker_ends_with_its_stream_and_closes_what_it_holds(bench: Bench) -> None:
+    claims, to_restart = anyio.create_memory_object_stream[Claimed](math.inf)
+    claims.send_nowait(await bench.claimed("web-1"))
+    claims.close()
+    worker = bench.worker(ScriptedRestarter())
+    with anyio.fail_after(5):
+        await worker.run(to_restart)
+    assert bench.settled.receive_nowait().settlement is Settlement.ACK
+    bench.outbox.close()
+    bench.letters.close()
+    # Every sender closed: both streams end.
+    with pytest.raises(anyio.EndOfStream):
+        bench.settled.receive_nowait()
+    with pytest.raises(anyio.EndOfStream):
+        bench.lettered.receive_nowait()

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from mandrill.ledger.base import Claim, HistoryRow, Ledger, SavedMessage
 from mandrill.ledger.journal import OutcomeJournal, default_journal_path
 from mandrill.ledger.schema import SCHEMA_VERSION
-from mandrill.ledger.sqlledger import INSTANCE_TIMEOUT, SQLLedger
+from mandrill.ledger.sqlledger import INSTANCE_TIMEOUT, SQLLedger, new_instance
+from mandrill.version import version
 
 #: ``open_ledger(journal=AUTO)``: the journal's default place for that ledger.
 AUTO = "auto"
@@ -23,13 +24,17 @@ async def open_ledger(
     subscription: str = "",
     instance_timeout: float = INSTANCE_TIMEOUT,
     clock: Callable[[], float] = time.time,
+    server_clock: bool = True,
+    backend: str = "",
 ) -> SQLLedger:
     """Open the ledger a URL names: ``postgresql://…`` or a SQLite path (``:memory:`` too).
     A ledger of an older mandrill is upgraded (in one transaction); a newer one's refused.
 
     ``subscription`` names where the messages come from (message ids are unique within
     one); ``instance_timeout`` bounds how long this daemon's heartbeat may be missing
-    before its restart claims are resolved by others; ``clock`` is wall time (for tests).
+    before its restart claims are resolved by others; ``backend`` is recorded with this
+    daemon's heartbeat. Times are PostgreSQL's clock, or ``clock`` (this machine's wall
+    clock) for SQLite, and for PostgreSQL too with ``server_clock=False`` (tests).
 
     ``journal`` is the file keeping restart outcomes while the ledger is unreachable
     (:mod:`mandrill.ledger.journal`): a path, ``AUTO`` (beside a SQLite file; under
@@ -45,6 +50,7 @@ async def open_ledger(
         ledger = await open_postgres_ledger(
             url, outage_limit=outage_limit, journal=_postgres_journal(url, journal),
             subscription=subscription, instance_timeout=instance_timeout, clock=clock,
+            server_clock=server_clock, instance=new_instance(backend, version()),
         )
     else:
         from mandrill.ledger.sqlite import open_sqlite_ledger
@@ -52,6 +58,7 @@ async def open_ledger(
         ledger = await open_sqlite_ledger(
             path, outage_limit=outage_limit, journal=_sqlite_journal(path, journal),
             subscription=subscription, instance_timeout=instance_timeout, clock=clock,
+            instance=new_instance(backend, version()),
         )
     try:
         await ledger.check()

@@ -2,22 +2,75 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from anyio.abc import TaskStatus
 
 from mandrill.message import Delivery, Message
-from mandrill.policy import Decision, Outcome, RateLimit
+from mandrill.policy import Decision, Outcome, Reason, Refusal, Rules
+
+# The values that travel along the message path are NamedTuples: as immutable as a frozen
+# dataclass, and built without a setattr call per field (measured: a few thousand
+# instructions a message, over the four of them).
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Claim:
-    """A decision on one message; ``restart_id`` names the ledger row to finish."""
+    """A restart this daemon claimed in the ledger: the value that travels from the decision
+    to the restart and on to its outcome. Until that outcome is recorded, the ledger counts
+    it as held by this daemon (see :mod:`mandrill.ledger.owned`).
 
-    decision: Decision
-    restart_id: int | None
+    ``began`` is set as the restart starts: a claim that never began ends ``cancelled`` (not
+    counted), one that began and could not see its end ``unknown`` (counted).
+    """
+
+    restart_id: int
+    message_id: str
+    hostname: str
+    #: Earlier failed restarts of this message (for the poison-message limit).
+    failures: int
+    began: bool = False
+
+
+class Finish(NamedTuple):
+    """How a claimed restart ended, to record."""
+
+    claim: Claim
+    outcome: Outcome
+    detail: str
+    reason: Reason | None = None
+
+
+class Request(NamedTuple):
+    """One message to decide on; with a ``refusal`` (a safety control's no), recorded as a
+    skip without a claim."""
+
+    message: Message
+    refusal: Refusal | None = None
+
+
+class Decided(NamedTuple):
+    """The ledger's decision on one message: with a ``claim`` when it restarts its host.
+    ``saved`` is false when its record (history, replay) could not be written: logged,
+    not retried. ``error`` says why a message could not be decided at all (its claim failed
+    alone; the others of its transaction were decided)."""
+
+    decision: Decision | None
+    claim: Claim | None = None
+    saved: bool = True
+    error: str = ""
+
+
+class DeadLetterRecord(NamedTuple):
+    """A delivery that will never be processed, kept with its reason; ``finish`` is the
+    outcome of its last restart, for a message dead-lettered after too many failures."""
+
+    delivery: Delivery
+    reason: Reason
+    detail: str
+    finish: Finish | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,65 +99,53 @@ class SavedMessage:
 class Ledger(Protocol):
     """The source of truth for what was restarted, shared by every daemon on a subscription.
 
-    Writes are batched by :meth:`run`, which must be running (in the service's task group)
-    for the other coroutines to complete. Every method raises
-    :class:`~mandrill.errors.LedgerError` when the ledger cannot be reached.
+    Every write is a transaction that its caller awaits. :meth:`run` must be running (in the
+    service's task group) for the daemon's claims to stay alive in the fleet's eyes. Every
+    method raises :class:`~mandrill.errors.LedgerError` when the ledger cannot be reached.
     """
 
+    def problem(self) -> str | None:
+        """Why the ledger cannot be written now (for readiness probes); ``None`` if it can."""
+        ...
+
     def healthy(self) -> bool:
-        """False while the ledger cannot be written (for readiness probes)."""
+        """False while the ledger cannot be written."""
         ...
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        """Commit queued writes in batches until cancelled, then flush what is queued."""
+        """Keep this daemon alive in the ledger (heartbeats), resolve the claims of daemons
+        that stopped and the claims of this one that no task holds, and record the
+        outcomes kept while the ledger was down, until cancelled. Raises when the ledger
+        has been failing for longer than its outage limit."""
         ...
 
-    async def drain(self) -> None:
-        """Wait until every write queued now is committed or has failed (callers bound
-        it: the service's final settlement does, within its deadline)."""
+    async def decide(self, requests: Sequence[Request], rules: Rules) -> list[Decided]:
+        """Save each message and decide whether it restarts its host, in one transaction:
+        atomically across daemons, under ``rules``. A claimed restart is owned by this
+        daemon until its outcome is recorded (:meth:`finish`); one whose owner is gone is
+        resolved as ``unknown``, counted as a restart unless ``rules.retry_unknown``.
+
+        Cancelled, the decisions may or may not be committed: a claim that no task holds
+        is resolved as cancelled (never began) by the next sweep."""
         ...
 
-    def save(self, message: Message, now: float) -> Awaitable[None]:
-        """Queue a message's record (history and replay); await the result to learn if it
-        was committed. Queued at call time, so it commits in the same batch as a claim made
-        right after it. A redelivery counts its deliveries."""
+    async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        """Record how claimed restarts ended (also over an ``unknown`` that another daemon
+        guessed while this one could not prove it was alive), in one transaction; when the
+        ledger cannot take them, in the outcome journal. Returns, per finish, whether it is
+        kept durably (ledger or journal); one that is not is kept in memory and written
+        with a later heartbeat."""
         ...
 
-    def claim(
-        self,
-        message: Message,
-        now: float,
-        min_interval: float,
-        rate_limit: RateLimit | None = None,
-        *,
-        retry_unknown: bool = False,
-    ) -> Awaitable[Claim]:
-        """Queue a claim at call time (the claims of many messages made before the first
-        is awaited commit in one batch); await it for the decision. Decides atomically
-        (across daemons) whether this message restarts its host, under the interval rule and
-        the fleet's ``rate_limit``; a claimed restart is owned by this daemon instance. First
-        resolves the host's claims whose owner stopped heartbeating as ``unknown`` (counted
-        as restarts unless ``retry_unknown``)."""
+    async def dead_letter(self, records: Sequence[DeadLetterRecord]) -> None:
+        """Keep deliveries that will never be processed, with their reasons (and the last
+        outcome of each one's restart), in one transaction."""
         ...
 
-    async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
-        """Record a decision taken before the claim (a safety control's skip)."""
-        ...
-
-    def finish(
-        self, restart_id: int, now: float, outcome: Outcome, detail: str
-    ) -> Awaitable[None]:
-        """Record how a claimed restart ended (also over an ``unknown`` resolution that
-        another daemon made while this one could not prove it was alive).
-
-        Queued at call time, like :meth:`save`: it commits with the next batch whether or
-        not the result is awaited. Await the result to learn whether it was recorded (in
-        the ledger, or in the outcome journal when the ledger could not take it); once its
-        batch has committed, awaiting it returns at once."""
-        ...
-
-    async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:
-        """Keep a delivery that will never be processed, with the reason."""
+    async def stop(self) -> None:
+        """This daemon stops: resolve its claims that are still open (``unknown`` where the
+        restart began, ``cancelled`` where it never did) and mark it stopped, so that no
+        peer has to wait for its heartbeat to age."""
         ...
 
     async def history(
@@ -142,4 +183,7 @@ class Ledger(Protocol):
     async def aclose(self) -> None: ...
 
 
-__all__ = ["Claim", "HistoryRow", "Ledger", "SavedMessage"]
+__all__ = [
+    "Claim", "DeadLetterRecord", "Decided", "Finish", "HistoryRow", "Ledger", "Request",
+    "SavedMessage",
+]

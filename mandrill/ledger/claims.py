@@ -1,24 +1,32 @@
-"""Restart decisions in the ledger, shared by SQLite and PostgreSQL: the claims of a batch
-decided together (:func:`claim_many`), and the claims of daemons that stopped resolved as
-``unknown``. Like :mod:`mandrill.ledger.sql`, every function runs inside a worker thread (or
-an inline batch), inside a transaction the caller owns.
+"""Restart decisions in the ledger, shared by SQLite and PostgreSQL: the claims of one
+transaction decided together (:func:`claim_many`), the claims of daemons that stopped
+resolved as ``unknown`` (:func:`resolve_orphans`), and a daemon's own claims that no task of
+it holds any more (:func:`reconcile_own`). Like :mod:`mandrill.ledger.sql`, every function
+runs inside a transaction the caller owns (in a worker thread, or inline on the loop's).
+
+Every time here is the ledger's (see :attr:`Dialect.server_clock
+<mandrill.ledger.schema.Dialect.server_clock>`): decisions, heartbeats and the comparisons
+between daemons all read one clock.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from mandrill.ledger.base import Claim
 from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.ledger.sql import insert_many
 from mandrill.message import Message
 from mandrill.policy import (
+    INTERRUPTED_DETAIL,
+    NOT_STARTED_DETAIL,
     Decision,
     Outcome,
     Prior,
-    RateLimit,
+    Reason,
+    Rules,
     Verdict,
     decide_restart,
     format_duration,
@@ -37,17 +45,6 @@ class Owner:
     instance_id: str
     subscription: str
     alive_since: float
-
-
-class ClaimRequest(NamedTuple):
-    """One message's claim, as :func:`claim_many` takes it."""
-
-    owner: Owner
-    message: Message
-    now: float
-    min_interval: float
-    rate_limit: RateLimit | None
-    retry_unknown: bool
 
 
 class _Row:
@@ -78,33 +75,40 @@ def _order(row: _Row) -> int:
     return row.order
 
 
-def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Claim]:
-    """Decide, for each message of one batch's claims (with one owner), whether it restarts
-    its host, inside the caller's transaction, with :func:`mandrill.policy.decide_restart`
-    over what the ledger knows (the message's decisions, the host's last counted restart and
-    claims under way, the fleet's count), and record a ``restarting`` claim owned by the
-    owner when it does.
+def lock_hosts(cur: Cursor, d: Dialect, messages: Collection[Message], rules: Rules) -> None:
+    """Take the locks :func:`claim_many` decides under, until the transaction ends: the
+    fleet's first (with a rate limit), then every host's, in name order. First in the
+    transaction, so that every daemon takes its locks in one order (see
+    :mod:`mandrill.ledger.postgres`)."""
+    hosts = sorted({message.hostname for message in messages})
+    d.lock_hosts(cur, [FLEET_LOCK, *hosts] if rules.rate_limit is not None else hosts)
 
-    Holds the hosts' locks (and the fleet's, with a ``rate_limit``) until the transaction
-    ends, so that daemons decide on one host one at a time. Resolves a host's orphaned claims
-    (their owner stopped heartbeating) as ``unknown`` first; they count as restarts unless
-    ``retry_unknown``.
 
-    In a few statements however many claims there are: the locks (the fleet's first if any
-    claim has a rate limit, then every host's, in name order), one read of what the ledger
-    knows of all of their messages and hosts (and one of the fleet's recent restarts, with a
-    rate limit), then the decisions, message by message in the order given, each seeing the
+def claim_many(
+    cur: Cursor, d: Dialect, owner: Owner, now: float, rules: Rules, messages: list[Message]
+) -> list[tuple[Decision, int | None]]:
+    """Decide, for each of ``messages``, whether it restarts its host, inside the caller's
+    transaction, with :func:`mandrill.policy.decide_restart` over what the ledger knows (the
+    message's decisions, the host's last counted restart and claims under way, the fleet's
+    count), and record a ``restarting`` claim owned by ``owner`` when it does. Returns
+    ``(decision, restart id)`` per message, in order (the id of the claim, else ``None``).
+
+    The caller holds the hosts' locks (:func:`lock_hosts`), so that daemons decide on one
+    host one at a time. Resolves a host's orphaned claims (their owner stopped heartbeating)
+    as ``unknown`` first; they count as restarts unless ``rules.retry_unknown``.
+
+    In a few statements however many messages there are: one read of what the ledger knows
+    of all of their messages and hosts (and one of the fleet's recent restarts, with a rate
+    limit), then the decisions, message by message in the order given, each seeing the
     effects of those before it as if they had been written (a claim under way, a skip, an
     orphan resolved), and last the writes: one ``executemany`` each for the orphans resolved
-    and the rows inserted. Returns one claim per request, in order.
+    (in id order: row locks in one global order) and the rows inserted.
     """
-    owner = requests[0].owner
     subscription, instance_id = owner.subscription, owner.instance_id
-    host_set = {request.message.hostname for request in requests}
+    rate_limit, retry_unknown = rules.rate_limit, rules.retry_unknown
+    host_set = {message.hostname for message in messages}
     hosts = sorted(host_set)
-    rate_limited = [request for request in requests if request.rate_limit is not None]
-    d.lock_hosts(cur, [FLEET_LOCK, *hosts] if rate_limited else hosts)
-    message_ids = {request.message.message_id: None for request in requests}
+    message_ids = {message.message_id: None for message in messages}
     listed_hosts = d.list_param(hosts)
     # One round trip: the messages' decisions and the hosts' claims under way (with their
     # owners' heartbeats), then rows (id NULL) with each host's last restart and unknown.
@@ -152,24 +156,21 @@ def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Cl
         if row.hostname in host_set:
             by_host.setdefault(row.hostname, []).append(row)
     fleet: list[float] = []
-    if rate_limited:
-        since = min(request.now - request.rate_limit.window  # type: ignore[union-attr]
-                    for request in rate_limited)
+    if rate_limit is not None:
         cur.execute(
             d.sql("SELECT decided_at FROM restarts WHERE decided_at > ? AND outcome IN (?, ?, ?)"),
-            (since, Outcome.RESTARTED, Outcome.RESTARTING, Outcome.UNKNOWN),
+            (now - rate_limit.window, Outcome.RESTARTED, Outcome.RESTARTING, Outcome.UNKNOWN),
         )
         fleet = sorted(decided_at for (decided_at,) in cur.fetchall())
-    #: When the claims under way that this batch adds were decided (for the fleet's count).
-    added: list[float] = []
+    #: Claims under way that this transaction adds (for the fleet's count).
+    added = 0
     next_order = (loaded[-1].order if loaded else 0) + 1
     resolutions: list[tuple[Any, ...]] = []
     inserts: list[tuple[Any, ...]] = []
-    inserted_by: list[int | None] = []  # per insert, the request whose claim it is
+    inserted_by: list[int | None] = []  # per insert, the message whose claim it is
     restarting, unknown = _RESTARTING, _UNKNOWN
     decisions_made: list[Decision] = []
-    for request in requests:
-        message, now, retry_unknown = request.message, request.now, request.retry_unknown
+    for message in messages:
         message_id, hostname = message.message_id, message.hostname
         own = by_message.get(message_id)
         on_host = by_host.get(hostname)
@@ -188,7 +189,7 @@ def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Cl
         for row in rows:
             outcome = row.outcome
             if outcome is restarting and _orphaned(
-                request.owner, row.owner, row.decided_at, row.last_seen, row.stopped_at
+                owner, row.owner, row.decided_at, row.last_seen, row.stopped_at
             ):
                 resolutions.append(_resolution(row.id, row.owner, row.last_seen, now))
                 row.outcome = outcome = unknown
@@ -200,7 +201,6 @@ def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Cl
                 decisions.append((outcome, row.decided_at))
             elif outcome is restarting:
                 busy_with = row.message_id
-        rate_limit = request.rate_limit
         if not decisions and busy_with is None and last is None and rate_limit is None:
             # What decide_restart decides for a message and a host with no history: spares
             # building its Prior for the common case (a first message for its host).
@@ -210,12 +210,10 @@ def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Cl
                 decisions.sort(key=_decided_at)
             fleet_count = 0
             if rate_limit is not None:
-                since = now - rate_limit.window
-                fleet_count = len(fleet) - bisect.bisect_right(fleet, since)
-                fleet_count += sum(1 for decided_at in added if decided_at > since)
+                fleet_count = len(fleet) - bisect.bisect_right(fleet, now - rate_limit.window)
+                fleet_count += added
             prior = Prior(decisions, last, fleet_count, busy_with)
-            decision = decide_restart(prior, now, request.min_interval, rate_limit,
-                                      retry_unknown=retry_unknown)
+            decision = decide_restart(prior, now, rules)
         decisions_made.append(decision)
         verdict = decision.verdict
         if verdict is _RESTART:
@@ -225,16 +223,16 @@ def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Cl
                 by_host[hostname] = [new]
             else:
                 on_host.append(new)
-            added.append(now)
+            added += 1
             inserted_by.append(len(decisions_made) - 1)
             inserts.append((subscription, message_id, hostname, now, None, restarting, "",
-                            instance_id))
+                            instance_id, ""))
         elif verdict is _SKIP:
             new = _Row(next_order, None, subscription, message_id, hostname, _SKIPPED, now,
                        None, None, None)
             inserted_by.append(None)
             inserts.append((subscription, message_id, hostname, now, now, _SKIPPED,
-                            decision.reason, None))
+                            decision.detail, None, decision.reason))
         else:
             continue
         next_order += 1
@@ -243,24 +241,27 @@ def claim_many(cur: Cursor, d: Dialect, requests: list[ClaimRequest]) -> list[Cl
         else:
             own.append(new)
     if resolutions:
-        cur.executemany(d.sql(_RESOLVE_ORPHAN), resolutions)
-    row_ids: list[int | None] = [None] * len(requests)
+        cur.executemany(d.sql(_RESOLVE_ORPHAN), sorted(resolutions, key=_resolved_id))
+    row_ids: list[int | None] = [None] * len(messages)
     for index, row_id in zip(inserted_by, insert_many(cur, d, inserts), strict=True):
         if index is not None:
             row_ids[index] = row_id
-    return [Claim(decision, row_id)
-            for decision, row_id in zip(decisions_made, row_ids, strict=True)]
+    return list(zip(decisions_made, row_ids, strict=True))
 
 
 # Enum members as module constants: a class attribute lookup of an enum member is slow
 # (about 0.15 us in Python 3.11), and a batch's claims look them up often.
 _RESTARTING, _UNKNOWN, _SKIPPED = Outcome.RESTARTING, Outcome.UNKNOWN, Outcome.SKIPPED
 _RESTART, _SKIP = Verdict.RESTART, Verdict.SKIP
-_FIRST_RESTART = Decision(Verdict.RESTART, "", 0)
+_FIRST_RESTART = Decision(Verdict.RESTART)
 
 
 def _decided_at(decision: tuple[Outcome, float]) -> float:
     return decision[1]
+
+
+def _resolved_id(resolution: Sequence[Any]) -> Any:
+    return resolution[4]
 
 
 def _latest(a: float | None, b: float | None) -> float | None:
@@ -296,7 +297,7 @@ def resolve_orphans(cur: Cursor, d: Dialect, owner: Owner, now: float) -> int:
         d.sql(
             "SELECT r.id, r.hostname, r.decided_at, r.owner, i.last_seen, i.stopped_at"
             " FROM restarts r LEFT JOIN instances i ON i.instance_id = r.owner"
-            " WHERE r.outcome = ?"
+            " WHERE r.outcome = ? ORDER BY r.id"
         ),
         (Outcome.RESTARTING,),
     )
@@ -305,22 +306,16 @@ def resolve_orphans(cur: Cursor, d: Dialect, owner: Owner, now: float) -> int:
         if _orphaned(owner, claimant, decided_at, last_seen, stopped_at) and d.try_lock_host(
             cur, hostname
         ):
-            resolve_orphan(cur, d, int(row_id), claimant, last_seen, now)
+            cur.execute(d.sql(_RESOLVE_ORPHAN),
+                        _resolution(int(row_id), claimant, last_seen, now))
             resolved += 1
     return resolved
 
 
 _RESOLVE_ORPHAN = (
-    "UPDATE restarts SET outcome = ?, finished_at = ?, detail = ? WHERE id = ? AND outcome = ?"
+    "UPDATE restarts SET outcome = ?, finished_at = ?, detail = ?, reason = ?"
+    " WHERE id = ? AND outcome = ?"
 )
-
-
-def resolve_orphan(
-    cur: Cursor, d: Dialect, row_id: int, claimant: str | None, last_seen: float | None,
-    now: float,
-) -> None:
-    """Record that nobody knows how the restart of an orphaned claim ended."""
-    cur.execute(d.sql(_RESOLVE_ORPHAN), _resolution(row_id, claimant, last_seen, now))
 
 
 def _resolution(
@@ -333,7 +328,52 @@ def _resolution(
     else:
         whose = f"daemon {claimant} (last seen {format_duration(max(0.0, now - last_seen))} ago)"
     detail = f"{whose} stopped mid-restart; the restart may or may not have happened"
-    return (Outcome.UNKNOWN, now, detail, row_id, Outcome.RESTARTING)
+    return (Outcome.UNKNOWN, now, detail, Reason.DAEMON_LOST, row_id, Outcome.RESTARTING)
 
 
-__all__ = ["FLEET_LOCK", "ClaimRequest", "Owner", "claim_many", "resolve_orphans"]
+def reconcile_own(
+    cur: Cursor,
+    d: Dialect,
+    instance_id: str,
+    now: float,
+    *,
+    held: Collection[str] = (),
+    began: Collection[str] = (),
+    why: str,
+) -> tuple[int, int]:
+    """Resolve this daemon's own ``restarting`` claims that no task of it holds: those of
+    messages in ``held`` are left alone, those in ``began`` become ``unknown`` (the restart
+    began: it may have happened), every other one ``cancelled`` (never began: not counted).
+
+    A daemon's sweep passes what it holds (``held``), to find claims nothing owns: a
+    decision whose COMMIT answer was lost, or that was cancelled mid-commit. A daemon that
+    stops passes what began (``began``), so that its peers need not guess. ``why`` goes into
+    the detail. Returns ``(cancelled, unknown)``.
+    """
+    cur.execute(
+        d.sql(
+            "SELECT id, message_id FROM restarts WHERE owner = ?"
+            f" AND outcome = '{Outcome.RESTARTING.value}' ORDER BY id"
+        ),
+        (instance_id,),
+    )
+    cancelled: list[tuple[Any, ...]] = []
+    unknown: list[tuple[Any, ...]] = []
+    for row_id, message_id in cur.fetchall():
+        if message_id in held:
+            continue
+        if message_id in began:
+            unknown.append((Outcome.UNKNOWN, now, INTERRUPTED_DETAIL.format(why=why),
+                            Reason.INTERRUPTED, row_id, Outcome.RESTARTING))
+        else:
+            cancelled.append((Outcome.CANCELLED, now, NOT_STARTED_DETAIL.format(why=why),
+                              Reason.NOT_STARTED, row_id, Outcome.RESTARTING))
+    rows = sorted(cancelled + unknown, key=_resolved_id)
+    if rows:
+        cur.executemany(d.sql(_RESOLVE_ORPHAN), rows)
+    return len(cancelled), len(unknown)
+
+
+__all__ = [
+    "FLEET_LOCK", "Owner", "claim_many", "lock_hosts", "reconcile_own", "resolve_orphans",
+]

@@ -42,6 +42,8 @@ class KeptOutcome:
     finished_at: float
     outcome: Outcome
     detail: str
+    #: The outcome's reason code (:class:`mandrill.policy.Reason`), or ``""``.
+    reason: str = ""
 
 
 class OutcomeJournal:
@@ -60,21 +62,31 @@ class OutcomeJournal:
         self._limiter = anyio.CapacityLimiter(1)
 
     async def check(self) -> None:
-        """Fail at start, not in the middle of an outage, if the journal cannot be written.
-        Creates its directory if missing; the journal and its lock file only when needed."""
+        """Fail at start, not in the middle of an outage, if the journal cannot be written:
+        opens it (and its lock file) for append, as :meth:`keep` will, creating its
+        directory if missing. Files created only for the check are removed again."""
         await self._in_thread(self._check_writable)
 
     def _check_writable(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for place in (self.path, self._lock_path, self.path.parent):
-            if place.exists() and not os.access(place, os.W_OK):
-                raise PermissionError(13, f"{place} is not writable")
+        for place in (self.path, self._lock_path):
+            existed = place.exists()
+            with open(place, "a"):
+                pass
+            if not existed:
+                place.unlink(missing_ok=True)
 
     async def keep(
-        self, restart_id: int, finished_at: float, outcome: Outcome, detail: str
+        self, restart_id: int, finished_at: float, outcome: Outcome, detail: str,
+        reason: str = "",
     ) -> None:
-        entry = KeptOutcome(self.ledger_id, restart_id, finished_at, outcome, detail)
-        await self._in_thread(self._append, entry)
+        await self.keep_many([(restart_id, finished_at, outcome, detail, reason)])
+
+    async def keep_many(self, outcomes: list[tuple[int, float, Outcome, str, str]]) -> None:
+        """Append ``(restart_id, finished_at, outcome, detail, reason)`` entries, on disk
+        (fsynced) when it returns."""
+        entries = [KeptOutcome(self.ledger_id, *outcome) for outcome in outcomes]
+        await self._in_thread(self._append, entries)
 
     async def entries(self) -> list[KeptOutcome]:
         """What this ledger still has to take, oldest first."""
@@ -102,10 +114,11 @@ class OutcomeJournal:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _append(self, entry: KeptOutcome) -> None:
-        line = json.dumps(asdict(entry), separators=(",", ":")) + "\n"
+    def _append(self, entries: list[KeptOutcome]) -> None:
+        lines = "".join(json.dumps(asdict(entry), separators=(",", ":")) + "\n"
+                        for entry in entries)
         with self._locked():
-            _write_synced(self.path, "a", line)
+            _write_synced(self.path, "a", lines)
 
     def _read_locked(self) -> list[str]:
         if not self.path.exists():  # the common case: nothing was ever kept
@@ -148,6 +161,7 @@ def _parse(line: str) -> KeptOutcome | None:
             finished_at=float(fields["finished_at"]),
             outcome=Outcome(fields["outcome"]),
             detail=str(fields["detail"]),
+            reason=str(fields.get("reason", "")),
         )
     except (ValueError, TypeError, KeyError):
         # A line cut short by a crash mid-write; kept in the file for a human to see.

@@ -1,32 +1,29 @@
 """PostgreSQL: the ledger a fleet of daemons on one subscription shares (``postgresql://``).
 
 psycopg's *synchronous* connection is used from anyio worker threads, one call at a time
-(the :class:`~mandrill.ledger.batch.Batcher`'s limiter): that works the same on asyncio and
-trio, where psycopg's async API is asyncio-only.
+(see :class:`~mandrill.ledger.transactions.Transactions`): that works the same on asyncio
+and trio, where psycopg's async API is asyncio-only.
 
-Correctness across daemons rests on two things:
+Correctness across daemons rests on three things:
 
-* **Per-host serialisation.** :func:`lock_host` takes a transaction-scoped advisory lock
-  named after the host before a claim reads the host's restarts; the lock is released only
-  by the commit that makes the claim's ``restarting`` row visible, so a second daemon
-  deciding on the same host waits and then sees it (READ COMMITTED takes a new snapshot per
+* **Per-host serialisation.** :func:`lock_hosts` takes transaction-scoped advisory locks
+  named after the hosts before a decision reads their restarts; a lock is released only by
+  the commit that makes the claim's ``restarting`` row visible, so a second daemon deciding
+  on the same host waits and then sees it (READ COMMITTED takes a new snapshot per
   statement, so the statements after the lock see what committed while it waited).
-* **No deadlocks between batches.** A batch is one transaction that may take several locks:
-  host locks (claims) and ``messages`` row locks (the upserts of saves and dead letters,
-  which two daemons do when Pub/Sub redelivers a message to the other one). Two daemons
-  whose batches took the same locks in opposite orders (A then B, B then A) would deadlock;
-  PostgreSQL would notice only after ``deadlock_timeout`` and abort one op. So
-  :meth:`PostgresDatabase.run_batch` runs a batch's ops sorted by :attr:`Op.key
-  <mandrill.ledger.ops.Op.key>`, the lock each op takes (``host:…``, ``message:…``):
-  every transaction then acquires its locks in one global order, and a wait-for cycle
-  cannot form. A batch's writes of one kind are gathered into one op
-  (:meth:`~mandrill.ledger.batch.Batcher.gather`) whose key is the smallest of its items'
-  and which takes its items' locks in key order: its claims lock the fleet (if any has a
-  rate limit) and then their hosts, its message rows are upserted in message id order, so
-  the order stays global. Reordering is safe because the ops of one batch were all pending
-  at once: none was submitted after another one's result was known, so any order is one
-  that could have happened. (Committing per claim would also avoid the cycle, but would cost a
-  commit per message and would still leave the saves' row locks unordered.)
+* **No deadlocks between transactions.** A decision takes several locks: host locks, and
+  ``messages`` row locks (the upserts of saves, which two daemons do when Pub/Sub redelivers
+  a message to the other one), and row locks on other daemons' claims it resolves. Two
+  daemons taking the same locks in opposite orders would deadlock (PostgreSQL notices only
+  after ``deadlock_timeout`` and aborts one). So every transaction takes its locks in one
+  global order: the fleet lock (with a rate limit), hosts by name, message rows by message
+  id, restart rows by id (:meth:`SQLLedger._decide
+  <mandrill.ledger.sqlledger.SQLLedger._decide>`); a transaction that takes only some of
+  them keeps the order. A heartbeat's sweep only takes host locks that are free, never
+  waiting for one.
+* **One clock.** Every time the ledger writes or compares (claims, heartbeats, a daemon's
+  silence) is the server's ``clock_timestamp()``, not a daemon's own clock, which may run
+  ahead or behind its peers'.
 """
 
 from __future__ import annotations
@@ -46,7 +43,6 @@ from psycopg.rows import TupleRow
 from mandrill.errors import LedgerError, describe
 from mandrill.ledger import schema, sql
 from mandrill.ledger.journal import OutcomeJournal
-from mandrill.ledger.ops import Op, in_key_order, run_in_savepoint
 from mandrill.ledger.sqlledger import SQLLedger
 
 T = TypeVar("T")
@@ -69,6 +65,11 @@ DEFAULT_PARAMS = {
 #: ``--ledger-outage-limit`` — instead of silently holding every message. First in
 #: ``options``, so a ``-cstatement_timeout=…`` in the URL overrides it (the last one wins).
 DEFAULT_OPTIONS = "-cstatement_timeout=30s"
+#: A transaction's deadline, in statement timeouts: past it, it counts as stalled (a server
+#: or a network that stopped answering cannot time a statement out).
+DEADLINE_STATEMENT_TIMEOUTS = 2
+#: The deadline where the statement timeout is off (0).
+DEFAULT_DEADLINE = 60.0
 
 #: Unquoted identifiers only: ``search_path`` lower-cases what ``CREATE SCHEMA`` would not.
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -107,6 +108,13 @@ def try_lock_host(cur: sql.Cursor, hostname: str) -> bool:
     return bool(cur.fetchone()[0])
 
 
+def server_clock(cur: sql.Cursor) -> float:
+    """The server's time now, in epoch seconds (``clock_timestamp()``: the time of the call,
+    not of the transaction's start)."""
+    cur.execute("SELECT extract(epoch from clock_timestamp())")
+    return float(cur.fetchone()[0])
+
+
 DIALECT = sql.Dialect(
     name="postgresql",
     placeholder="%s",
@@ -119,6 +127,7 @@ DIALECT = sql.Dialect(
     lock_hosts=lock_hosts,
     # In the connection's search_path, as every other statement.
     table_exists="SELECT to_regclass(?) IS NOT NULL",
+    server_clock=server_clock,
 )
 
 
@@ -159,7 +168,7 @@ def connection_params(url: str) -> tuple[dict[str, Any], str | None]:
 
 
 class PostgresDatabase:
-    """A :class:`~mandrill.ledger.batch.Database` over one psycopg connection.
+    """A :class:`~mandrill.ledger.transactions.Database` over one psycopg connection.
 
     Every method blocks on the network and must run in a worker thread, one call at a time;
     none can be cancelled part-way. A batch or query that fails because the connection broke
@@ -173,30 +182,40 @@ class PostgresDatabase:
         self._params, self._schema = connection_params(url)
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._closed = False
+        self.deadline = DEFAULT_DEADLINE
         try:
             self._create_schema()
+            self.deadline = self._deadline()
         except BaseException:
             self.close()
             raise
 
-    def run_batch(self, ops: list[Op[Any]]) -> None:
+    def _deadline(self) -> float:
+        """Twice the connection's statement timeout (the URL may set its own)."""
+        with self._connection().cursor() as cur:
+            cur.execute("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")
+            (setting,) = cur.fetchone() or ("0",)
+            milliseconds = float(setting)
+        if milliseconds <= 0:
+            return DEFAULT_DEADLINE
+        return DEADLINE_STATEMENT_TIMEOUTS * milliseconds / 1000
+
+    def transaction(self, work: Callable[[Any], T]) -> T:
         conn = self._connection()
         try:
             with conn.cursor() as cur:
                 cur.execute("BEGIN")
-                # Lock order: see the module docstring.
-                for op in in_key_order(ops):
-                    # The connection gone: the whole batch failed.
-                    run_in_savepoint(cur, op, fatal=lambda exc: conn.closed)
+                result = work(cur)
                 cur.execute("COMMIT")
         except BaseException:
             # The server rolls back what was not committed when the connection closes; a
-            # fresh connection for the next batch is simpler than working out whether this
-            # one is still usable (a COMMIT whose answer was lost, a broken socket).
+            # fresh connection for the next transaction is simpler than working out whether
+            # this one is still usable (a COMMIT whose answer was lost, a broken socket).
             self._discard()
             raise
+        return result
 
-    def run_query(self, fn: Callable[[Any], T]) -> T:
+    def query(self, fn: Callable[[Any], T]) -> T:
         # Autocommit: each statement of a read is its own transaction, so no snapshot or
         # lock outlives the call.
         with self._connection().cursor() as cur:
@@ -239,7 +258,6 @@ async def open_postgres_ledger(
     url: str,
     *,
     outage_limit: float = math.inf,
-    max_batch: int = 2000,
     journal: OutcomeJournal | None = None,
     **options: Any,
 ) -> SQLLedger:
@@ -267,10 +285,7 @@ async def open_postgres_ledger(
         ) from exc
     except LedgerError as exc:
         raise LedgerError(f"PostgreSQL ledger {redact(url)}: {exc}") from None
-    return SQLLedger(
-        db, DIALECT, max_batch=max_batch, outage_limit=outage_limit, journal=journal,
-        **options,
-    )
+    return SQLLedger(db, DIALECT, outage_limit=outage_limit, journal=journal, **options)
 
 
 def redact(url: str) -> str:

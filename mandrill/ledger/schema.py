@@ -51,6 +51,10 @@ class Dialect:
     #: ``AUTOINCREMENT`` key, under the transaction's write lock): the last one's id tells
     #: them all.
     has_lastrowid: bool = False
+    #: The database server's own clock, in epoch seconds (PostgreSQL's
+    #: ``clock_timestamp()``): one clock for every daemon of a fleet. ``None`` where the
+    #: ledger is local to one machine (SQLite), which keeps that machine's clock.
+    server_clock: Callable[[Cursor], float] | None = None
 
     def sql(self, text: str) -> str:
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
@@ -148,8 +152,18 @@ def _v2(d: Dialect) -> list[str]:
     ]
 
 
+def _v3(d: Dialect) -> list[str]:
+    """Each decision's reason as a code (``mandrill.policy.Reason``; its sentence stays in
+    ``detail``), and each daemon's backend and version (for the fleet's status)."""
+    return [
+        "ALTER TABLE restarts ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE instances ADD COLUMN backend TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE instances ADD COLUMN version TEXT NOT NULL DEFAULT ''",
+    ]
+
+
 #: Migration ``n`` (``MIGRATIONS[n - 1]``) takes the schema from version ``n - 1`` to ``n``.
-MIGRATIONS: tuple[Callable[[Dialect], list[str]], ...] = (_v1, _v2)
+MIGRATIONS: tuple[Callable[[Dialect], list[str]], ...] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -14,9 +14,7 @@ from typing import Any, cast
 
 from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.message import Delivery, Message
-from mandrill.policy import (
-    Outcome,
-)
+from mandrill.policy import Outcome, Reason
 
 # -- messages ------------------------------------------------------------------------------
 
@@ -88,10 +86,6 @@ def _message_id(row: MessageRow) -> str:
     return row[1]
 
 
-def save(cur: Cursor, d: Dialect, subscription: str, message: Message, now: float) -> None:
-    write_messages(cur, d, [message_row(subscription, message, now)])
-
-
 def _attributes_json(attributes: Mapping[str, str]) -> str:
     # Most messages have none: spare the encoder.
     return json.dumps(dict(attributes)) if attributes else "{}"
@@ -103,23 +97,27 @@ def _attributes_json(attributes: Mapping[str, str]) -> str:
 @dataclass(frozen=True, slots=True)
 class Instance:
     """The daemon a ledger writes for: restart claims name it as their owner, and its
-    heartbeat (``last_seen``) proves they are still being worked on."""
+    heartbeat (``last_seen``) proves they are still being worked on. ``backend`` and
+    ``version`` are for people reading the fleet's status."""
 
     instance_id: str
     host: str
     pid: int
-    started: float
+    backend: str = ""
+    version: str = ""
 
 
 def heartbeat(cur: Cursor, d: Dialect, instance: Instance, now: float) -> None:
-    """Say that ``instance`` is alive at ``now`` (registering it the first time)."""
+    """Say that ``instance`` is alive at ``now`` (registering it, started at ``now``, the
+    first time)."""
     cur.execute(
         d.sql(
-            "INSERT INTO instances (instance_id, host, pid, started, last_seen)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id)"
+            "INSERT INTO instances (instance_id, host, pid, started, last_seen, backend, version)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id)"
             " DO UPDATE SET last_seen = excluded.last_seen, stopped_at = NULL"
         ),
-        (instance.instance_id, instance.host, instance.pid, instance.started, now),
+        (instance.instance_id, instance.host, instance.pid, now, now, instance.backend,
+         instance.version),
     )
 
 
@@ -148,34 +146,18 @@ def forget_instances(cur: Cursor, d: Dialect, before: float) -> None:
 
 _INSERT_RESTART = (
     "INSERT INTO restarts (subscription, message_id, hostname, decided_at, finished_at,"
-    " outcome, detail, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " outcome, detail, owner, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
 def restart_row(
     subscription: str, message: Message, now: float, outcome: Outcome, detail: str, *,
-    finished: bool, owner: str | None,
+    finished: bool, owner: str | None, reason: Reason | None = None,
 ) -> tuple[Any, ...]:
+    """A row of :data:`_INSERT_RESTART`: a claim (``finished`` false, with its ``owner``)
+    or a decision that is final at once (a skip)."""
     return (subscription, message.message_id, message.hostname, now,
-            now if finished else None, outcome, detail, owner)
-
-
-def insert(
-    cur: Cursor,
-    d: Dialect,
-    subscription: str,
-    message: Message,
-    now: float,
-    outcome: Outcome,
-    detail: str,
-    *,
-    finished: bool = False,
-    owner: str | None = None,
-) -> int:
-    row = restart_row(subscription, message, now, outcome, detail, finished=finished,
-                       owner=owner)
-    (row_id,) = insert_many(cur, d, [row])
-    return row_id
+            now if finished else None, outcome, detail, owner, reason or "")
 
 
 def insert_many(cur: Cursor, d: Dialect, rows: list[tuple[Any, ...]]) -> list[int]:
@@ -204,16 +186,20 @@ _FINISH = (
     # A live claim, or one another daemon resolved as unknown while this one could not
     # heartbeat (a ledger outage, a pause): the real outcome replaces the guess. Never
     # a final one: a journaled outcome may be replayed twice (see ledger.journal).
-    "UPDATE restarts SET finished_at = ?, outcome = ?, detail = ?"
+    "UPDATE restarts SET finished_at = ?, outcome = ?, detail = ?, reason = ?"
     " WHERE id = ? AND outcome IN (?, ?)"
 )
 
 #: A row of :data:`_FINISH`'s parameters (:func:`finish_row`).
-FinishRow = tuple[float, Outcome, str, int, Outcome, Outcome]
+FinishRow = tuple[float, Outcome, str, str, int, Outcome, Outcome]
 
 
-def finish_row(restart_id: int, now: float, outcome: Outcome, detail: str) -> FinishRow:
-    return (now, outcome, detail, restart_id, Outcome.RESTARTING, Outcome.UNKNOWN)
+def finish_row(
+    restart_id: int, now: float, outcome: Outcome, detail: str, reason: str | None = None
+) -> FinishRow:
+    """``reason``: a :class:`~mandrill.policy.Reason` code, or none."""
+    return (now, outcome, detail, reason or "", restart_id, Outcome.RESTARTING,
+            Outcome.UNKNOWN)
 
 
 def finish_many(cur: Cursor, d: Dialect, rows: list[FinishRow]) -> list[None]:
@@ -226,7 +212,7 @@ def finish_many(cur: Cursor, d: Dialect, rows: list[FinishRow]) -> list[None]:
 
 
 def _restart_id(row: FinishRow) -> int:
-    return row[3]
+    return row[4]
 
 
 __all__ = ["Cursor", "Dialect", "Instance"]

@@ -12,16 +12,12 @@ import anyio
 from mandrill.errors import LedgerError
 from mandrill.ledger import schema, sql
 from mandrill.ledger.journal import OutcomeJournal
-from mandrill.ledger.ops import Gathered, Op, in_key_order, run_in_savepoint, size
 from mandrill.ledger.sqlledger import SQLLedger
 
 T = TypeVar("T")
 
-#: A write waits this long for another process's lock before the batch fails.
+#: A write waits this long for another process's lock before the transaction fails.
 BUSY_TIMEOUT_MS = 5000
-#: Batches up to this many ops run on the event loop's thread when they cannot block
-#: (:meth:`SQLiteDatabase.try_run_batch`); 0 sends every batch to a worker thread.
-INLINE_MAX_OPS = 1000
 
 DIALECT = sql.Dialect(
     name="sqlite",
@@ -40,8 +36,13 @@ DIALECT = sql.Dialect(
 
 
 class SQLiteDatabase:
-    """One connection, used by one thread at a time (the Batcher's limiter): anyio's
-    worker threads, or the event loop's own thread for :meth:`try_run_batch`."""
+    """One connection, used by one thread at a time (see
+    :class:`~mandrill.ledger.transactions.Transactions`): anyio's worker threads, or the
+    event loop's own thread for :meth:`try_transaction_now`."""
+
+    #: A transaction waits up to the busy timeout for another process's lock: twice that,
+    #: and it is stalled (a file system that stopped answering).
+    deadline = 2 * BUSY_TIMEOUT_MS / 1000
 
     def __init__(self, path: str) -> None:
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -72,64 +73,49 @@ class SQLiteDatabase:
             self._conn.rollback()
             raise
 
-    def try_run_batch(self, ops: list[Op[Any]]) -> bool:
-        """Run the batch now, on the calling thread (the event loop's), unless that could
-        block: a batch larger than ``INLINE_MAX_OPS``, or another connection holding the
-        write lock (tried without waiting). Returns ``False``, with nothing changed, for
-        :meth:`run_batch` in a worker thread to do it.
+    def try_transaction_now(self, work: Callable[[Any], T]) -> tuple[bool, T | None]:
+        """Run the transaction now, on the calling thread (the event loop's), unless that
+        could block: another connection holding the write lock (tried without waiting), or
+        a rollback journal. Returns ``(False, None)``, with nothing changed, for
+        :meth:`transaction` in a worker thread to do it.
 
-        A SQLite batch is CPU work in short C calls that release the GIL between Python
-        steps: in a worker thread it cannot run beside the event loop, and while the loop
-        is busy every statement waits for the GIL again (up to the 5 ms switch interval).
-        Measured under load: batches 5-10x faster, p99 publish -> settle about 3x lower.
+        A SQLite transaction is CPU work in short C calls that release the GIL between
+        Python steps: in a worker thread it cannot run beside the event loop, and while the
+        loop is busy every statement waits for the GIL again (up to the 5 ms switch
+        interval). Measured under load: batches 5-10x faster, p99 publish -> settle about
+        3x lower. The decider bounds a transaction's size, so the loop is not held long.
         """
-        if not self.inline or sum(map(size, ops)) > INLINE_MAX_OPS:
-            return False
+        if not self.inline:
+            return False, None
         self._conn.execute("PRAGMA busy_timeout = 0")
         try:
-            self.run_batch(ops)
-        except sqlite3.OperationalError as exc:
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+            cur = self._conn.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                    return False, None
                 raise
-            for op in ops:  # rolled back: leave them as they came
-                op.result = op.error = None
-                for item in op.items if isinstance(op, Gathered) else ():
-                    item.result = item.error = None
-            return False
+            return True, self._commit(cur, work)
         finally:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        return True
 
-    def run_batch(self, ops: list[Op[Any]]) -> None:
-        # Fast path: the whole batch in one transaction with no savepoints (they cost two
-        # statements per op). If any op fails, roll back and run it again op by op, each
-        # in its own savepoint (a gathered op that fails again: item by item), so that one
-        # failure does not sink its batch-mates.
-        ops = in_key_order(ops)
-        if not self._run(ops, savepoints=False):
-            self._run(ops, savepoints=True)
-
-    def _run(self, ops: list[Op[Any]], *, savepoints: bool) -> bool:
+    def transaction(self, work: Callable[[Any], T]) -> T:
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
+        return self._commit(cur, work)
+
+    def _commit(self, cur: sqlite3.Cursor, work: Callable[[Any], T]) -> T:
         try:
-            for op in ops:
-                if savepoints:
-                    run_in_savepoint(cur, op)
-                    continue
-                try:
-                    op.result = op.fn(cur)
-                except Exception:
-                    self._conn.rollback()
-                    return False
+            result = work(cur)
             cur.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
                 self._conn.rollback()
             raise
-        return True
+        return result
 
-    def run_query(self, fn: Callable[[Any], T]) -> T:
+    def query(self, fn: Callable[[Any], T]) -> T:
         return fn(self._conn.cursor())
 
     def close(self) -> None:

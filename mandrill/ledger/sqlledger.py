@@ -1,67 +1,82 @@
-"""The ledger over any SQL database: batching, the shared SQL, and a dialect; and the
-daemon instance it writes for, kept alive in the ledger by a heartbeat."""
+"""The ledger over any SQL database: the transactions the daemon runs, and the daemon
+instance it writes for, kept alive in the ledger by a heartbeat.
+
+Every write is one transaction, run and awaited by the task that needs it
+(:class:`~mandrill.ledger.transactions.Transactions`): the decider's decisions, the
+settler's outcomes, a heartbeat. The claims this daemon holds are kept in
+:class:`~mandrill.ledger.owned.OwnedClaims`, so that a claim committed without an owner (a
+lost COMMIT answer, a decision cancelled mid-commit) is found and resolved.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
 
-from mandrill.errors import LedgerError
+from mandrill.errors import LedgerError, describe
 from mandrill.ledger import claims, reads, sql
-from mandrill.ledger.base import Claim, HistoryRow, SavedMessage
-from mandrill.ledger.batch import Batcher, Database
-from mandrill.ledger.journal import OutcomeJournal
-from mandrill.ledger.ops import Op
-from mandrill.message import Delivery, Message
-from mandrill.policy import Outcome, RateLimit
+from mandrill.ledger.base import (
+    Claim,
+    DeadLetterRecord,
+    Decided,
+    Finish,
+    HistoryRow,
+    Request,
+    SavedMessage,
+)
+from mandrill.ledger.journal import KeptOutcome, OutcomeJournal
+from mandrill.ledger.owned import OwnedClaims
+from mandrill.ledger.transactions import Database, Transactions
+from mandrill.policy import Decision, Outcome, Rules, Verdict
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-#: While outcomes wait in the journal, how often the ledger is offered them again.
-REPLAY_INTERVAL = 5.0
 #: Default bound on a daemon's silence: past it, its restart claims are resolved by others.
 INSTANCE_TIMEOUT = 30.0
 #: Heartbeats per ``instance_timeout``: a few may be late or lost before it runs out.
 HEARTBEATS_PER_TIMEOUT = 6
 #: Instances not seen for this long, owning no claim, are dropped from ``instances``.
 FORGET_INSTANCES_AFTER = 7 * 86400.0
+#: What a sweep says of this daemon's claims that no task of it holds.
+LOST_TRACK = "its daemon lost track of the claim: a decision whose answer was lost"
+STOPPED = "its daemon stopped"
 
 
-#: The kinds of gathered ops (see Batcher.gather): message rows (saves and dead letters, in
-#: one op so that their row locks are taken in one order), claims, and finishes.
-_MESSAGES = "messages"
-_CLAIMS = "claims"
-_FINISHES = "finishes"
-
-
-def new_instance(clock: Callable[[], float] = time.time) -> sql.Instance:
+def new_instance(backend: str = "", version: str = "") -> sql.Instance:
     """This process as a daemon instance: ``host:pid:random`` (readable in the history)."""
     host = socket.gethostname()
     pid = os.getpid()
-    return sql.Instance(f"{host}:{pid}:{secrets.token_hex(3)}", host, pid, clock())
+    return sql.Instance(f"{host}:{pid}:{secrets.token_hex(3)}", host, pid, backend, version)
 
 
 class SQLLedger:
     """A :class:`~mandrill.ledger.base.Ledger` backed by a SQL :class:`Database`.
 
-    With a ``journal``, :meth:`finish` does not fail when the database does: the outcome
-    is kept in the journal and :meth:`run` writes it to the database when it is back
-    (first of all when it starts, before any claim).
+    With a ``journal``, :meth:`finish` does not fail when the database does: the outcomes
+    are kept in the journal and written to the database when it is back (first of all when
+    :meth:`run` starts, before any claim).
 
     Messages are recorded under ``subscription`` (a message id is unique within one). The
     ledger writes for one daemon instance (``instance``): :meth:`run` registers it and
-    refreshes its heartbeat every ``instance_timeout / 6`` seconds of ``clock`` (wall
-    time), and marks it stopped when it ends. A claim whose owner has not heartbeated for
-    ``instance_timeout`` is resolved as ``unknown`` by the next claim on its host.
+    refreshes its heartbeat every ``instance_timeout / 6`` seconds, and :meth:`stop` marks
+    it stopped. A claim whose owner has not heartbeated for ``instance_timeout`` is resolved
+    as ``unknown`` by the next claim on its host, or by any daemon's sweep.
+
+    Times are the database server's clock where it has one (PostgreSQL): one clock for the
+    fleet. Elsewhere (SQLite, one machine's file) they are ``clock``, this machine's wall
+    clock; ``server_clock=False`` makes a PostgreSQL ledger use ``clock`` too (for tests
+    that move time).
     """
 
     def __init__(
@@ -69,26 +84,35 @@ class SQLLedger:
         db: Database,
         dialect: sql.Dialect,
         *,
-        max_batch: int = 2000,
         outage_limit: float = math.inf,
         journal: OutcomeJournal | None = None,
         subscription: str = "",
         instance: sql.Instance | None = None,
         instance_timeout: float = INSTANCE_TIMEOUT,
         clock: Callable[[], float] = time.time,
+        server_clock: bool = True,
     ) -> None:
-        self._dialect = dialect
-        self._batcher = Batcher(db, max_batch=max_batch, outage_limit=outage_limit)
+        self._d = dialect
         self._db = db
+        self._tx = Transactions(db)
+        self.outage_limit = outage_limit
         self.journal = journal
-        self._journal_written = anyio.Event()
         self.subscription = subscription
-        self.instance = instance if instance is not None else new_instance(clock)
+        self.instance = instance if instance is not None else new_instance()
         self.instance_timeout = instance_timeout
         self._clock = clock
-        self._batcher.on_close.append(
-            lambda cur: sql.stopped(cur, dialect, self.instance, self._clock())
-        )
+        self._server_clock = dialect.server_clock if server_clock else None
+        #: The claims this daemon holds (see :mod:`mandrill.ledger.owned`).
+        self.owned = OwnedClaims()
+        #: Claims whose outcome waits in the journal, by restart id.
+        self._journaled: dict[int, Claim] = {}
+        #: Outcomes that neither the database nor the journal could take: kept here and
+        #: offered again at each heartbeat.
+        self._unrecorded: list[Finish] = []
+
+    def now(self, cur: Any) -> float:
+        """The ledger's time, inside a transaction (see the class docstring)."""
+        return self._server_clock(cur) if self._server_clock is not None else self._clock()
 
     async def check(self) -> None:
         """Raise :class:`LedgerError` if what the ledger needs besides its database (the
@@ -97,175 +121,276 @@ class SQLLedger:
             await self.journal.check()
 
     def healthy(self) -> bool:
-        return self._batcher.healthy
+        return self._tx.healthy
+
+    def problem(self) -> str | None:
+        return self._tx.problem()
+
+    # -- the heartbeat ---------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Commit batches, heartbeat, and record kept outcomes until cancelled.
+        """Heartbeat, sweep and record kept outcomes until cancelled.
 
-        Raises :class:`LedgerError` if the instance cannot be registered at start, or when
-        the ledger has been unreachable for longer than ``outage_limit``.
+        Raises :class:`LedgerError` if the instance cannot be registered at start, or once
+        the ledger has been failing for longer than ``outage_limit``.
         """
-        async with anyio.create_task_group() as tg:
-            await tg.start(self._batcher.run)
-            if self.journal is not None:
-                # Before anyone claims: a redelivered message must find its restart's outcome
-                # (and before the sweep below takes it for unknown).
-                await self.record_kept_outcomes()
-                tg.start_soon(self._replay_journal)
-            # Before any claim names this instance as its owner.
-            await self._heartbeat(forget=True)
-            task_status.started()
-            while True:
-                await anyio.sleep(self.instance_timeout / HEARTBEATS_PER_TIMEOUT)
-                # An outage: the batcher says so once; the claims wait for it to end.
-                with contextlib.suppress(LedgerError):
-                    await self._heartbeat()
-
-    def _heartbeat(self, *, forget: bool = False) -> Op[None]:
-        """Say this instance is alive, and resolve the claims of those that are not."""
-        d, instance, owner, now = self._dialect, self.instance, self._owner(), self._clock()
-
-        def beat(cur: sql.Cursor) -> None:
-            # The sweep first, while this transaction holds no lock (see resolve_orphans).
-            resolved = claims.resolve_orphans(cur, d, owner, now)
-            if resolved:
-                log.warning("resolved %d restart claims of stopped daemons as unknown",
-                            resolved)
-            sql.heartbeat(cur, d, instance, now)
-            if forget:
-                sql.forget_instances(cur, d, now - FORGET_INSTANCES_AFTER)
-
-        return self._batcher.submit(beat)
-
-    def _owner(self) -> claims.Owner:
-        # Liveness on the ledger's own clock, the one its heartbeats are written with.
-        return claims.Owner(
-            self.instance.instance_id, self.subscription, self._clock() - self.instance_timeout
-        )
-
-    async def _replay_journal(self) -> None:
+        if self.journal is not None:
+            # Before anyone claims: a redelivered message must find its restart's outcome
+            # (and before a sweep takes its claim for unknown).
+            await self.record_kept_outcomes()
+        # Before any claim names this instance as its owner.
+        await self._beat(forget=True)
+        task_status.started()
         while True:
-            await self._journal_written.wait()
-            self._journal_written = anyio.Event()
-            await anyio.sleep(REPLAY_INTERVAL)
-            if not await self.record_kept_outcomes():
-                self._journal_written.set()  # still waiting: try again later
+            await anyio.sleep(self.instance_timeout / HEARTBEATS_PER_TIMEOUT)
+            try:
+                await self._beat()
+                if self._journaled or self._unrecorded:
+                    await self.record_kept_outcomes()
+            except LedgerError:
+                pass  # an outage: the transactions say so once; the claims wait for its end
+            failing = self._tx.failing_for()
+            if failing >= self.outage_limit:
+                raise LedgerError(
+                    f"ledger unavailable for {failing:.0f}s (limit {self.outage_limit:.0f}s):"
+                    f" {self._tx.problem()}"
+                )
 
-    # Each kind of write is gathered into one op per batch (Batcher.gather): one statement
-    # per kind and batch, executed for many rows, instead of one per message.
+    async def _beat(self, *, forget: bool = False) -> None:
+        """Say this instance is alive; resolve the claims of those that are not, and this
+        daemon's own claims that no task of it holds."""
+        resolved, cancelled = await self._tx.run(partial(self._sweep, forget=forget))
+        if resolved:
+            log.warning("resolved %d restart claims of stopped daemons as unknown", resolved)
+        if cancelled:
+            log.warning(
+                "resolved %d restart claims of this daemon that no task held (a decision"
+                " whose answer was lost, or cancelled) as cancelled: their restarts never"
+                " began, and their messages are decided again when they come back", cancelled,
+            )
 
-    def save(self, message: Message, now: float) -> Op[None]:
-        return self._batcher.gather(
-            _MESSAGES, self._write_messages,
-            sql.message_row(self.subscription, message, now),
-            key="message:" + message.message_id,
+    def _sweep(self, cur: Any, *, forget: bool) -> tuple[int, int]:
+        d, instance = self._d, self.instance
+        now = self.now(cur)
+        # Others' orphans first, while this transaction holds no lock (see resolve_orphans).
+        resolved = claims.resolve_orphans(cur, d, self._owner(now), now)
+        # What this daemon holds, read inside the transaction: a claim committed before it
+        # was reserved before its own transaction began (OwnedClaims.reserve).
+        cancelled, _ = claims.reconcile_own(
+            cur, d, instance.instance_id, now, held=self.owned.held(), why=LOST_TRACK
+        )
+        sql.heartbeat(cur, d, instance, now)
+        if forget:
+            sql.forget_instances(cur, d, now - FORGET_INSTANCES_AFTER)
+        return resolved, cancelled
+
+    def _owner(self, now: float) -> claims.Owner:
+        return claims.Owner(
+            self.instance.instance_id, self.subscription, now - self.instance_timeout
         )
 
-    def _write_messages(self, cur: sql.Cursor, rows: list[sql.MessageRow]) -> list[None]:
-        return sql.write_messages(cur, self._dialect, rows)
-
-    def claim(
-        self,
-        message: Message,
-        now: float,
-        min_interval: float,
-        rate_limit: RateLimit | None = None,
-        *,
-        retry_unknown: bool = False,
-    ) -> Op[Claim]:
-        key = "host:" + message.hostname
-        return self._batcher.gather(
-            _CLAIMS, self._claim_many,
-            claims.ClaimRequest(self._owner(), message, now, min_interval, rate_limit,
-                             retry_unknown),
-            key=claims.FLEET_LOCK + key if rate_limit is not None else key,
-        )
-
-    def _claim_many(self, cur: sql.Cursor, requests: list[claims.ClaimRequest]) -> list[Claim]:
-        return claims.claim_many(cur, self._dialect, requests)
-
-    async def record(self, message: Message, now: float, outcome: Outcome, detail: str) -> None:
-        d, subscription = self._dialect, self.subscription
-        await self._batcher.submit(
-            lambda cur: sql.insert(cur, d, subscription, message, now, outcome, detail,
-                                   finished=True)
-        )
-
-    def finish(
-        self, restart_id: int, now: float, outcome: Outcome, detail: str
-    ) -> Awaitable[None]:
-        """Queue the outcome of a claimed restart now (in the next batch); await the result
-        to learn that it was recorded. With a journal, an outcome the database could not
-        take is kept in the journal instead (awaiting fails only if that fails too)."""
-        op = self._submit_finish(restart_id, now, outcome, detail)
-        if self.journal is None:
-            return op
-        return self._finish_or_keep(op, restart_id, now, outcome, detail)
-
-    async def _finish_or_keep(
-        self, op: Op[None], restart_id: int, now: float, outcome: Outcome, detail: str
-    ) -> None:
-        assert self.journal is not None
+    async def stop(self) -> None:
+        """Resolve this daemon's open claims (``unknown`` where the restart began,
+        ``cancelled`` where it never did), write outcomes still unrecorded, and mark it
+        stopped, in one transaction. Raises :class:`LedgerError` if it cannot."""
+        unrecorded, self._unrecorded = self._unrecorded, []
         try:
-            await op
-        except LedgerError as exc:
-            await self.journal.keep(restart_id, now, outcome, detail)
-            self._journal_written.set()
-            log.warning("%s; outcome %s of restart %d kept in %s until the ledger is back",
-                        exc, outcome, restart_id, self.journal.path)
+            cancelled, unknown = await self._tx.run(
+                partial(self._stop, unrecorded, self.owned.began())
+            )
+        except BaseException:
+            self._unrecorded[:0] = unrecorded
+            raise
+        self.owned.settled(finish.claim for finish in unrecorded)
+        if cancelled or unknown:
+            log.warning(
+                "at stop, %d claimed restarts that never began were recorded as cancelled"
+                " and %d interrupted ones as unknown", cancelled, unknown,
+            )
 
-    def _submit_finish(
-        self, restart_id: int, now: float, outcome: Outcome, detail: str
-    ) -> Op[None]:
-        return self._batcher.gather(
-            _FINISHES, self._finish_many, sql.finish_row(restart_id, now, outcome, detail)
+    def _stop(self, unrecorded: list[Finish], began: frozenset[str], cur: Any) -> tuple[int, int]:
+        now = self.now(cur)
+        self._write_finishes(cur, unrecorded, now)
+        counts = claims.reconcile_own(
+            cur, self._d, self.instance.instance_id, now, began=began, why=STOPPED
         )
+        sql.stopped(cur, self._d, self.instance, now)
+        return counts
 
-    def _finish_many(self, cur: sql.Cursor, rows: list[sql.FinishRow]) -> list[None]:
-        return sql.finish_many(cur, self._dialect, rows)
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def decide(self, requests: Sequence[Request], rules: Rules) -> list[Decided]:
+        reserved = self.owned.reserve(
+            request.message.message_id for request in requests if request.refusal is None
+        )
+        try:
+            decided = await self._tx.run(partial(self._decide, list(requests), rules))
+        except BaseException:
+            # Committed or not: a claim left without an owner is the sweep's to resolve.
+            self.owned.release(reserved)
+            raise
+        self.owned.hold(result.claim for result in decided if result.claim is not None)
+        self.owned.release(reserved)
+        return decided
+
+    def _decide(self, requests: list[Request], rules: Rules, cur: Any) -> list[Decided]:
+        """Save every message and decide on it, in one transaction: locks first (one order
+        for every daemon: fleet, hosts, then message rows, then restart rows), then the
+        message rows, the safety controls' skips, and the claims. One failing part fails
+        alone (a savepoint each, then item by item)."""
+        d, subscription = self._d, self.subscription
+        now = self.now(cur)
+        to_claim = [request.message for request in requests if request.refusal is None]
+        if to_claim:
+            claims.lock_hosts(cur, d, to_claim, rules)
+        rows = [sql.message_row(subscription, request.message, now) for request in requests]
+        saved = _each(cur, rows, partial(sql.write_messages, cur, d))
+        skips = [
+            sql.restart_row(subscription, request.message, now, Outcome.SKIPPED,
+                            request.refusal.detail, finished=True, owner=None,
+                            reason=request.refusal.reason)
+            for request in requests if request.refusal is not None
+        ]
+        skipped = _each(cur, skips, partial(sql.insert_many, cur, d))
+        owner = self._owner(now)
+        decisions = _each(
+            cur, to_claim, partial(claims.claim_many, cur, d, owner, now, rules)
+        )
+        results: list[Decided] = []
+        skip_results, claim_results = iter(skipped), iter(decisions)
+        for request, save in zip(requests, saved, strict=True):
+            was_saved = not isinstance(save, Exception)
+            result = next(skip_results if request.refusal is not None else claim_results)
+            if isinstance(result, Exception):
+                results.append(Decided(None, None, was_saved, describe(result)))
+            elif request.refusal is not None:
+                results.append(Decided(_refused(request), None, was_saved))
+            else:
+                decision, restart_id = result
+                message = request.message
+                claim = None if restart_id is None else Claim(
+                    restart_id, message.message_id, message.hostname, decision.failures
+                )
+                results.append(Decided(decision, claim, was_saved))
+        return results
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        if not finishes:
+            return []
+        try:
+            await self._tx.run(partial(self._finish, list(finishes)))
+        except LedgerError as exc:
+            return [await self._keep(finishes, exc)] * len(finishes)
+        self.owned.settled(finish.claim for finish in finishes)
+        return [True] * len(finishes)
+
+    def _finish(self, finishes: list[Finish], cur: Any) -> None:
+        self._write_finishes(cur, finishes, self.now(cur))
+
+    def _write_finishes(self, cur: Any, finishes: Collection[Finish], now: float) -> None:
+        if finishes:
+            sql.finish_many(cur, self._d, [
+                sql.finish_row(f.claim.restart_id, now, f.outcome, f.detail, f.reason)
+                for f in finishes
+            ])
+
+    async def _keep(self, finishes: Sequence[Finish], error: LedgerError) -> bool:
+        """Keep outcomes the database could not take: in the journal (True), else in
+        memory until a heartbeat writes them (False: nothing durable holds them)."""
+        if self.journal is not None:
+            now = self._clock()
+            try:
+                await self.journal.keep_many([
+                    (f.claim.restart_id, now, f.outcome, f.detail, f.reason or "")
+                    for f in finishes
+                ])
+            except LedgerError as exc:
+                log.error("%s; and %s", error, exc)
+            else:
+                self._journaled.update((f.claim.restart_id, f.claim) for f in finishes)
+                log.warning("%s; %d restart outcomes kept in %s until the ledger is back",
+                            error, len(finishes), self.journal.path)
+                return True
+        self._unrecorded.extend(finishes)
+        return False
 
     async def record_kept_outcomes(self) -> bool:
-        """Write the journal's outcomes to the database; True when none is left."""
-        assert self.journal is not None
-        try:
-            kept = await self.journal.entries()
-        except LedgerError as exc:
-            log.error("cannot read %s", exc)
-            return False
-        # All queued before the first await: one batch.
-        ops = [
-            (entry, self._submit_finish(
-                entry.restart_id, entry.finished_at, entry.outcome, entry.detail))
-            for entry in kept
-        ]
-        recorded = []
-        for entry, op in ops:
+        """Write the journal's outcomes (and those kept in memory) to the database; True
+        when none is left."""
+        kept: list[KeptOutcome] = []
+        if self.journal is not None:
             try:
-                await op
-            except LedgerError:
-                continue
-            recorded.append(entry)
+                kept = await self.journal.entries()
+            except LedgerError as exc:
+                log.error("cannot read %s", exc)
+                return False
+        unrecorded, self._unrecorded = self._unrecorded, []
+        if not kept and not unrecorded:
+            return True
         try:
-            await self.journal.forget(recorded)
-        except LedgerError as exc:
-            log.error("cannot update %s", exc)  # recorded twice later: harmless
+            await self._tx.run(partial(self._record_kept, kept, unrecorded))
+        except LedgerError:
+            self._unrecorded[:0] = unrecorded
             return False
-        if recorded:
-            log.info("recorded %d restart outcomes kept in %s", len(recorded), self.journal.path)
-        return len(recorded) == len(kept)
-
-    async def dead_letter(self, delivery: Delivery, now: float, reason: str) -> None:
-        await self._batcher.gather(
-            _MESSAGES, self._write_messages,
-            sql.dead_letter_row(self.subscription, delivery, now, reason),
-            key="message:" + delivery.message_id,
+        self.owned.settled(finish.claim for finish in unrecorded)
+        self.owned.settled(
+            claim for claim in (self._journaled.pop(entry.restart_id, None) for entry in kept)
+            if claim is not None
         )
+        if self.journal is not None:
+            try:
+                await self.journal.forget(kept)
+            except LedgerError as exc:
+                log.error("cannot update %s", exc)  # recorded twice later: harmless
+                return False
+        if kept:
+            assert self.journal is not None
+            log.info("recorded %d restart outcomes kept in %s", len(kept), self.journal.path)
+        return True
+
+    def _record_kept(
+        self, kept: list[KeptOutcome], unrecorded: list[Finish], cur: Any
+    ) -> None:
+        now = self.now(cur)
+        self._write_finishes(cur, unrecorded, now)
+        if kept:
+            sql.finish_many(cur, self._d, [
+                sql.finish_row(entry.restart_id, entry.finished_at, entry.outcome,
+                               entry.detail, entry.reason)
+                for entry in kept
+            ])
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    async def dead_letter(self, records: Sequence[DeadLetterRecord]) -> None:
+        finishes = [record.finish for record in records if record.finish is not None]
+        try:
+            await self._tx.run(partial(self._dead_letter, list(records)))
+        except LedgerError as exc:
+            if finishes:
+                await self._keep(finishes, exc)
+            raise
+        self.owned.settled(finish.claim for finish in finishes)
+
+    def _dead_letter(self, records: list[DeadLetterRecord], cur: Any) -> None:
+        now = self.now(cur)
+        sql.write_messages(cur, self._d, [
+            sql.dead_letter_row(self.subscription, record.delivery, now, record.detail)
+            for record in records
+        ])
+        self._write_finishes(
+            cur, [record.finish for record in records if record.finish is not None], now
+        )
+
+    # -- reads -------------------------------------------------------------------------------
 
     async def history(
         self, *, hostname: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[HistoryRow]:
-        d = self._dialect
-        return await self._batcher.query(lambda cur: reads.history(cur, d, hostname, since, limit))
+        d = self._d
+        return await self._tx.query(lambda cur: reads.history(cur, d, hostname, since, limit))
 
     async def history_of_outcomes(
         self,
@@ -275,8 +400,8 @@ class SQLLedger:
         since: float | None = None,
         limit: int = 100,
     ) -> list[HistoryRow]:
-        d = self._dialect
-        return await self._batcher.query(
+        d = self._d
+        return await self._tx.query(
             lambda cur: reads.history_of_outcomes(cur, d, hostname, since, outcomes, limit)
         )
 
@@ -288,21 +413,56 @@ class SQLLedger:
         until: float | None = None,
         status: str | None = None,
     ) -> list[SavedMessage]:
-        d = self._dialect
-        return await self._batcher.query(
+        d = self._d
+        return await self._tx.query(
             lambda cur: reads.saved_messages(cur, d, hostname, since, until, status)
         )
 
     async def counts(self) -> dict[str, int]:
-        return await self._batcher.query(reads.counts)
-
-    async def drain(self) -> None:
-        await self._batcher.drain()
+        return await self._tx.query(reads.counts)
 
     async def aclose(self) -> None:
-        if self._batcher.stuck:
-            # A thread is still inside a write that hangs and holds the connection: closing
-            # it would wait for that write, or break it. The process exit closes it.
-            log.warning("ledger connection left open: a write is still stuck in it")
+        if self._tx.stuck:
+            # A thread is still inside a transaction that hangs and holds the connection:
+            # closing it would wait for that, or break it. The process exit closes it.
+            log.warning("ledger connection left open: a transaction is still stuck in it")
             return
-        await anyio.to_thread.run_sync(self._db.close, limiter=self._batcher.limiter)
+        await anyio.to_thread.run_sync(self._db.close, limiter=self._tx.limiter)
+
+
+def _each(cur: Any, items: list[T], run: Callable[[list[T]], Sequence[Any]]) -> list[Any]:
+    """``run(items)`` in a savepoint; if it fails, ``run([item])`` for each item in a
+    savepoint of its own, so that one bad item fails alone. Returns one result per item (an
+    exception for an item that failed). An error in the savepoint statements themselves
+    (the connection is gone) fails the whole transaction."""
+    if not items:
+        return []
+    failed, results = _in_savepoint(cur, lambda: run(items))
+    if not failed:
+        return list(results)
+    if len(items) == 1:
+        return [results]
+    singles = [_in_savepoint(cur, lambda item=item: run([item])) for item in items]  # type: ignore[misc]
+    return [result if failed else result[0] for failed, result in singles]
+
+
+def _in_savepoint(cur: Any, work: Callable[[], Any]) -> tuple[bool, Any]:
+    """``(False, result)`` of ``work()`` in a savepoint, or ``(True, exception)`` with the
+    savepoint rolled back."""
+    cur.execute("SAVEPOINT part")
+    try:
+        result = work()
+    except Exception as exc:
+        cur.execute("ROLLBACK TO SAVEPOINT part")
+        cur.execute("RELEASE SAVEPOINT part")
+        return True, exc
+    cur.execute("RELEASE SAVEPOINT part")
+    return False, result
+
+
+def _refused(request: Request) -> Decision:
+    assert request.refusal is not None
+    return Decision(Verdict.SKIP, request.refusal.reason, request.refusal.detail)
+
+
+__all__ = ["INSTANCE_TIMEOUT", "SQLLedger", "new_instance"]

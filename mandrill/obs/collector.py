@@ -20,16 +20,12 @@ from prometheus_client.core import (
     Metric,
 )
 
-from mandrill.obs.counters import DEAD_LETTER_LABELS, OTHER, SKIP_LABELS, Counters, Histogram
+from mandrill.obs.counters import Counters, Histogram
 from mandrill.obs.health import Health
+from mandrill.policy import DEAD_LETTER_REASONS, SKIP_REASONS
 
 if TYPE_CHECKING:
     from mandrill.obs.lag import LagProbe
-
-#: The reason labels that have a series from the start.
-SKIP_REASONS = (*(label for _, label in SKIP_LABELS), OTHER)
-DEAD_LETTER_REASONS = (*(label for _, label in DEAD_LETTER_LABELS), OTHER)
-
 
 class CountersCollector:
     """Reads :class:`Counters` at scrape time; call ``collect`` on the loop thread."""
@@ -58,9 +54,15 @@ class CountersCollector:
             "messages_dead_lettered", "Messages dead-lettered, by reason.", "reason",
             c.dead_letter_reasons, known=DEAD_LETTER_REASONS,
         )
+        yield _counter(
+            "dead_letter_failures",
+            "Dead letters that could not be published (the message was nacked instead).",
+            c.dead_letter_failures,
+        )
         yield _counter_by(
             "restarts", "Restart decisions carried out, by outcome.", "outcome",
-            {"restarted": c.restarted, "failed": c.restart_failed, "dry_run": c.dry_run},
+            {"restarted": c.restarted, "failed": c.restart_failed, "dry_run": c.dry_run,
+             "unknown": c.restart_unknown, "cancelled": c.restart_cancelled},
         )
         yield _counter_by("messages_skipped", "Messages skipped, by reason.", "reason",
                           c.skip_reasons, known=SKIP_REASONS)

@@ -15,35 +15,6 @@ LATENCY_BUCKETS = (
 RESTART_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-#: ``mandrill_messages_skipped_total{reason}``: the start of a skip's reason → its label.
-SKIP_LABELS = (
-    ("host restarted", "interval"),
-    ("host excluded", "excluded"),
-    ("host matches none", "not_allowed"),
-    ("outside allowed days", "outside_days"),
-    ("outside allowed hours", "outside_hours"),
-    ("fleet rate limit", "rate_limit"),
-)
-#: ``mandrill_messages_dead_lettered_total{reason}``, the same way.
-DEAD_LETTER_LABELS = (("invalid", "invalid"), ("restart failed", "max_attempts"))
-#: The label of a reason no table above knows (a new one: add it there).
-OTHER = "other"
-
-
-def skip_label(reason: str) -> str:
-    """The metric label of a skip's reason: a few fixed values, not the free text (which
-    names hosts and counts, and would make a series per host)."""
-    return _label(SKIP_LABELS, reason)
-
-
-def dead_letter_label(reason: str) -> str:
-    return _label(DEAD_LETTER_LABELS, reason)
-
-
-def _label(table: tuple[tuple[str, str], ...], reason: str) -> str:
-    return next((label for start, label in table if reason.startswith(start)), OTHER)
-
-
 class Histogram:
     """A fixed-bucket histogram cheap enough for the hot path: ``observe`` is a bisect and
     three additions, with no lock (the event loop is its only writer; exporters read it
@@ -89,8 +60,14 @@ class Counters:
     #: cannot decide on it now.
     deferred: int = 0
     dead_lettered: int = 0
+    #: Dead letters that could not be published (the message was nacked instead).
+    dead_letter_failures: int = 0
     restarted: int = 0
     restart_failed: int = 0
+    #: Restarts interrupted after they began (shutdown): their outcome is unknown.
+    restart_unknown: int = 0
+    #: Claimed restarts that never began (shutdown): cancelled, the message redelivered.
+    restart_cancelled: int = 0
     skipped: int = 0
     duplicates: int = 0
     dry_run: int = 0
@@ -103,9 +80,9 @@ class Counters:
     completed: int = 0
     #: Failed pull requests (each retry counts), whether or not the source recovered.
     pull_errors: int = 0
-    #: By :func:`dead_letter_label`.
+    #: By :class:`~mandrill.policy.Reason` (one of ``DEAD_LETTER_REASONS``).
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
-    #: By :func:`skip_label`.
+    #: By :class:`~mandrill.policy.Reason` (one of ``SKIP_REASONS``).
     skip_reasons: Counter[str] = field(default_factory=Counter)
     #: Publish time → final settlement (ack or dead-letter), wall-clock seconds.
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))

@@ -27,18 +27,18 @@ class ServiceHealth:
     """Liveness from the lag probe, readiness from the service's parts.
 
     ``ready()`` is true once :meth:`set_serving` was called, while every check in
-    ``checks`` (for example ``{"source": ..., "ledger": ...}``) returns true and no
-    shutdown has been requested. Checks run on the loop thread at each request: keep them
-    to attribute reads.
+    ``checks`` (for example ``{"source": ..., "ledger": ...}``) finds no problem (returns
+    ``None``; else the reason, which ``/readyz`` shows) and no shutdown has been
+    requested. Checks run on the loop thread at each request: keep them to attribute reads.
     """
 
     shutdown: Shutdown | None = None
     probe: LagProbe | None = None
-    checks: Mapping[str, Callable[[], bool]] = field(default_factory=dict)
+    checks: Mapping[str, Callable[[], str | None]] = field(default_factory=dict)
     liveness_bound: float = LIVENESS_BOUND
     serving: bool = False
 
-    def set_serving(self, checks: Mapping[str, Callable[[], bool]] | None = None) -> None:
+    def set_serving(self, checks: Mapping[str, Callable[[], str | None]] | None = None) -> None:
         """Called by ``serve()`` once every part runs and workers take messages, with the
         readiness checks of its parts (added to ``checks``)."""
         if checks:
@@ -59,6 +59,7 @@ class ServiceHealth:
         if not self.serving:
             return False, "starting"
         for name, check in self.checks.items():
-            if not check():
-                return False, f"{name} not ready"
+            problem = check()
+            if problem is not None:
+                return False, f"{name} not ready: {problem}"
         return True, "ready"

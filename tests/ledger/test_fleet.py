@@ -7,8 +7,6 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 import psycopg
@@ -16,51 +14,52 @@ import pytest
 
 from mandrill.errors import LedgerError
 from mandrill.ledger import SQLLedger
-from mandrill.ledger.base import Claim
-from mandrill.ledger.postgres import connection_params, lock_host, open_postgres_ledger
+from mandrill.ledger.base import DeadLetterRecord, Decided
+from mandrill.ledger.postgres import (
+    PostgresDatabase,
+    connection_params,
+    lock_host,
+    open_postgres_ledger,
+)
 from mandrill.message import Message
-from mandrill.policy import Outcome, RateLimit, Verdict
-from tests.ledger import HOUR, T0, WEEK, delivery, message, writing
+from mandrill.policy import Outcome, RateLimit, Reason, Rules, Verdict
+from tests.ledger import HOUR, WEEK, decide, delivery, finish, message, running, verdict
 
 pytestmark = pytest.mark.postgres
 
 HOSTS = 50
 
 
-@asynccontextmanager
-async def running(url: str, *, max_batch: int = 2000) -> AsyncIterator[SQLLedger]:
-    """A ledger with its writer running, like one daemon's."""
-    ledger = await open_postgres_ledger(url, max_batch=max_batch)
-    async with writing(ledger):
-        yield ledger
-
-
 async def test_each_host_restarts_once_across_daemons(postgres_url: str) -> None:
     # Every message reaches both daemons (Pub/Sub redelivers to whichever pulls), in a
-    # random order, spread over many small batches (transactions) in both daemons at once.
+    # random order, spread over many small transactions in both daemons at once.
     messages = [message(f"m{h}-{k}", f"host-{h}") for h in range(HOSTS) for k in range(4)]
     rng = random.Random(1)
-    results: list[tuple[str, Claim]] = []
-    async with running(postgres_url, max_batch=7) as a, running(postgres_url, max_batch=5) as b:
+    results: list[tuple[str, Decided]] = []
+    async with running(postgres_url) as a, running(postgres_url) as b:
         jobs = [(ledger, m) for m in messages for ledger in (a, b)]
         rng.shuffle(jobs)
 
-        async def claim(ledger: SQLLedger, msg_index: int, delay: float) -> None:
+        async def claim(ledger: SQLLedger, batch: list[Message], delay: float) -> None:
             await anyio.sleep(delay)
-            msg = messages[msg_index]
-            results.append((msg.hostname, await ledger.claim(msg, T0 + delay, WEEK)))
+            results.extend((msg.hostname, result)
+                           for msg, result in zip(batch, await decide(ledger, *batch),
+                                                  strict=True))
 
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
-                for ledger, msg in jobs:
-                    tg.start_soon(claim, ledger, messages.index(msg), rng.random() * 0.2)
+                for start in range(0, len(jobs), 5):
+                    ledger = jobs[start][0]
+                    batch = [msg for owner, msg in jobs[start:start + 5] if owner is ledger]
+                    tg.start_soon(claim, ledger, batch, rng.random() * 0.2)
 
         history = await a.history(limit=10_000)
+        for ledger in (a, b):
+            ledger.owned.settled(ledger.owned.claims())
 
-    assert len(results) == len(jobs)
-    restarts = Counter(host for host, c in results if c.decision.verdict is Verdict.RESTART)
+    restarts = Counter(host for host, r in results if verdict(r)[0] is Verdict.RESTART)
     assert restarts == {f"host-{h}.example.net": 1 for h in range(HOSTS)}
-    verdicts = Counter(c.decision.verdict for _, c in results)
+    verdicts = Counter(verdict(r)[0] for _, r in results)
     # While the restart is under way, every other message for its host waits for it.
     assert set(verdicts) == {Verdict.RESTART, Verdict.BUSY}
     # The ledger agrees: one restarting row per host, nothing decided for the others yet.
@@ -72,53 +71,27 @@ async def test_each_host_restarts_once_across_daemons(postgres_url: str) -> None
         assert counts == {"restarting": 1}
 
 
-async def test_opposite_lock_orders_do_not_deadlock(postgres_url: str) -> None:
-    # Each daemon's batch saves the same messages and claims the same hosts, one daemon in
-    # the reverse order of the other. Run in that order, the two transactions would each
-    # hold a lock the other waits for, until PostgreSQL's deadlock detector failed an op.
-    async def daemon(ledger: SQLLedger, msgs: list[Message]) -> None:
-        saves = []
-        for msg in msgs:
-            saves.append(ledger.save(msg, T0))
-            saves.append(ledger.save(message(f"shared-{msg.instance_name}"), T0))
-        async with anyio.create_task_group() as tg:
-            for msg in msgs:
-                tg.start_soon(ledger.claim(msg, T0, WEEK).wait)
-            for save in saves:
-                await save
-
-    async with running(postgres_url) as a, running(postgres_url) as b:
-        for round_ in range(4):
-            msgs = [message(f"r{round_}-{h}", f"host-{h}") for h in range(30)]
-            with anyio.fail_after(10):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(daemon, a, msgs)
-                    tg.start_soon(daemon, b, msgs[::-1])
-        counts = await a.counts()
-
-    assert counts["messages_received"] == 4 * 30 + 30
-    assert counts["restarts_restarting"] == 30
-
-
-async def test_coalesced_batches_of_two_daemons_do_not_deadlock(postgres_url: str) -> None:
-    # Both daemons get every message at once, in opposite orders: each batch saves,
-    # dead-letters, claims (every other message under a fleet rate limit: the fleet lock
-    # too) and finishes for many of the same messages and hosts in one transaction, each
-    # kind gathered into one op. Their locks must still be taken in one global order.
-    limit = RateLimit(100_000, HOUR)
+async def test_two_daemons_deciding_the_same_messages_in_opposite_orders_do_not_deadlock(
+    postgres_url: str,
+) -> None:
+    # Both daemons get every message at once, in opposite orders: each transaction saves,
+    # claims (under a fleet rate limit: the fleet lock too), and resolves, for many of the
+    # same messages and hosts; outcomes and dead letters go in transactions of their own.
+    # Every transaction must take its locks in one global order.
+    rules = Rules(WEEK, RateLimit(100_000, HOUR))
     restarted: Counter[str] = Counter()
-    verdicts: Counter[Verdict] = Counter()
+    decided: Counter[Verdict] = Counter()
 
-    async def work(ledger: SQLLedger, msg: Message, index: int) -> None:
-        saved = ledger.save(msg, T0)
-        claim = await ledger.claim(msg, T0, WEEK, limit if index % 2 else None)
-        verdicts[claim.decision.verdict] += 1
-        if claim.restart_id is not None:
-            restarted[msg.hostname] += 1
-            await ledger.finish(claim.restart_id, T0 + 1, Outcome.RESTARTED, "")
-        await saved
-        if index % 7 == 0:
-            await ledger.dead_letter(delivery(msg.message_id, msg.instance_name), T0, "test")
+    async def work(ledger: SQLLedger, batch: list[Message]) -> None:
+        for msg, result in zip(batch, await decide(ledger, *batch, rules=rules), strict=True):
+            decided[verdict(result)[0]] += 1
+            if result.claim is not None:
+                restarted[msg.hostname] += 1
+                await finish(ledger, result, Outcome.RESTARTED)
+                if msg.message_id.endswith("-0"):
+                    await ledger.dead_letter([DeadLetterRecord(
+                        delivery(msg.message_id, msg.instance_name), Reason.MAX_ATTEMPTS, "test"
+                    )])
 
     rounds = 4
     async with running(postgres_url) as a, running(postgres_url) as b:
@@ -127,36 +100,32 @@ async def test_coalesced_batches_of_two_daemons_do_not_deadlock(postgres_url: st
                         for h in range(HOSTS) for k in range(3)]
             with anyio.fail_after(30):
                 async with anyio.create_task_group() as tg:
-                    for index, msg in enumerate(messages):
-                        tg.start_soon(work, a, msg, index)
-                        tg.start_soon(work, b, messages[-1 - index], len(messages) - 1 - index)
+                    for start in range(0, len(messages), 7):
+                        tg.start_soon(work, a, messages[start:start + 7])
+                        tg.start_soon(work, b, messages[::-1][start:start + 7])
         counts = await a.counts()
 
     assert restarted == {
         f"r{round_}-host-{h}.example.net": 1 for round_ in range(rounds) for h in range(HOSTS)
     }
-    assert sum(verdicts.values()) == 2 * rounds * 3 * HOSTS
+    assert sum(decided.values()) == 2 * rounds * 3 * HOSTS
     assert counts["restarts_restarted"] == rounds * HOSTS
     assert counts.get("restarts_restarting", 0) == 0
-    dead = rounds * sum(1 for index in range(3 * HOSTS) if index % 7 == 0)
-    assert counts["messages_dead_letter"] == dead
-    assert counts["messages_received"] == rounds * 3 * HOSTS - dead
 
 
-async def test_broken_connection_fails_one_batch_then_reconnects(
+async def test_broken_connection_fails_one_transaction_then_reconnects(
     postgres_url: str, postgres_admin_url: str
 ) -> None:
     name = f"victim-{uuid.uuid4().hex[:8]}"
     async with running(f"{postgres_url}&application_name={name}") as ledger:
-        await ledger.save(message("m1"), T0)
+        await finish(ledger, (await decide(ledger, message("m1")))[0], Outcome.RESTARTED)
         await anyio.to_thread.run_sync(terminate_backend, postgres_admin_url, name)
 
         with pytest.raises(LedgerError, match="terminating connection"):
-            await ledger.save(message("m2"), T0)
-        await ledger.save(message("m3"), T0)
-        claim = await ledger.claim(message("m3"), T0, WEEK)
-
-        assert claim.decision.verdict is Verdict.RESTART
+            await decide(ledger, message("m2", "web-2"))
+        (claimed,) = await decide(ledger, message("m3", "web-3"))
+        assert verdict(claimed)[0] is Verdict.RESTART
+        await finish(ledger, claimed, Outcome.RESTARTED)
         assert [s.message_id for s in await ledger.saved_messages()] == ["m1", "m3"]
 
         # Reads reconnect the same way.
@@ -180,21 +149,35 @@ def terminate_backend(admin_url: str, application_name: str) -> None:
             time.sleep(0.01)
 
 
-async def test_a_lock_never_released_fails_the_batch_instead_of_hanging(
+async def test_a_lock_never_released_fails_the_transaction_instead_of_hanging(
     postgres_url: str,
 ) -> None:
-    async with running(postgres_url) as ledger:
-        await ledger.save(message("m0"), T0)  # the schema exists before the lock is taken
+    async with running(postgres_url):
+        pass  # the schema exists before the lock is taken
     # A session that took a host's lock and hung, holding it (here: in a transaction).
     with psycopg.connect(postgres_url.split("?")[0]) as hung:
         lock_host(hung.cursor(), "web-1.example.net")
         # 300 ms instead of the default 30 s, through the URL (which overrides it).
         async with running(f"{postgres_url}&options=-cstatement_timeout%3D300") as ledger:
             with anyio.fail_after(10), pytest.raises(LedgerError, match="statement timeout"):
-                await ledger.claim(message("m1", "web-1"), T0, WEEK)
+                await decide(ledger, message("m1", "web-1"))
             # Another host is not held up.
-            claim = await ledger.claim(message("m2", "web-2"), T0, WEEK)
-            assert claim.decision.verdict is Verdict.RESTART
+            (claimed,) = await decide(ledger, message("m2", "web-2"))
+            assert verdict(claimed)[0] is Verdict.RESTART
+            await finish(ledger, claimed, Outcome.RESTARTED)
+
+
+def test_a_transactions_deadline_is_twice_the_statement_timeout(postgres_url: str) -> None:
+    db = PostgresDatabase(f"{postgres_url}&options=-cstatement_timeout%3D1500")
+    try:
+        assert db.deadline == 3.0
+    finally:
+        db.close()
+    db = PostgresDatabase(postgres_url)
+    try:
+        assert db.deadline == 60.0  # the default 30 s
+    finally:
+        db.close()
 
 
 async def test_daemons_starting_together_create_the_schema_once(postgres_url: str) -> None:

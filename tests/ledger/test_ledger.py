@@ -3,31 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
-import anyio
 import pytest
 
-from mandrill.errors import LedgerError
-from mandrill.ledger import SQLLedger, open_ledger, reads, sql
-from mandrill.ledger.batch import Batcher, Database
-from mandrill.ledger.ops import Op
-from mandrill.ledger.postgres import PostgresDatabase
-from mandrill.ledger.sqlite import SQLiteDatabase
+from mandrill.ledger import SQLLedger, open_ledger
+from mandrill.ledger.base import DeadLetterRecord, Finish, Request
 from mandrill.message import encode_payload
-from mandrill.policy import Outcome, Verdict
-from tests.ledger import HOUR, T0, WEEK, delivery, message, writing
+from mandrill.policy import Outcome, Reason, Refusal, Rules, Verdict
+from tests.ledger import (
+    HOUR,
+    RULES,
+    T0,
+    WEEK,
+    Clock,
+    decide,
+    decide_one,
+    delivery,
+    finish,
+    message,
+    running,
+    verdict,
+)
 
 
 @pytest.fixture
-async def ledger(ledger_url: str) -> AsyncIterator[SQLLedger]:
-    async with writing(await open_ledger(ledger_url)) as opened:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def ledger(ledger_url: str, clock: Clock) -> AsyncIterator[SQLLedger]:
+    async with running(ledger_url, clock) as opened:
         yield opened
 
 
-async def test_saved_messages_are_kept_for_replay(ledger: SQLLedger) -> None:
-    await ledger.save(message("m1", "web-1"), T0)
-    await ledger.save(message("m2", "db-2"), T0 + 10)
+async def test_decided_messages_are_kept_for_replay(ledger: SQLLedger, clock: Clock) -> None:
+    await decide(ledger, message("m1", "web-1"))
+    clock.now = T0 + 10
+    await decide(ledger, message("m2", "db-2"))
 
     saved = await ledger.saved_messages()
     assert [s.message_id for s in saved] == ["m1", "m2"]
@@ -43,28 +56,35 @@ async def test_saved_messages_are_kept_for_replay(ledger: SQLLedger) -> None:
     assert [s.message_id for s in await ledger.saved_messages(since=T0 + 1)] == ["m2"]
     assert [s.message_id for s in await ledger.saved_messages(until=T0 + 1)] == ["m1"]
     assert await ledger.saved_messages(status="dead_letter") == []
-    assert await ledger.history() == []
 
 
-async def test_redelivery_counts_deliveries(ledger: SQLLedger) -> None:
-    for attempt in range(3):
-        await ledger.save(message("m1"), T0 + attempt)
+async def test_redelivery_counts_deliveries(ledger: SQLLedger, clock: Clock) -> None:
+    first = await decide_one(ledger, message("m1"))
+    for attempt in (1, 2):
+        clock.now = T0 + attempt
+        await decide_one(ledger, message("m1"))
+    await finish(ledger, first, Outcome.RESTARTED)
 
-    assert await ledger.counts() == {"messages_received": 1, "deliveries_received": 3}
+    counts = await ledger.counts()
+    assert (counts["messages_received"], counts["deliveries_received"]) == (1, 3)
     (saved,) = await ledger.saved_messages()
     assert saved.first_seen == T0
 
 
-async def test_restart_then_skip_then_duplicate(ledger: SQLLedger) -> None:
-    first = await ledger.claim(message("m1"), T0, WEEK)
-    assert first.decision.verdict is Verdict.RESTART
-    assert first.restart_id is not None
-    await ledger.finish(first.restart_id, T0 + 5, Outcome.RESTARTED, "ok")
+async def test_restart_then_skip_then_duplicate(ledger: SQLLedger, clock: Clock) -> None:
+    first = await decide_one(ledger, message("m1"))
+    assert verdict(first) == (Verdict.RESTART, "")
+    assert first.claim is not None
+    assert first.claim.failures == 0
+    clock.now = T0 + 5
+    await finish(ledger, first, Outcome.RESTARTED, "ok")
 
-    second = await ledger.claim(message("m2"), T0 + HOUR, WEEK)
-    assert second.decision.verdict is Verdict.SKIP
-    assert second.decision.reason == "host restarted 1h ago"
-    assert second.restart_id is None
+    clock.now = T0 + HOUR
+    second = await decide_one(ledger, message("m2"))
+    assert verdict(second) == (Verdict.SKIP, "host restarted 1h ago")
+    assert second.decision is not None
+    assert second.decision.reason is Reason.INTERVAL
+    assert second.claim is None
 
     history = await ledger.history(hostname="web-1.example.net")
     assert [(h.message_id, h.outcome, h.detail) for h in history] == [
@@ -74,128 +94,147 @@ async def test_restart_then_skip_then_duplicate(ledger: SQLLedger) -> None:
     assert history[0].finished_at == T0 + HOUR
     assert (history[1].decided_at, history[1].finished_at) == (T0, T0 + 5)
 
-    again = await ledger.claim(message("m1"), T0 + 2 * HOUR, WEEK)
-    assert (again.decision.verdict, again.decision.reason) == (
-        Verdict.DUPLICATE,
-        "already restarted",
-    )
-    skipped_again = await ledger.claim(message("m2"), T0 + 2 * HOUR, WEEK)
-    assert skipped_again.decision.verdict is Verdict.DUPLICATE
-    assert await ledger.counts() == {"restarts_restarted": 1, "restarts_skipped": 1}
+    clock.now = T0 + 2 * HOUR
+    again = await decide_one(ledger, message("m1"))
+    assert verdict(again) == (Verdict.DUPLICATE, "already restarted")
+    skipped_again = await decide_one(ledger, message("m2"))
+    assert verdict(skipped_again)[0] is Verdict.DUPLICATE
+    counts = await ledger.counts()
+    assert (counts["restarts_restarted"], counts["restarts_skipped"]) == (1, 1)
 
 
-async def test_interval_is_per_host(ledger: SQLLedger) -> None:
-    web = await ledger.claim(message("m1", "web-1"), T0, WEEK)
-    db = await ledger.claim(message("m2", "db-1"), T0, WEEK)
-    assert web.decision.verdict is db.decision.verdict is Verdict.RESTART
-    assert web.restart_id is not None
-    await ledger.finish(web.restart_id, T0 + 1, Outcome.RESTARTED, "")
+async def test_interval_is_per_host(ledger: SQLLedger, clock: Clock) -> None:
+    web, db = await decide(ledger, message("m1", "web-1"), message("m2", "db-1"))
+    assert verdict(web)[0] is verdict(db)[0] is Verdict.RESTART
+    await finish(ledger, web, Outcome.RESTARTED)
+    await finish(ledger, db, Outcome.RESTARTED)
 
-    later = await ledger.claim(message("m3", "web-1"), T0 + WEEK + 1, WEEK)
-    assert later.decision.verdict is Verdict.RESTART
-
-
-async def test_failed_restart_is_retried_and_counted(ledger: SQLLedger) -> None:
-    first = await ledger.claim(message("m1"), T0, WEEK)
-    assert first.restart_id is not None
-    await ledger.finish(first.restart_id, T0 + 1, Outcome.FAILED, "timed out")
-
-    retry = await ledger.claim(message("m1"), T0 + 60, WEEK)
-    assert retry.decision.verdict is Verdict.RESTART
-    assert retry.decision.failures == 1
-    assert retry.restart_id not in (None, first.restart_id)
+    clock.now = T0 + WEEK + 1
+    assert verdict(await decide_one(ledger, message("m3", "web-1")))[0] is Verdict.RESTART
 
 
-async def test_a_live_claim_makes_its_message_busy(ledger: SQLLedger) -> None:
-    first = await ledger.claim(message("m1"), T0, WEEK)
-    assert first.decision.verdict is Verdict.RESTART
+async def test_failed_restart_is_retried_and_counted(ledger: SQLLedger, clock: Clock) -> None:
+    first = await decide_one(ledger, message("m1"))
+    await finish(ledger, first, Outcome.FAILED, "timed out")
 
-    busy = await ledger.claim(message("m1"), T0 + HOUR, WEEK)
-    assert busy.decision.verdict is Verdict.BUSY
-    assert busy.restart_id is None
+    clock.now = T0 + 60
+    retry = await decide_one(ledger, message("m1"))
+    assert verdict(retry)[0] is Verdict.RESTART
+    assert retry.claim is not None
+    assert first.claim is not None
+    assert retry.claim.failures == 1
+    assert retry.claim.restart_id != first.claim.restart_id
+    await finish(ledger, retry, Outcome.RESTARTED)
 
 
-async def test_a_restart_under_way_does_not_count_as_done(ledger: SQLLedger) -> None:
+async def test_a_live_claim_makes_its_message_busy(ledger: SQLLedger, clock: Clock) -> None:
+    first = await decide_one(ledger, message("m1"))
+    clock.now = T0 + HOUR
+    busy = await decide_one(ledger, message("m1"))
+    assert verdict(busy) == (Verdict.BUSY, "a restart for this message is under way")
+    assert busy.decision is not None
+    assert busy.decision.reason is Reason.MESSAGE_UNDER_WAY
+    assert busy.claim is None
+    await finish(ledger, first, Outcome.RESTARTED)
+
+
+async def test_a_restart_under_way_does_not_count_as_done(
+    ledger: SQLLedger, clock: Clock
+) -> None:
     # Issue 10, bug 1: a second message for a host whose restart is under way was skipped
     # as "host restarted 0s ago"; when that restart then failed, the host was never
     # restarted. It now waits for the outcome.
-    first = await ledger.claim(message("m1"), T0, WEEK)
-    assert first.restart_id is not None
-    waiting = await ledger.claim(message("m2"), T0, WEEK)
-    assert (waiting.decision.verdict, waiting.decision.reason) == (
-        Verdict.BUSY,
-        "host is being restarted (message m1); waiting for it",
+    first = await decide_one(ledger, message("m1"))
+    waiting = await decide_one(ledger, message("m2"))
+    assert verdict(waiting) == (
+        Verdict.BUSY, "host is being restarted (message m1); waiting for it",
     )
-    assert waiting.restart_id is None
+    assert waiting.claim is None
     assert [h.message_id for h in await ledger.history()] == ["m1"]  # nothing recorded
 
-    await ledger.finish(first.restart_id, T0 + 5, Outcome.FAILED, "exit 1")
-    decided = await ledger.claim(message("m2"), T0 + 10, WEEK)
-    assert decided.decision.verdict is Verdict.RESTART
+    clock.now = T0 + 5
+    await finish(ledger, first, Outcome.FAILED, "exit 1")
+    clock.now = T0 + 10
+    decided = await decide_one(ledger, message("m2"))
+    assert verdict(decided)[0] is Verdict.RESTART
+    await finish(ledger, decided, Outcome.RESTARTED)
 
 
 async def test_a_message_waiting_on_a_successful_restart_is_then_skipped(
-    ledger: SQLLedger,
+    ledger: SQLLedger, clock: Clock
 ) -> None:
-    first = await ledger.claim(message("m1"), T0, WEEK)
-    assert first.restart_id is not None
-    assert (await ledger.claim(message("m2"), T0 + 1, WEEK)).decision.verdict is Verdict.BUSY
-    await ledger.finish(first.restart_id, T0 + 5, Outcome.RESTARTED, "exit 0")
+    first = await decide_one(ledger, message("m1"))
+    clock.now = T0 + 1
+    assert verdict(await decide_one(ledger, message("m2")))[0] is Verdict.BUSY
+    clock.now = T0 + 5
+    await finish(ledger, first, Outcome.RESTARTED, "exit 0")
 
-    later = await ledger.claim(message("m2"), T0 + 10, WEEK)
-    assert (later.decision.verdict, later.decision.reason) == (
-        Verdict.SKIP,
-        "host restarted 10s ago",
-    )
+    clock.now = T0 + 10
+    later = await decide_one(ledger, message("m2"))
+    assert verdict(later) == (Verdict.SKIP, "host restarted 10s ago")
 
 
-async def test_record_keeps_an_early_decision(ledger: SQLLedger) -> None:
-    await ledger.record(message("m1"), T0, Outcome.SKIPPED, "host is in the deny list")
+async def test_a_refusal_is_recorded_as_a_skip_without_a_claim(ledger: SQLLedger) -> None:
+    refusal = Refusal(Reason.EXCLUDED, "host excluded by pattern 'web-*'")
+    (refused,) = await ledger.decide([Request(message("m1"), refusal)], RULES)
+    assert refused.decision is not None
+    assert (refused.decision.verdict, refused.decision.reason) == (Verdict.SKIP, Reason.EXCLUDED)
+    assert refused.claim is None
 
     (row,) = await ledger.history()
-    assert (row.outcome, row.detail, row.finished_at) == ("skipped", "host is in the deny list", T0)
-    again = await ledger.claim(message("m1"), T0 + 1, WEEK)
-    assert again.decision.verdict is Verdict.DUPLICATE
+    assert (row.outcome, row.detail, row.finished_at) == ("skipped", refusal.detail, T0)
+    again = await decide_one(ledger, message("m1"))
+    assert verdict(again) == (Verdict.DUPLICATE, "already skipped")
+    (saved,) = await ledger.saved_messages()
+    assert saved.message_id == "m1"
 
 
-async def test_dead_letter_keeps_the_delivery_and_reason(ledger: SQLLedger) -> None:
-    await ledger.dead_letter(delivery("bad", data=b"\xff not json"), T0, "payload is not JSON")
-    await ledger.save(message("m1"), T0)
-    await ledger.dead_letter(delivery("m1"), T0 + 1, "too many failed restarts")
+async def test_dead_letters_keep_the_delivery_and_reason(
+    ledger: SQLLedger, clock: Clock
+) -> None:
+    await ledger.dead_letter([DeadLetterRecord(
+        delivery("bad", data=b"\xff not json"), Reason.INVALID, "invalid: payload is not JSON"
+    )])
+    failing = await decide_one(ledger, message("m1"))
+    assert failing.claim is not None
+    clock.now = T0 + 1
+    await ledger.dead_letter([DeadLetterRecord(
+        delivery("m1"), Reason.MAX_ATTEMPTS, "restart failed 5 times",
+        Finish(failing.claim, Outcome.FAILED, "exit 1"),
+    )])
 
     dead = await ledger.saved_messages(status="dead_letter")
     assert [(d.message_id, d.reason) for d in dead] == [
-        ("bad", "payload is not JSON"),
-        ("m1", "too many failed restarts"),
+        ("bad", "invalid: payload is not JSON"),
+        ("m1", "restart failed 5 times"),
     ]
     assert dead[0].data == b"\xff not json"
     assert dead[0].hostname is None
     assert dead[1].hostname == "web-1.example.net"
-    assert await ledger.counts() == {"messages_dead_letter": 2, "deliveries_dead_letter": 3}
+    assert [(h.message_id, h.outcome) for h in await ledger.history()] == [("m1", "failed")]
+    assert len(ledger.owned) == 0  # the claim's outcome is recorded: not held any more
 
 
 async def test_counts_by_outcome_and_status(ledger: SQLLedger) -> None:
-    await ledger.save(message("m1", "a"), T0)
-    await ledger.save(message("m2", "a"), T0)
-    await ledger.save(message("m2", "a"), T0 + 1)
-    claim = await ledger.claim(message("m1", "a"), T0, WEEK)
-    assert claim.restart_id is not None
-    await ledger.finish(claim.restart_id, T0 + 1, Outcome.RESTARTED, "")
-    await ledger.claim(message("m2", "a"), T0, WEEK)
-    await ledger.claim(message("m3", "b"), T0, WEEK)
-
+    first, second, third = await decide(
+        ledger, message("m1", "a"), message("m2", "a"), message("m3", "b")
+    )
+    await finish(ledger, first, Outcome.RESTARTED)
+    assert verdict(second)[0] is Verdict.BUSY
     assert await ledger.counts() == {
-        "messages_received": 2,
+        "messages_received": 3,
         "deliveries_received": 3,
         "restarts_restarted": 1,
-        "restarts_skipped": 1,
         "restarts_restarting": 1,
     }
+    await finish(ledger, third, Outcome.RESTARTED)
 
 
-async def test_history_filters_and_limit(ledger: SQLLedger) -> None:
+async def test_history_filters_and_limit(ledger: SQLLedger, clock: Clock) -> None:
     for i in range(5):
-        await ledger.claim(message(f"m{i}", f"host-{i}"), T0 + i, WEEK)
+        clock.now = T0 + i
+        await finish(ledger, await decide_one(ledger, message(f"m{i}", f"host-{i}")),
+                     Outcome.RESTARTED)
 
     assert [h.message_id for h in await ledger.history(limit=2)] == ["m4", "m3"]
     assert [h.message_id for h in await ledger.history(since=T0 + 3)] == ["m4", "m3"]
@@ -204,13 +243,12 @@ async def test_history_filters_and_limit(ledger: SQLLedger) -> None:
     ]
 
 
-async def test_history_of_outcomes(ledger: SQLLedger) -> None:
+async def test_history_of_outcomes(ledger: SQLLedger, clock: Clock) -> None:
     """For `mandrill history --outcome`: the filter applies before the limit."""
     for i in range(4):
-        claim = await ledger.claim(message(f"m{i}", f"host-{i}"), T0 + i, WEEK)
-        assert claim.restart_id is not None
-        outcome = Outcome.FAILED if i % 2 else Outcome.RESTARTED
-        await ledger.finish(claim.restart_id, T0 + i, outcome, "")
+        clock.now = T0 + i
+        claimed = await decide_one(ledger, message(f"m{i}", f"host-{i}"))
+        await finish(ledger, claimed, Outcome.FAILED if i % 2 else Outcome.RESTARTED)
 
     failed = await ledger.history_of_outcomes({"failed"}, limit=10)
     assert [h.message_id for h in failed] == ["m3", "m1"]
@@ -220,81 +258,30 @@ async def test_history_of_outcomes(ledger: SQLLedger) -> None:
     assert [h.message_id for h in one_host] == ["m2"]
 
 
-async def test_save_and_claim_in_one_batch(ledger: SQLLedger) -> None:
-    saved = ledger.save(message("m1"), T0)  # queued now, committed with the claim
-    claim = await ledger.claim(message("m1"), T0, WEEK)
-    await saved
-
-    assert claim.decision.verdict is Verdict.RESTART
-    assert await ledger.counts() == {
-        "messages_received": 1,
-        "deliveries_received": 1,
-        "restarts_restarting": 1,
-    }
+async def test_an_unknown_restart_is_retried_only_when_told(
+    ledger: SQLLedger, clock: Clock
+) -> None:
+    claimed = await decide_one(ledger, message("m1"))
+    await finish(ledger, claimed, Outcome.UNKNOWN, "interrupted")
+    counted = await decide_one(ledger, message("m2"))
+    assert verdict(counted) == (Verdict.SKIP, "host restarted 0s ago")
+    retried = await decide_one(ledger, message("m1"), rules=Rules(WEEK, retry_unknown=True))
+    assert verdict(retried)[0] is Verdict.RESTART
+    assert retried.claim is not None
+    assert retried.claim.failures == 1
+    await finish(ledger, retried, Outcome.RESTARTED)
 
 
 async def test_reopened_ledger_keeps_its_records(durable_url: str) -> None:
-    for _ in range(2):
-        opened = await open_ledger(durable_url)
-        try:
-            async with anyio.create_task_group() as tg:
-                await tg.start(opened.run)
-                await opened.save(message("m1"), T0)
-                tg.cancel_scope.cancel()
-        finally:
-            await opened.aclose()
+    for attempt in range(2):
+        async with running(durable_url) as opened:
+            (decided,) = await decide(opened, message("m1"))
+            if attempt == 0:
+                await finish(opened, decided, Outcome.RESTARTED)
     reopened = await open_ledger(durable_url)
     try:
-        assert await reopened.counts() == {"messages_received": 1, "deliveries_received": 2}
+        counts = await reopened.counts()
+        assert (counts["messages_received"], counts["deliveries_received"]) == (1, 2)
+        assert counts["restarts_restarted"] == 1
     finally:
         await reopened.aclose()
-
-
-def open_database(url: str) -> tuple[Database, sql.Dialect]:
-    if url.startswith("postgresql://"):
-        from mandrill.ledger.postgres import DIALECT as POSTGRES
-
-        return PostgresDatabase(url), POSTGRES
-    from mandrill.ledger.sqlite import DIALECT as SQLITE
-
-    return SQLiteDatabase(url), SQLITE
-
-
-async def test_a_failing_op_fails_alone(ledger_url: str) -> None:
-    db, dialect = await anyio.to_thread.run_sync(open_database, ledger_url)
-    batcher = Batcher(db)
-
-    def missing_table(cur: Any) -> None:
-        cur.execute("SELECT * FROM no_such_table")
-
-    def bug(cur: Any) -> None:
-        sql.save(cur, dialect, "", message("half-done"), T0)
-        raise RuntimeError("a bug\nover two lines")
-
-    try:
-        async with anyio.create_task_group() as tg:
-            # Queued before the batcher runs, so all five share one batch (one transaction).
-            ops: list[Op[Any]] = [
-                batcher.submit(lambda cur: sql.save(cur, dialect, "", message("m1"), T0)),
-                batcher.submit(missing_table),
-                batcher.submit(bug),
-                batcher.submit(lambda cur: sql.save(cur, dialect, "", message("m2"), T0)),
-                batcher.submit(lambda cur: 42),
-            ]
-            await tg.start(batcher.run)
-            assert await ops[0] is None
-            with pytest.raises(LedgerError, match="no_such_table"):
-                await ops[1]
-            with pytest.raises(LedgerError, match=r"^ledger write failed: a bug over two lines$"):
-                await ops[2]
-            assert await ops[3] is None
-            assert await ops[4] == 42
-            tg.cancel_scope.cancel()
-
-        # The failed ops left nothing behind; their batch-mates were committed.
-        saved = await batcher.query(
-            lambda cur: reads.saved_messages(cur, dialect, None, None, None, None)
-        )
-        assert [s.message_id for s in saved] == ["m1", "m2"]
-    finally:
-        await anyio.to_thread.run_sync(db.close)

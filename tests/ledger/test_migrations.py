@@ -19,7 +19,7 @@ from mandrill.errors import LedgerError
 from mandrill.ledger import SCHEMA_VERSION, open_ledger
 from mandrill.ledger.postgres import connection_params
 from mandrill.policy import Verdict
-from tests.ledger import T0, WEEK, message
+from tests.ledger import T0, Clock, decide_one, message, verdict
 from tests.support.daemon import run_to_end
 
 
@@ -127,8 +127,10 @@ def old_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> OldLedger:
 async def test_an_old_ledger_is_upgraded_keeping_its_rows(old_ledger: OldLedger) -> None:
     await anyio.to_thread.run_sync(old_ledger.create)
 
+    clock = Clock(T0 + 10)
     ledger = await open_ledger(
-        old_ledger.url, subscription="projects/p/subscriptions/s", clock=lambda: T0 + 100
+        old_ledger.url, subscription="projects/p/subscriptions/s", clock=clock,
+        server_clock=False,
     )
     try:
         saved = await ledger.saved_messages()
@@ -152,14 +154,12 @@ async def test_an_old_ledger_is_upgraded_keeping_its_rows(old_ledger: OldLedger)
             await tg.start(ledger.run)
             # Old rows belong to no known subscription: they match every one, so a
             # redelivery after the upgrade is still recognised.
-            again = await ledger.claim(message("m1"), T0 + 10, WEEK)
-            assert (again.decision.verdict, again.decision.reason) == (
-                Verdict.DUPLICATE, "already restarted",
-            )
-            await ledger.save(message("m1"), T0 + 10)
+            again = await decide_one(ledger, message("m1"))
+            assert verdict(again) == (Verdict.DUPLICATE, "already restarted")
             # The old claim has no owner: the old daemon that made it is long gone.
-            orphan = await ledger.claim(message("m3", "db-1"), T0 + 100, WEEK)
-            assert orphan.decision.verdict is Verdict.DUPLICATE
+            clock.now = T0 + 100
+            orphan = await decide_one(ledger, message("m3", "db-1"))
+            assert verdict(orphan)[0] is Verdict.DUPLICATE
             tg.cancel_scope.cancel()
     finally:
         await ledger.aclose()
@@ -168,11 +168,15 @@ async def test_an_old_ledger_is_upgraded_keeping_its_rows(old_ledger: OldLedger)
         old_ledger.run, "SELECT subscription, message_id FROM messages ORDER BY first_seen"
     )
     assert columns == [("", "m1"), ("", "m2"), ("", "bad"), ("", "m3"),
-                       ("projects/p/subscriptions/s", "m1")]
+                       ("projects/p/subscriptions/s", "m1"), ("projects/p/subscriptions/s", "m3")]
     owners = await anyio.to_thread.run_sync(
-        old_ledger.run, "SELECT subscription, owner, outcome FROM restarts ORDER BY id"
+        old_ledger.run, "SELECT subscription, owner, outcome, reason FROM restarts ORDER BY id"
     )
-    assert owners == [("", None, "restarted"), ("", None, "skipped"), ("", None, "unknown")]
+    assert owners == [
+        ("", None, "restarted", ""),
+        ("", None, "skipped", ""),
+        ("", None, "unknown", "daemon_lost"),
+    ]
     assert await anyio.to_thread.run_sync(
         old_ledger.run, "SELECT version FROM schema_version"
     ) == [(SCHEMA_VERSION,)]

@@ -1,66 +1,62 @@
 """Claims owned by daemon instances: a claim whose owner stops heartbeating is resolved as
-``unknown`` by another daemon; messages are keyed by subscription. Two ledgers on one
-database stand for two daemons, each with a wall clock of its own that the test moves."""
+``unknown`` by another daemon; a daemon's own claim that no task of it holds is resolved by
+its own sweep; a daemon that stops resolves its open claims itself; messages are keyed by
+subscription. Two ledgers on one database stand for two daemons, each with a clock of its
+own that the test moves (see ``tests.ledger``)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
-from mandrill.ledger import SQLLedger, open_ledger
-from mandrill.policy import UNKNOWN_REASON, Outcome, Verdict
-from tests.ledger import T0, WEEK, message, writing
+from mandrill.ledger import SQLLedger
+from mandrill.policy import UNKNOWN_DETAIL, Outcome, Reason, Rules, Verdict
+from tests.ledger import (
+    T0,
+    WEEK,
+    Clock,
+    decide_one,
+    finish,
+    message,
+    running,
+    verdict,
+)
 
 TIMEOUT = 30.0
-
-
-@dataclass
-class Clock:
-    """A wall clock the test sets."""
-
-    now: float = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @asynccontextmanager
 async def daemon(
     url: str,
-    clock: Callable[[], float],
+    clock: Clock | Any,
     *,
     subscription: str = "projects/p/subscriptions/s",
     instance_timeout: float = TIMEOUT,
 ) -> AsyncIterator[SQLLedger]:
-    """A ledger with its writer (and heartbeat) running, like one daemon's."""
-    ledger = await open_ledger(
-        url, subscription=subscription, instance_timeout=instance_timeout, clock=clock
-    )
-    async with writing(ledger):
+    """A ledger with its heartbeat running, like one daemon's."""
+    async with running(url, clock, subscription=subscription,
+                       instance_timeout=instance_timeout) as ledger:
         yield ledger
 
 
 async def test_a_silent_daemons_claim_is_resolved_as_unknown(durable_url: str) -> None:
     dead, alive = Clock(), Clock()
     async with daemon(durable_url, dead) as a, daemon(durable_url, alive) as b:
-        first = await a.claim(message("m1"), T0, WEEK)
-        assert first.decision.verdict is Verdict.RESTART
+        first = await decide_one(a, message("m1"))
+        assert verdict(first)[0] is Verdict.RESTART
         # Within the bound, the claim holds: the message and its host wait.
         alive.now = T0 + TIMEOUT - 1
-        assert (await b.claim(message("m1"), alive.now, WEEK)).decision.verdict is Verdict.BUSY
-        assert (await b.claim(message("m2"), alive.now, WEEK)).decision.verdict is Verdict.BUSY
+        assert verdict(await decide_one(b, message("m1")))[0] is Verdict.BUSY
+        assert verdict(await decide_one(b, message("m2")))[0] is Verdict.BUSY
 
         # a stops heartbeating (its clock stands still: its last heartbeat ages).
         alive.now = T0 + TIMEOUT + 1
-        again = await b.claim(message("m1"), alive.now, WEEK)
-        assert (again.decision.verdict, again.decision.reason) == (
-            Verdict.DUPLICATE,
-            UNKNOWN_REASON,
-        )
+        again = await decide_one(b, message("m1"))
+        assert verdict(again) == (Verdict.DUPLICATE, UNKNOWN_DETAIL)
         (row,) = await b.history()
         assert (row.outcome, row.finished_at) == ("unknown", alive.now)
         assert row.detail == (
@@ -68,15 +64,12 @@ async def test_a_silent_daemons_claim_is_resolved_as_unknown(durable_url: str) -
             " the restart may or may not have happened"
         )
         # It counts as a restart of the host: never restart a host twice.
-        other = await b.claim(message("m2"), alive.now, WEEK)
-        assert (other.decision.verdict, other.decision.reason) == (
-            Verdict.SKIP,
-            "host restarted 31s ago",
-        )
+        other = await decide_one(b, message("m2"))
+        assert verdict(other) == (Verdict.SKIP, "host restarted 31s ago")
 
         # The silent daemon was only paused: its real outcome replaces the guess.
-        assert first.restart_id is not None
-        await a.finish(first.restart_id, T0 + 40, Outcome.RESTARTED, "exit 0")
+        dead.now = T0 + 40
+        await finish(a, first, Outcome.RESTARTED, "exit 0")
         assert [(h.message_id, h.outcome) for h in await b.history()] == [
             ("m2", "skipped"),
             ("m1", "restarted"),
@@ -85,64 +78,104 @@ async def test_a_silent_daemons_claim_is_resolved_as_unknown(durable_url: str) -
 
 async def test_an_operator_can_retry_hosts_whose_restart_is_unknown(durable_url: str) -> None:
     dead, alive = Clock(), Clock(T0 + TIMEOUT + 1)
+    retrying = Rules(WEEK, retry_unknown=True)
     async with daemon(durable_url, dead) as a, daemon(durable_url, alive) as b:
-        await a.claim(message("m1"), T0, WEEK)
-        other = await b.claim(message("m2"), alive.now, WEEK, retry_unknown=True)
+        orphan = await decide_one(a, message("m1"))
+        other = await decide_one(b, message("m2"), rules=retrying)
         # The unknown restart does not count for the host; m1 is still undecided...
-        assert other.decision.verdict is Verdict.RESTART
-        assert other.restart_id is not None
-        await b.finish(other.restart_id, alive.now, Outcome.FAILED, "exit 1")
+        assert verdict(other)[0] is Verdict.RESTART
+        await finish(b, other, Outcome.FAILED, "exit 1")
         # ...and counts as one failed attempt of its own message.
-        retried = await b.claim(message("m1"), alive.now, WEEK, retry_unknown=True)
-        assert (retried.decision.verdict, retried.decision.failures) == (Verdict.RESTART, 1)
+        retried = await decide_one(b, message("m1"), rules=retrying)
+        assert verdict(retried)[0] is Verdict.RESTART
+        assert retried.claim is not None
+        assert retried.claim.failures == 1
+        await finish(b, retried, Outcome.RESTARTED)
+        assert orphan.claim is not None
+        a.owned.settled([orphan.claim])  # a's task is gone with its claim: b resolved it
 
 
-async def test_a_stopped_daemons_claim_needs_no_timeout(durable_url: str) -> None:
-    # A daemon that stops with a claim open (its outcome could not be recorded) says so:
-    # the claim is resolved at once, not after the heartbeat bound.
+async def test_a_stopping_daemon_resolves_its_own_open_claims(durable_url: str) -> None:
+    # A daemon that stops with claims open (a restart interrupted after it began, a claim
+    # never started) says what became of them: its peers need not wait for its heartbeat
+    # to age, and need not guess. One that began is unknown (counted); one that never
+    # began is cancelled (not counted: the next message restarts the host).
     clock = Clock()
     async with daemon(durable_url, clock) as a:
-        await a.claim(message("m1"), T0, WEEK)
+        began = await decide_one(a, message("m1", "web-1"))
+        await decide_one(a, message("m2", "web-2"))
+        assert began.claim is not None
+        began.claim.began = True
     async with daemon(durable_url, clock) as b:
-        again = await b.claim(message("m1"), T0 + 1, WEEK)
-        assert again.decision.verdict is Verdict.DUPLICATE
-        (row,) = await b.history()
-        assert row.outcome == "unknown"
+        rows = {h.message_id: (h.outcome, h.detail) for h in await b.history()}
+        assert rows["m1"][0] == "unknown"
+        assert "interrupted after it began (its daemon stopped)" in rows["m1"][1]
+        assert rows["m2"][0] == "cancelled"
+        assert "the restart never began" in rows["m2"][1]
+        assert verdict(await decide_one(b, message("m1")))[0] is Verdict.DUPLICATE
+        assert verdict(await decide_one(b, message("m3", "web-1")))[0] is Verdict.SKIP
+        again = await decide_one(b, message("m2", "web-2"))
+        assert verdict(again)[0] is Verdict.RESTART  # cancelled: decided anew
+        await finish(b, again, Outcome.RESTARTED)
+
+
+async def test_a_claim_no_task_holds_is_resolved_by_its_own_daemons_sweep(
+    durable_url: str,
+) -> None:
+    # A decision committed whose caller never learnt it (a COMMIT's answer lost, a decider
+    # cancelled mid-commit): the claim is this daemon's, alive, and nobody holds it. The
+    # daemon's next sweep resolves it as cancelled (its restart never began), so that
+    # neither its host nor its message waits for ever.
+    clock = Clock()
+    async with daemon(durable_url, clock, instance_timeout=0.3) as a:
+        lost = await decide_one(a, message("m1"))
+        assert lost.claim is not None
+        a.owned.settled([lost.claim])  # as if its decision's answer never came
+        with anyio.fail_after(10):
+            # Polled: the sweep (every 50 ms here) tells nobody in-process.
+            while [h.outcome for h in await a.history()] != ["cancelled"]:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        (row,) = await a.history()
+        assert "the restart never began (its daemon lost track of the claim" in row.detail
+        retried = await decide_one(a, message("m1"))
+        assert verdict(retried)[0] is Verdict.RESTART
+        # A claim that is held is left alone by the same sweeps.
+        await anyio.sleep(0.2)
+        assert [h.outcome for h in await a.history()] == ["restarting", "cancelled"]
+        await finish(a, retried, Outcome.RESTARTED)
 
 
 async def test_the_heartbeat_keeps_a_working_daemons_claim(durable_url: str) -> None:
     timeout = 0.3
     async with daemon(durable_url, time.time, instance_timeout=timeout) as a, \
             daemon(durable_url, time.time, instance_timeout=timeout) as b:
-        await a.claim(message("m1"), time.time(), WEEK)
+        claimed = await decide_one(a, message("m1"))
         # The passage of time is the point: without a's heartbeats (every 50 ms), its
         # claim would be taken for a dead daemon's five times over.
         await anyio.sleep(5 * timeout)
-        busy = await b.claim(message("m1"), time.time(), WEEK)
-        assert busy.decision.verdict is Verdict.BUSY
+        busy = await decide_one(b, message("m1"))
+        assert verdict(busy)[0] is Verdict.BUSY
         (row,) = await b.history()
         assert row.outcome == "restarting"
+        await finish(a, claimed, Outcome.RESTARTED)
 
 
 async def test_messages_are_keyed_by_subscription(durable_url: str) -> None:
     clock = Clock()
     async with daemon(durable_url, clock, subscription="projects/p/subscriptions/one") as a, \
             daemon(durable_url, clock, subscription="projects/p/subscriptions/two") as b:
-        await a.save(message("1", "web-1"), T0)
-        await b.save(message("1", "web-2"), T0)
         # Two messages that share an id, not one delivered twice.
-        assert (await a.claim(message("1", "web-1"), T0, WEEK)).decision.verdict is (
-            Verdict.RESTART
-        )
-        assert (await b.claim(message("1", "web-2"), T0, WEEK)).decision.verdict is (
-            Verdict.RESTART
-        )
+        first = await decide_one(a, message("1", "web-1"))
+        second = await decide_one(b, message("1", "web-2"))
+        assert verdict(first)[0] is verdict(second)[0] is Verdict.RESTART
         saved = await a.saved_messages()
         assert sorted((s.message_id, s.hostname) for s in saved) == [
             ("1", "web-1.example.net"),
             ("1", "web-2.example.net"),
         ]
         assert (await a.counts())["deliveries_received"] == 2
+        await finish(a, first, Outcome.RESTARTED)
+        await finish(b, second, Outcome.RESTARTED)
 
 
 async def test_any_daemons_heartbeat_resolves_orphans_without_a_message(
@@ -152,8 +185,27 @@ async def test_any_daemons_heartbeat_resolves_orphans_without_a_message(
     dead, alive = Clock(), Clock(T0 + 1)
     async with daemon(durable_url, dead, instance_timeout=0.3) as a, \
             daemon(durable_url, alive, instance_timeout=0.3) as b:
-        await a.claim(message("m1"), T0, WEEK)
+        orphan = await decide_one(a, message("m1"))
         with anyio.fail_after(10):
             # Polled: another daemon's heartbeat (every 50 ms here) tells nobody in-process.
-            while [h.outcome for h in await b.history()] != ["unknown"]:  # noqa: ASYNC110
+            while [h.outcome for h in await b.history()] != ["unknown"]:
+                alive.now += 0.05
                 await anyio.sleep(0.02)
+        (row,) = await b.history()
+        assert row.detail.startswith(f"daemon {a.instance.instance_id}")
+        assert orphan.claim is not None
+        a.owned.settled([orphan.claim])
+
+
+async def test_reasons_are_recorded_as_codes(durable_url: str) -> None:
+    clock = Clock()
+    async with daemon(durable_url, clock) as a:
+        first = await decide_one(a, message("m1"))
+        await finish(a, first, Outcome.RESTARTED)
+        await decide_one(a, message("m2"))
+
+        def reasons(cur: Any) -> list[tuple[str, str]]:
+            cur.execute("SELECT message_id, reason FROM restarts ORDER BY id")
+            return [tuple(row) for row in cur.fetchall()]
+
+        assert await a._tx.query(reasons) == [("m1", ""), ("m2", Reason.INTERVAL.value)]

@@ -155,8 +155,8 @@ async def test_openmetrics_when_asked():
 
 async def test_readyz_until_shutdown_then_503_with_the_reason():
     shutdown = Shutdown()
-    source_up = True
-    health = ServiceHealth(shutdown=shutdown, checks={"source": lambda: source_up})
+    source_problem: str | None = None
+    health = ServiceHealth(shutdown=shutdown, checks={"source": lambda: source_problem})
     registry = build_registry(Counters(), in_flight=lambda: 0, health=health)
     async with running(registry, health) as port:
         status, _, body = await get(port, "/readyz")
@@ -164,10 +164,10 @@ async def test_readyz_until_shutdown_then_503_with_the_reason():
         health.set_serving()
         status, _, body = await get(port, "/readyz")
         assert (status, body) == (200, b"ready\n")
-        source_up = False
+        source_problem = "pulls failing for 12s: HTTP 503"
         status, _, body = await get(port, "/readyz")
-        assert (status, body) == (503, b"source not ready\n")
-        source_up = True
+        assert (status, body) == (503, b"source not ready: pulls failing for 12s: HTTP 503\n")
+        source_problem = None
         shutdown.request("SIGTERM")
         status, _, body = await get(port, "/readyz")
         assert (status, body) == (503, b"shutting down (SIGTERM)\n")
@@ -302,31 +302,27 @@ async def test_observability_bundle_runs_every_probe():
         tg.cancel_scope.cancel()
 
 
-def test_reasons_become_a_few_fixed_labels():
-    """Labels from the reasons the policy and the safety controls really write."""
+def test_the_labels_of_skips_are_the_codes_the_decisions_carry():
+    """Every skip the policy and the safety controls decide carries one of the codes the
+    counter knows: the label comes from the code, never from the sentence."""
     from datetime import UTC, datetime
 
-    from mandrill.obs.counters import dead_letter_label, skip_label
-    from mandrill.policy import Prior, RateLimit, Verdict, decide_restart
+    from mandrill.policy import SKIP_REASONS, Prior, RateLimit, Rules, Verdict, decide_restart
     from mandrill.safety import TimeWindow, host_skip_reason, parse_hours, parse_weekdays
     from tests.ledger import message
 
-    interval = decide_restart(Prior(host_last_restart=0.0), 60.0, 3600.0)
-    fleet = decide_restart(Prior(fleet_restarts=3), 60.0, 3600.0, RateLimit(3, 60.0))
+    interval = decide_restart(Prior(host_last_restart=0.0), 60.0, Rules(3600.0))
+    fleet = decide_restart(Prior(fleet_restarts=3), 60.0, Rules(3600.0, RateLimit(3, 60.0)))
     assert Verdict.SKIP == interval.verdict == fleet.verdict
     sunday_night = datetime(2026, 11, 29, 23, 0, tzinfo=UTC)
-    reasons = {
-        interval.reason: "interval",
-        fleet.reason: "rate_limit",
-        host_skip_reason(message("m", "web-1"), exclude=["web-*"]): "excluded",
-        host_skip_reason(message("m", "web-1"), only=["db-*"]): "not_allowed",
-        TimeWindow(parse_weekdays("mon-fri")).skip_reason(sunday_night): "outside_days",
-        TimeWindow(hours=parse_hours("09:00-17:00")).skip_reason(sunday_night): "outside_hours",
-        "a reason nobody has written yet": "other",
-    }
-    assert {reason: skip_label(reason) for reason in reasons} == reasons
-    assert dead_letter_label("invalid: not JSON") == "invalid"
-    assert dead_letter_label("restart failed 5 times") == "max_attempts"
+    refusals = [
+        host_skip_reason(message("m", "web-1"), exclude=["web-*"]),
+        host_skip_reason(message("m", "web-1"), only=["db-*"]),
+        TimeWindow(parse_weekdays("mon-fri")).skip_reason(sunday_night),
+        TimeWindow(hours=parse_hours("09:00-17:00")).skip_reason(sunday_night),
+    ]
+    codes = [interval.reason, fleet.reason, *(r.reason for r in refusals if r is not None)]
+    assert sorted(codes) == sorted(SKIP_REASONS)
 
 
 async def test_a_fresh_daemon_has_every_series_and_the_process_metrics():
@@ -334,13 +330,14 @@ async def test_a_fresh_daemon_has_every_series_and_the_process_metrics():
     async with running(registry, ServiceHealth()) as port:
         found = samples((await get(port, "/metrics"))[2].decode())
     for reason in ("interval", "excluded", "not_allowed", "outside_days", "outside_hours",
-                   "rate_limit", "other"):
+                   "rate_limit"):
         assert found[("mandrill_messages_skipped_total", (("reason", reason),))] == 0
-    for reason in ("invalid", "max_attempts", "other"):
+    for reason in ("invalid", "max_attempts"):
         assert found[("mandrill_messages_dead_lettered_total", (("reason", reason),))] == 0
-    for outcome in ("restarted", "failed", "dry_run"):
+    for outcome in ("restarted", "failed", "dry_run", "unknown", "cancelled"):
         assert found[("mandrill_restarts_total", (("outcome", outcome),))] == 0
     names = {name for name, _ in found}
     assert {"process_resident_memory_bytes", "process_cpu_seconds_total",
             "process_open_fds", "python_gc_objects_collected_total"} <= names
     assert any(name == "python_info" for name, _ in found)
+    assert found[("mandrill_dead_letter_failures_total", ())] == 0

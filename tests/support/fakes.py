@@ -8,8 +8,7 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
-from mandrill.errors import LedgerError, RestartFailed
-from mandrill.ledger.ops import Op
+from mandrill.errors import RestartFailed
 from mandrill.message import Message
 from mandrill.sources.memory import MemoryBroker
 
@@ -59,23 +58,6 @@ class ScriptedRestarter:
         if host in self.always_fail or self.calls[host] <= self.fail_first.get(host, 0):
             raise RestartFailed(f"scripted failure {self.calls[host]}")
         return "scripted"
-
-
-class FailingSaves:
-    """Wraps a real ledger; every ``save`` fails as if the write was refused."""
-
-    def __init__(self, ledger: object) -> None:
-        self._ledger = ledger
-
-    def save(self, message: Message, now: float) -> object:
-        # An op already failed, as the batcher returns it: awaiting it is optional.
-        op: Op[None] = Op(lambda cur: None)
-        op.error = LedgerError("disk full (simulated)")
-        op.done.set()
-        return op
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._ledger, name)
 
 
 class LosesFirstAcks(MemoryBroker):
