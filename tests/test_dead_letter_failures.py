@@ -78,7 +78,6 @@ async def test_a_dead_letter_topic_gone_fails_the_message_not_the_daemon(
     assert saved == []  # published nowhere: not recorded as a dead letter
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18, finding 6: a dead-letter publish failure stops the daemon")
 async def test_a_dead_letter_is_published_within_pubsubs_limits(
     pubsub_emulator: PubSubEmulator, pubsub_names: PubSubNames, backend_name: str
 ) -> None:
@@ -117,7 +116,6 @@ async def test_a_dead_letter_is_published_within_pubsubs_limits(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 18, finding 6: the dead-letter topic is not checked at start")
 async def test_a_missing_dead_letter_topic_stops_the_daemon_at_start(
     pubsub_names: PubSubNames, backend_name: str, tmp_path
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -19,26 +20,29 @@ import aiohttp
 import anyio
 from gcloud.aio.pubsub import SubscriberMessage
 
+from mandrill.errors import ConfigError
 from mandrill.message import Delivery
 from mandrill.retry import RetryPolicy
 from mandrill.sources.base import Source
 from mandrill.sources.bridge import AsyncioBridge
-from mandrill.sources.limits import (
-    MAX_ACK_DEADLINE_SECONDS,
-    MAX_ATTRIBUTE_VALUE_BYTES,
-    MAX_PULL_MESSAGES,
-)
-from mandrill.sources.pubsub.chunks import chunk_ack_ids, truncate_utf8, whole_seconds
+from mandrill.sources.limits import MAX_ACK_DEADLINE_SECONDS, MAX_PULL_MESSAGES
+from mandrill.sources.pubsub.chunks import chunk_ack_ids, whole_seconds
 from mandrill.sources.pubsub.clients import DEFAULT_REQUEST_TIMEOUT, Clients, open_clients
+from mandrill.sources.pubsub.dead_letter import (
+    MESSAGE_ID_ATTRIBUTE,
+    REASON_ATTRIBUTE,
+    dead_letter_message,
+)
 from mandrill.sources.pubsub.errors import DEFAULT_RETRY, PubSubError, call_with_retries
 from mandrill.sources.pubsub.names import subscription_path, topic_path
-from mandrill.sources.pubsub.topic import publish_messages
+from mandrill.sources.pubsub.topic import publish_messages, topic_exists
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Attributes a dead-lettered message carries besides its own.
-DEAD_LETTER_REASON_ATTRIBUTE: Final = "mandrill_dead_letter_reason"
-DEAD_LETTER_MESSAGE_ID_ATTRIBUTE: Final = "mandrill_original_message_id"
+DEAD_LETTER_REASON_ATTRIBUTE: Final = REASON_ATTRIBUTE
+DEAD_LETTER_MESSAGE_ID_ATTRIBUTE: Final = MESSAGE_ID_ATTRIBUTE
 
 #: Client-side limit of one pull. Keep it longer than the server holds an empty pull (the
 #: emulator: ~90 s), so that pulls end by the server's answer: the emulator does not notice
@@ -161,22 +165,19 @@ class PubSubSource:
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish the delivery's data and attributes to the dead-letter topic, with
-        ``mandrill_dead_letter_reason`` and ``mandrill_original_message_id`` added; does
-        nothing without a dead-letter topic. The caller still settles the delivery (acks it).
-        A retried publish may land twice."""
+        ``mandrill_dead_letter_reason`` and ``mandrill_original_message_id`` added, cut to
+        Pub/Sub's limits (:mod:`~mandrill.sources.pubsub.dead_letter`); does nothing
+        without a dead-letter topic. The caller still settles the delivery. A retried
+        publish may land twice. Raises :class:`PubSubError` if it could not publish."""
         if self.dead_letter_topic is None:
             await anyio.lowlevel.checkpoint()
             return
-        attributes = {
-            **delivery.attributes,
-            DEAD_LETTER_REASON_ATTRIBUTE: truncate_utf8(reason, MAX_ATTRIBUTE_VALUE_BYTES),
-            DEAD_LETTER_MESSAGE_ID_ATTRIBUTE: delivery.message_id,
-        }
         await publish_messages(
             self._bridge,
             self._clients.publisher,
             self.dead_letter_topic,
-            [(delivery.data, attributes)],
+            [dead_letter_message(delivery.data, delivery.attributes, reason,
+                                 delivery.message_id)],
             self.retry,
             self._request_timeout,
         )
@@ -213,8 +214,8 @@ async def open_pubsub_source(
     ``emulator_host`` names an emulator, used without (else ``PUBSUB_EMULATOR_HOST`` or the
     real service). Reads the subscription's ack deadline first: raises
     :class:`PubSubError` (status 404) if the subscription does not exist, or as any call
-    does. The dead-letter topic is not checked until something is dead-lettered. Closing
-    closes the clients' aiohttp session, shielded but bounded by ``CLOSE_SECONDS``.
+    does; and :class:`~mandrill.errors.ConfigError` if the dead-letter topic does not.
+    Closing closes the clients' aiohttp session, shielded but bounded by ``CLOSE_SECONDS``.
     """
     path = subscription_path(project, subscription)
     dead_letter_path = topic_path(project, dead_letter_topic) if dead_letter_topic else None
@@ -239,6 +240,19 @@ async def open_pubsub_source(
             if exc.status == _NOT_FOUND:
                 raise PubSubError(f"subscription {path} not found", status=exc.status) from None
             raise
+        if dead_letter_path is not None:
+            exists = await topic_exists(
+                bridge, clients.publisher, dead_letter_path, retry, request_timeout
+            )
+            if exists is False:
+                raise ConfigError(
+                    f"dead-letter topic {dead_letter_path} does not exist (mandrill setup"
+                    " --dead-letter-topic creates it)"
+                )
+            if exists is None:
+                log.warning("cannot check that dead-letter topic %s exists: this account"
+                            " may publish to it but not read it (roles/pubsub.viewer)",
+                            dead_letter_path)
         yield PubSubSource(
             bridge=bridge,
             clients=clients,

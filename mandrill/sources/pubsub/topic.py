@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gcloud.aio.pubsub import PublisherClient, PubsubMessage
 
@@ -50,6 +50,41 @@ async def publish_messages(
             )
         ids.extend(chunk_ids)
     return ids
+
+
+async def topic_exists(
+    bridge: AsyncioBridge,
+    publisher: PublisherClient,
+    topic: str,
+    policy: RetryPolicy,
+    request_timeout: float,
+) -> bool | None:
+    """Whether ``topic`` exists; ``None`` if this account may not ask (HTTP 403: a
+    least-privilege account holds ``roles/pubsub.publisher`` on a topic, which publishes
+    but does not read it). Raises :class:`PubSubError` like every call."""
+
+    async def get() -> None:
+        # gcloud-aio has no get_topic: its own request, as its list_topics makes it.
+        url = f"{publisher._api_root}/{topic}"
+        headers = await publisher._headers()
+        response = await publisher.session.get(
+            url, headers=headers, timeout=whole_seconds(request_timeout)
+        )
+        await response.read()  # released to the pool, not to the garbage collector
+
+    try:
+        await call_with_retries(f"get topic {topic}", functools.partial(bridge.call, get), policy)
+    except PubSubError as exc:
+        if exc.status == _NOT_FOUND:
+            return False
+        if exc.status == _FORBIDDEN:
+            return None
+        raise
+    return True
+
+
+_NOT_FOUND: Final = 404
+_FORBIDDEN: Final = 403
 
 
 class PubSubTopic:
