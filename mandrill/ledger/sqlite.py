@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -51,15 +52,29 @@ class SQLiteDatabase:
         #: memory; for a file, in WAL mode only (then only BEGIN IMMEDIATE can wait, for
         #: another writer; in a rollback journal COMMIT waits for readers too).
         self.inline = path == ":memory:"
-        if path != ":memory:":
-            (mode,) = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self.inline = str(mode).lower() == "wal"
         try:
+            if path != ":memory:":
+                self.inline = self._write_ahead_log()
             self._migrate()
         except BaseException:
             self._conn.close()
             raise
+
+    def _write_ahead_log(self) -> bool:
+        """Put the file in WAL mode (it stays so); True if it is. Another connection
+        starting at the same moment may hold the lock this needs, and SQLite does not call
+        its busy handler for a journal mode change: retried within the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                (mode,) = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)  # a worker thread: opening blocks it anyway
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        return str(mode).lower() == "wal"
 
     def _migrate(self) -> None:
         """Create or upgrade the schema in one transaction (an older mandrill's ledger);
@@ -93,7 +108,7 @@ class SQLiteDatabase:
             try:
                 cur.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                if _busy(exc):
                     return False, None
                 raise
             return True, self._commit(cur, work)
@@ -120,6 +135,11 @@ class SQLiteDatabase:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def _busy(error: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY: another connection holds the lock."""
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 async def open_sqlite_ledger(

@@ -213,3 +213,36 @@ async def test_a_failed_transaction_changes_nothing(tmp_path: Path) -> None:
         await transactions.run(half_done)
     assert await transactions.query(values) == [1]
 
+
+
+def test_daemons_opening_one_file_together_all_open(tmp_path: Path) -> None:
+    # Two daemons on one machine may share a ledger file; starting together, each sets
+    # the file's journal mode, which SQLite does without waiting for the other (its busy
+    # handler is not called for it): "database is locked" stopped one of them.
+    for attempt in range(5):
+        path = str(tmp_path / f"ledger-{attempt}.db")
+        errors = open_together(path, 6)
+        assert errors == []
+
+
+def open_together(path: str, count: int) -> list[BaseException]:
+    """Open ``count`` databases on ``path`` at the same moment; the errors raised."""
+    opened: list[SQLiteDatabase] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            opened.append(SQLiteDatabase(path))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for db in opened:
+        db.close()
+    return errors
