@@ -2,13 +2,14 @@
 ``--max-attempts`` times), kept with their reason, then settled. One task, fed by the
 decider and the restart workers; it hands each message on to the settler.
 
-A dead letter is published to the source's dead-letter topic first, and recorded in the
-ledger as one only once it is somewhere (the topic, or the ledger itself where there is no
-topic): the history never shows a dead letter that was not kept. A publish that fails is
-the message's failure, not the daemon's: logged with the reason, counted, and the message
-is handed back (after a pause, so as not to spin on a topic that is gone), so that
-Pub/Sub's own dead-letter policy takes it from there, or it is tried again when it comes
-back. Nothing is acked that is kept nowhere.
+A dead letter is published to the source's dead-letter topic first, then recorded in the
+ledger, then acked: the history never shows a dead letter that was not published (where
+there is a topic), and nothing is acked without its record, as everywhere on the path. A
+publish that fails is the message's failure, not the daemon's: logged with the reason,
+counted, and the message handed back (after a pause, so as not to spin on a topic that is
+gone), so that Pub/Sub's own dead-letter policy takes it from there, or it is tried again
+when it comes back. A record the ledger cannot take hands the message back too: the topic
+may then get it twice (its ``mandrill_original_message_id`` attribute tells them apart).
 """
 
 from __future__ import annotations
@@ -47,10 +48,9 @@ class DeadLetters:
 
     async def keep(self, letter: DeadLetterRecord) -> None:
         """Publish ``letter`` to the dead-letter topic (if the source has one), record it,
-        and settle its message: acked once kept somewhere, nacked otherwise."""
+        and settle its message: acked once published and recorded, handed back otherwise."""
         delivery = letter.delivery
         context = {"message_id": delivery.message_id}
-        published = False
         if self._source.keeps_dead_letters:
             try:
                 await self._source.dead_letter(delivery, letter.detail)
@@ -62,16 +62,13 @@ class DeadLetters:
                 await self._record_outcome(letter)
                 self._outbox.settle(delivery, Settlement.DEFER)
                 return
-            published = True
         try:
             await self._ledger.dead_letter([letter])
-            recorded = True
         except LedgerError as exc:
-            recorded = False
-            log.error("could not record dead letter %s: %s", delivery.message_id, exc,
-                      extra=context)
-        if not (published or recorded):
-            self._outbox.settle(delivery, Settlement.NACK)  # kept nowhere: nothing lost
+            log.log(logging.ERROR if self._ledger.healthy() else logging.DEBUG,
+                    "could not record dead letter %s: %s; handing it back",
+                    delivery.message_id, exc, extra=context)
+            self._outbox.settle(delivery, Settlement.DEFER)
             return
         self._counters.dead_lettered += 1
         self._counters.dead_letter_reasons[letter.reason] += 1

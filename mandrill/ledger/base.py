@@ -139,7 +139,8 @@ class Ledger(Protocol):
 
     async def dead_letter(self, records: Sequence[DeadLetterRecord]) -> None:
         """Keep deliveries that will never be processed, with their reasons (and the last
-        outcome of each one's restart), in one transaction."""
+        outcome of each one's restart), in one transaction. Raises :class:`LedgerError`
+        if the database cannot take them (the outcomes are kept in the journal)."""
         ...
 
     async def stop(self) -> None:

@@ -365,6 +365,8 @@ class SQLLedger:
     # -- dead letters ------------------------------------------------------------------------
 
     async def dead_letter(self, records: Sequence[DeadLetterRecord]) -> None:
+        """Record dead letters (see the protocol). Raises :class:`LedgerError` if the
+        database cannot take them (their restarts' outcomes are kept in the journal)."""
         finishes = [record.finish for record in records if record.finish is not None]
         try:
             await self._tx.run(partial(self._dead_letter, list(records)))
