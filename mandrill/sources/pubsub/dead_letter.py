@@ -69,10 +69,12 @@ def _fit_data(data: bytes, attributes: dict[str, str]) -> bytes:
     """``data``, shortened (and said so in ``attributes``) if the request would be too big."""
     if message_size((data, attributes)) <= MAX_PUBLISH_REQUEST_BYTES:
         return data
-    attributes[DATA_CUT_ATTRIBUTE] = ""  # its size counts too
+    said = "kept {} of {} bytes; the ledger has all"
+    # Its size counts too: room made for the longest it can be (kept is no longer).
+    attributes[DATA_CUT_ATTRIBUTE] = said.format(len(data), len(data))
     room = MAX_PUBLISH_REQUEST_BYTES - message_size((b"", attributes))
     kept = data[: max(0, room * 3 // 4 - 3)]  # base64 turns 3 bytes into 4
-    attributes[DATA_CUT_ATTRIBUTE] = f"kept {len(kept)} of {len(data)} bytes; the ledger has all"
+    attributes[DATA_CUT_ATTRIBUTE] = said.format(len(kept), len(data))
     return kept
 
 
