@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from datetime import datetime
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -38,7 +37,8 @@ class Delivery(NamedTuple):
     message_id: str
     data: bytes
     attributes: Mapping[str, str]
-    publish_time: datetime
+    #: When the message was published, in epoch seconds (converted once, by the source).
+    publish_time: float
     delivery_attempt: int | None = None
 
 
@@ -48,7 +48,8 @@ class Message(NamedTuple):
     message_id: str
     instance_name: str
     hostname: str
-    publish_time: datetime
+    #: Epoch seconds.
+    publish_time: float
     delivery_attempt: int | None
     attributes: Mapping[str, str] = _NO_ATTRIBUTES
     data: bytes = b""

@@ -216,7 +216,7 @@ class Settler:
         counters.acked += 1
         counters.completed += 1
         if self._wall_clock is not None:
-            counters.latency.observe(self._wall_clock() - delivery.publish_time.timestamp())
+            counters.latency.observe(self._wall_clock() - delivery.publish_time)
         if (
             self._stop_after is not None
             and self._shutdown is not None

@@ -16,7 +16,7 @@ from mandrill.message import (
     validate_domain,
 )
 
-NOW = datetime(2026, 11, 24, tzinfo=UTC)
+NOW = datetime(2026, 11, 24, tzinfo=UTC).timestamp()
 
 
 def delivery(data: bytes, attempt: int | None = 1) -> Delivery:

@@ -18,7 +18,7 @@ GOOGLE_CHAT = '{"text": "*{outcome}* {host} at {time}: {detail} (message {messag
 
 
 def test_notification_from_a_message():
-    message = Message("m-9", "Db-2", "db-2.example.net", TIME, 3)
+    message = Message("m-9", "Db-2", "db-2.example.net", TIME.timestamp(), 3)
     made = Notification.for_message(message, "skipped", "host excluded", TIME)
     assert made == Notification("db-2.example.net", "m-9", "skipped", "host excluded", TIME)
     assert json.loads(made.to_json())["time"] == "2026-01-05T12:00:30+01:00"

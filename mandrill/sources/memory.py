@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import anyio
 
@@ -30,7 +30,7 @@ class _Stored:
     message_id: str
     data: bytes
     attributes: Mapping[str, str]
-    publish_time: datetime
+    publish_time: float
     attempts: int = 0
 
 
@@ -86,7 +86,7 @@ class MemoryBroker:
 
     # -- Topic -------------------------------------------------------------------------
     async def publish(self, messages: Sequence[tuple[bytes, Mapping[str, str]]]) -> list[str]:
-        now = datetime.now(UTC)
+        now = time.time()
         ids = []
         for data, attributes in messages:
             # Unique across runs too: the ledger outlives the broker and dedups by id.

@@ -74,7 +74,7 @@ class TimedSource:
     async def pull(self, max_messages: int) -> Sequence[Delivery]:
         deliveries = await self._source.pull(max_messages)
         for delivery in deliveries:
-            self._published[delivery.ack_id] = delivery.publish_time.timestamp()
+            self._published[delivery.ack_id] = delivery.publish_time
         return deliveries
 
     async def acknowledge(self, ack_ids: Sequence[str]) -> None:

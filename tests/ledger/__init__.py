@@ -23,7 +23,7 @@ from mandrill.policy import Outcome, Rules
 T0 = 1_800_000_000.0
 HOUR = 3600.0
 WEEK = 7 * 86400.0
-PUBLISHED = datetime(2026, 11, 1, tzinfo=UTC)
+PUBLISHED = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
 #: The interval rule of most tests: a week.
 RULES = Rules(WEEK)
 

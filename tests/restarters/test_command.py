@@ -29,7 +29,7 @@ def message(instance: str = "web-1", hostname: str | None = None) -> Message:
         "m-1",
         instance,
         hostname if hostname is not None else f"{instance.lower()}.example.net",
-        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC).timestamp(),
         None,
     )
 

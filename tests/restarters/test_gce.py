@@ -160,7 +160,7 @@ def message(instance: str = "web-1", message_id: str = "m-1", **attributes: str)
         message_id,
         instance,
         f"{instance.lower()}.example.net",
-        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC).timestamp(),
         None,
         attributes,
     )

@@ -10,7 +10,9 @@ from mandrill.errors import RestartFailed
 from mandrill.message import Message
 from mandrill.restarters import SimulatedRestarter
 
-MESSAGE = Message("m-1", "web-1", "web-1.example.net", datetime(2026, 1, 1, tzinfo=UTC), None)
+MESSAGE = Message(
+    "m-1", "web-1", "web-1.example.net", datetime(2026, 1, 1, tzinfo=UTC).timestamp(), None
+)
 
 
 async def outcomes(restarter: SimulatedRestarter, count: int) -> list[str]:

@@ -62,7 +62,7 @@ def _to_delivery(message: SubscriberMessage) -> Delivery:
         # The API omits empty data and absent attributes.
         data=message.data or b"",
         attributes={str(k): str(v) for k, v in (message.attributes or {}).items()},
-        publish_time=message.publish_time,
+        publish_time=message.publish_time.timestamp(),
         delivery_attempt=int(attempt) if attempt is not None else None,
     )
 
