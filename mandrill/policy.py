@@ -195,11 +195,12 @@ STEADY_DEFERRALS = 4
 MAX_DEFER_SECONDS = MAX_ACK_DEADLINE_SECONDS
 
 
-def defer_seconds(delivery_attempt: int | None) -> int:
-    """How long a delivery handed back for later stays away; ``delivery_attempt`` is
-    ``None`` where the source does not count deliveries (then the first delay)."""
+def defer_seconds(delivery_attempt: int | None, first: float = DEFER_SECONDS) -> float:
+    """How long a delivery handed back for later stays away (``first`` for its first few
+    deliveries); ``delivery_attempt`` is ``None`` where the source does not count
+    deliveries (then the first delay)."""
     doublings = min(max((delivery_attempt or 1) - STEADY_DEFERRALS, 0), 16)
-    return min(MAX_DEFER_SECONDS, DEFER_SECONDS << doublings)
+    return min(MAX_DEFER_SECONDS, first * (1 << doublings))
 
 
 class Settlement(StrEnum):

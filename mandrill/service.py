@@ -48,7 +48,7 @@ from mandrill.ledger.base import DeadLetterRecord, Finish, Ledger
 from mandrill.message import Delivery, Message
 from mandrill.obs.counters import Counters
 from mandrill.obs.metrics import Observability
-from mandrill.policy import NOT_STARTED_DETAIL, Outcome, Reason, Settlement
+from mandrill.policy import DEFER_SECONDS, NOT_STARTED_DETAIL, Outcome, Reason, Settlement
 from mandrill.restarters.base import Restarter
 from mandrill.settler import Outbox, Settler, settle_stream
 from mandrill.shutdown import Shutdown, watch_signals
@@ -74,6 +74,9 @@ class ServiceSettings:
     #: Stop gracefully once this many messages are finished (acked or dead-lettered).
     stop_after: int | None = None
     handle_signals: bool = True
+    #: How long a message handed back for later (its host busy, the ledger down) stays
+    #: away at first; longer after a few deliveries (policy.defer_seconds).
+    defer: float = DEFER_SECONDS
 
 
 #: A long-lived task started in the root group, reporting readiness through task_status.
@@ -157,6 +160,7 @@ async def serve(
     settler = Settler(
         parts.source, parts.ledger, counters, settling, shutdown=shutdown,
         stop_after=settings.stop_after, wall_clock=worker_settings.wall_clock,
+        defer=settings.defer,
     )
     #: Set when the settler ends (never, if it did not start: then not waited for).
     settled: anyio.Event | None = None

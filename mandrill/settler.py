@@ -31,7 +31,7 @@ from mandrill.holdings import Holdings
 from mandrill.ledger.base import Finish, Ledger
 from mandrill.message import Delivery
 from mandrill.obs.counters import Counters
-from mandrill.policy import Settlement, defer_seconds
+from mandrill.policy import DEFER_SECONDS, Settlement, defer_seconds
 from mandrill.shutdown import Shutdown
 from mandrill.sources.base import Source
 
@@ -101,6 +101,7 @@ class Settler:
         shutdown: Shutdown | None = None,
         stop_after: int | None = None,
         wall_clock: Callable[[], float] | None = None,
+        defer: float = DEFER_SECONDS,
         max_batch: int = MAX_BATCH,
         max_delay: float = MAX_DELAY,
     ) -> None:
@@ -112,6 +113,8 @@ class Settler:
         #: Request a graceful stop once this many messages are done.
         self._stop_after = stop_after
         self._wall_clock = wall_clock
+        #: How long a deferred delivery stays away, at first (see policy.defer_seconds).
+        self._defer = defer
         self._max_batch = max_batch
         self._max_delay = max_delay
         #: Settlements taken from the stream and not sent yet (for the summary).
@@ -185,7 +188,7 @@ class Settler:
     async def _settle(self, batch: list[Settle]) -> None:
         acks: list[str] = []
         nacks: list[str] = []
-        defers: dict[int, list[str]] = {}
+        defers: dict[float, list[str]] = {}
         counters = self._counters
         for item in batch:
             settlement, delivery = item.settlement, item.delivery
@@ -196,9 +199,8 @@ class Settler:
                 nacks.append(delivery.ack_id)
                 counters.nacked += 1
             else:
-                defers.setdefault(defer_seconds(delivery.delivery_attempt), []).append(
-                    delivery.ack_id
-                )
+                seconds = defer_seconds(delivery.delivery_attempt, self._defer)
+                defers.setdefault(seconds, []).append(delivery.ack_id)
                 counters.deferred += 1
         sends: list[tuple[list[str], Callable[[Sequence[str]], Awaitable[None]]]] = [
             (acks, self._source.acknowledge),
@@ -227,7 +229,7 @@ class Settler:
     async def _nack_now(self, ack_ids: Sequence[str]) -> None:
         await self._source.modify_ack_deadline(ack_ids, 0)
 
-    def _nack_after(self, seconds: int) -> Callable[[Sequence[str]], Awaitable[None]]:
+    def _nack_after(self, seconds: float) -> Callable[[Sequence[str]], Awaitable[None]]:
         async def nack_later(ack_ids: Sequence[str]) -> None:
             await self._source.modify_ack_deadline(ack_ids, seconds)
 
