@@ -112,7 +112,8 @@ async def test_a_dead_letter_is_published_within_pubsubs_limits(
     assert letter.attributes[DEAD_LETTER_REASON_ATTRIBUTE].startswith("invalid:")
     kept = {key for key in attributes if key in letter.attributes}
     cut = set(attributes) - kept
-    assert cut and letter.attributes[CUT_ATTRIBUTE] == ",".join(sorted(cut))
+    assert cut
+    assert letter.attributes[CUT_ATTRIBUTE] == ",".join(sorted(cut))
 
 
 @pytest.mark.slow
