@@ -40,11 +40,25 @@ FLEET_LOCK = "*fleet*"
 @dataclass(frozen=True, slots=True)
 class Owner:
     """Who claims a restart, and which claims count as orphaned: those whose owner has not
-    heartbeated since ``alive_since`` (on the ledger's clock), or has stopped."""
+    heartbeated since ``alive_since`` (on the ledger's clock), or has stopped.
+
+    ``may_judge`` is false while the owner itself has not been connected to the ledger
+    lately (see :func:`may_judge`): an outage that cut off every daemon leaves them all
+    equally silent, and the first one back must not take the others for dead."""
 
     instance_id: str
     subscription: str
     alive_since: float
+    may_judge: bool = True
+
+
+def may_judge(cur: Cursor, d: Dialect, instance_id: str, now: float, timeout: float) -> bool:
+    """Whether this daemon may judge its peers' silence now: its own last heartbeat is no
+    older than half the instance timeout (so that it was connected while they were silent,
+    and a peer cut off with it has had heartbeats of its own to come back)."""
+    cur.execute(d.sql("SELECT last_seen FROM instances WHERE instance_id = ?"), (instance_id,))
+    row = cur.fetchone()
+    return row is not None and row[0] is not None and row[0] >= now - timeout / 2
 
 
 class _Row:
@@ -279,9 +293,11 @@ def _orphaned(
 ) -> bool:
     if claimant is None:
         # A claim from before instances existed: only its age can tell.
-        return bool(decided_at < owner.alive_since)
+        return bool(decided_at < owner.alive_since) and owner.may_judge
     if claimant == owner.instance_id:
         return False  # this daemon's own, alive however late its last heartbeat
+    if not owner.may_judge:
+        return False  # cut off itself lately: in no place to call another silent
     return last_seen is None or stopped_at is not None or last_seen < owner.alive_since
 
 
@@ -375,5 +391,6 @@ def reconcile_own(
 
 
 __all__ = [
-    "FLEET_LOCK", "Owner", "claim_many", "lock_hosts", "reconcile_own", "resolve_orphans",
+    "FLEET_LOCK", "Owner", "claim_many", "lock_hosts", "may_judge", "reconcile_own",
+    "resolve_orphans",
 ]

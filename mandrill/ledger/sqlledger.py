@@ -172,8 +172,9 @@ class SQLLedger:
     def _sweep(self, cur: Any, *, forget: bool) -> tuple[int, int]:
         d, instance = self._d, self.instance
         now = self.now(cur)
-        # Others' orphans first, while this transaction holds no lock (see resolve_orphans).
-        resolved = claims.resolve_orphans(cur, d, self._owner(now), now)
+        # Others' orphans first, while this transaction holds no lock (see resolve_orphans);
+        # judged on this daemon's heartbeat before this one (claims.Owner.may_judge).
+        resolved = claims.resolve_orphans(cur, d, self._owner(cur, now), now)
         # What this daemon holds, read inside the transaction: a claim committed before it
         # was reserved before its own transaction began (OwnedClaims.reserve).
         cancelled, _ = claims.reconcile_own(
@@ -184,10 +185,10 @@ class SQLLedger:
             sql.forget_instances(cur, d, now - FORGET_INSTANCES_AFTER)
         return resolved, cancelled
 
-    def _owner(self, now: float) -> claims.Owner:
-        return claims.Owner(
-            self.instance.instance_id, self.subscription, now - self.instance_timeout
-        )
+    def _owner(self, cur: Any, now: float) -> claims.Owner:
+        instance_id, timeout = self.instance.instance_id, self.instance_timeout
+        judging = claims.may_judge(cur, self._d, instance_id, now, timeout)
+        return claims.Owner(instance_id, self.subscription, now - timeout, judging)
 
     async def stop(self) -> None:
         """Resolve this daemon's open claims (``unknown`` where the restart began,
@@ -252,7 +253,7 @@ class SQLLedger:
             for request in requests if request.refusal is not None
         ]
         skipped = _each(cur, skips, partial(sql.insert_many, cur, d))
-        owner = self._owner(now)
+        owner = self._owner(cur, now)
         decisions = _each(
             cur, to_claim, partial(claims.claim_many, cur, d, owner, now, rules)
         )

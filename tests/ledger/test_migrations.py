@@ -158,6 +158,7 @@ async def test_an_old_ledger_is_upgraded_keeping_its_rows(old_ledger: OldLedger)
             assert verdict(again) == (Verdict.DUPLICATE, "already restarted")
             # The old claim has no owner: the old daemon that made it is long gone.
             clock.now = T0 + 100
+            await ledger._beat()  # this daemon's heartbeat, as it runs
             orphan = await decide_one(ledger, message("m3", "db-1"))
             assert verdict(orphan)[0] is Verdict.DUPLICATE
             tg.cancel_scope.cancel()

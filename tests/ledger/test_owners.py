@@ -53,8 +53,9 @@ async def test_a_silent_daemons_claim_is_resolved_as_unknown(durable_url: str) -
         assert verdict(await decide_one(b, message("m1")))[0] is Verdict.BUSY
         assert verdict(await decide_one(b, message("m2")))[0] is Verdict.BUSY
 
-        # a stops heartbeating (its clock stands still: its last heartbeat ages).
+        # a stops heartbeating (its clock stands still: its last heartbeat ages); b goes on.
         alive.now = T0 + TIMEOUT + 1
+        await b._beat()
         again = await decide_one(b, message("m1"))
         assert verdict(again) == (Verdict.DUPLICATE, UNKNOWN_DETAIL)
         (row,) = await b.history()
@@ -209,3 +210,35 @@ async def test_reasons_are_recorded_as_codes(durable_url: str) -> None:
             return [tuple(row) for row in cur.fetchall()]
 
         assert await a._tx.query(reasons) == [("m1", ""), ("m2", Reason.INTERVAL.value)]
+
+
+async def test_a_daemon_cut_off_itself_does_not_judge_its_peers_silence(durable_url: str) -> None:
+    # An outage cut both daemons off the ledger for longer than the instance timeout (a
+    # stalled server). The first to reach it again must not take the other, just as silent
+    # through no fault of its own, for dead, and resolve its claims as unknown (counted:
+    # their hosts never restarted): it judges only once it has been connected itself.
+    clock = Clock()
+    async with daemon(durable_url, clock) as a, daemon(durable_url, clock) as b:
+        claimed = await decide_one(a, message("m1"))
+        assert claimed.claim is not None
+        clock.now = T0 + TIMEOUT + 5  # both silent since T0
+        waiting = await decide_one(b, message("m2"))
+        assert verdict(waiting)[0] is Verdict.BUSY  # not "restart outcome unknown"
+        await b._beat()  # b is back: its sweep leaves a's claim alone too
+        assert [h.outcome for h in await b.history()] == ["restarting"]
+        # a is back as well, just after: its claim stands, and its restart goes on.
+        clock.now += 1
+        await a._beat()
+        assert verdict(await decide_one(b, message("m2")))[0] is Verdict.BUSY
+        await finish(a, claimed, Outcome.RESTARTED)
+
+        # A peer that stays silent while b is connected is judged as before.
+        other = await decide_one(a, message("m3", "web-3"))
+        assert other.claim is not None
+        clock.now += TIMEOUT + 1
+        await b._beat()  # b connected at clock.now; a silent for the whole timeout
+        clock.now += 1
+        await b._beat()
+        outcomes = {h.message_id: h.outcome for h in await b.history()}
+        assert outcomes["m3"] == "unknown"
+        a.owned.settled([other.claim])
