@@ -58,6 +58,7 @@ def _drain(stream: MemoryObjectReceiveStream[object]) -> list:
 
 
 async def make_bench(ledger: SQLLedger, settings: WorkerSettings) -> Bench:
+    await ledger._beat(forget=True)  # registered and alive, as a daemon's ledger is
     send, settled = settle_stream()
     claims, restarts = anyio.create_memory_object_stream[Claimed](math.inf)
     letters, lettered = anyio.create_memory_object_stream[DeadLetterRecord](math.inf)

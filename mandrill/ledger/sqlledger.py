@@ -254,6 +254,13 @@ class SQLLedger:
         ]
         skipped = _each(cur, skips, partial(sql.insert_many, cur, d))
         owner = self._owner(cur, now)
+        if to_claim and not owner.may_judge:
+            # Claims made now would be orphans at birth (for a peer to resolve as unknown,
+            # counted, never begun): none until this daemon's heartbeat says it is alive.
+            raise LedgerError(
+                f"this daemon has not heartbeated for over {self.instance_timeout / 2:g}s (cut"
+                " off from the ledger): it claims nothing until it has"
+            )
         decisions = _each(
             cur, to_claim, partial(claims.claim_many, cur, d, owner, now, rules)
         )

@@ -75,13 +75,21 @@ async def running(url: str, clock: Clock | None = None, **options: Any) -> Async
         yield ledger
 
 
-async def decide(ledger: SQLLedger, *messages: Message, rules: Rules = RULES) -> list[Decided]:
-    """The ledger's decisions on ``messages``, in one transaction."""
+async def decide(
+    ledger: SQLLedger, *messages: Message, rules: Rules = RULES, beat: bool = True
+) -> list[Decided]:
+    """The ledger's decisions on ``messages``, in one transaction; first, unless ``beat`` is
+    false, a heartbeat at the test clock's time (a daemon heartbeats as its time passes,
+    and claims nothing while its heartbeat is stale)."""
+    if beat:
+        await ledger._beat()
     return await ledger.decide([Request(msg) for msg in messages], rules)
 
 
-async def decide_one(ledger: SQLLedger, msg: Message, rules: Rules = RULES) -> Decided:
-    (decided,) = await decide(ledger, msg, rules=rules)
+async def decide_one(
+    ledger: SQLLedger, msg: Message, rules: Rules = RULES, *, beat: bool = True
+) -> Decided:
+    (decided,) = await decide(ledger, msg, rules=rules, beat=beat)
     return decided
 
 

@@ -12,7 +12,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import pytest
 
+from mandrill.errors import LedgerError
 from mandrill.ledger import SQLLedger
 from mandrill.policy import UNKNOWN_DETAIL, Outcome, Reason, Rules, Verdict
 from tests.ledger import (
@@ -48,7 +50,7 @@ async def test_a_silent_daemons_claim_is_resolved_as_unknown(durable_url: str) -
     async with daemon(durable_url, dead) as a, daemon(durable_url, alive) as b:
         first = await decide_one(a, message("m1"))
         assert verdict(first)[0] is Verdict.RESTART
-        # Within the bound, the claim holds: the message and its host wait.
+        # Within the bound, the claim holds: the message and its host wait (a is silent).
         alive.now = T0 + TIMEOUT - 1
         assert verdict(await decide_one(b, message("m1")))[0] is Verdict.BUSY
         assert verdict(await decide_one(b, message("m2")))[0] is Verdict.BUSY
@@ -222,14 +224,14 @@ async def test_a_daemon_cut_off_itself_does_not_judge_its_peers_silence(durable_
         claimed = await decide_one(a, message("m1"))
         assert claimed.claim is not None
         clock.now = T0 + TIMEOUT + 5  # both silent since T0
-        waiting = await decide_one(b, message("m2"))
-        assert verdict(waiting)[0] is Verdict.BUSY  # not "restart outcome unknown"
+        with pytest.raises(LedgerError, match="has not heartbeated"):
+            await decide_one(b, message("m2"), beat=False)  # handed back, nothing judged
         await b._beat()  # b is back: its sweep leaves a's claim alone too
         assert [h.outcome for h in await b.history()] == ["restarting"]
         # a is back as well, just after: its claim stands, and its restart goes on.
         clock.now += 1
         await a._beat()
-        assert verdict(await decide_one(b, message("m2")))[0] is Verdict.BUSY
+        assert verdict(await decide_one(b, message("m2"), beat=False))[0] is Verdict.BUSY
         await finish(a, claimed, Outcome.RESTARTED)
 
         # A peer that stays silent while b is connected is judged as before.
@@ -242,3 +244,20 @@ async def test_a_daemon_cut_off_itself_does_not_judge_its_peers_silence(durable_
         outcomes = {h.message_id: h.outcome for h in await b.history()}
         assert outcomes["m3"] == "unknown"
         a.owned.settled([other.claim])
+
+
+async def test_a_daemon_cut_off_claims_nothing_until_it_has_heartbeated(durable_url: str) -> None:
+    # Its decision reached the ledger only after an outage longer than half the timeout (a
+    # stalled connection, a paused process): claims made now would be orphans at birth, for
+    # a peer to resolve as unknown (counted, never begun). It claims nothing until its
+    # heartbeat says it is alive; the messages come back, and are decided then.
+    clock = Clock()
+    async with daemon(durable_url, clock) as a:
+        clock.now = T0 + TIMEOUT / 2 + 1
+        with pytest.raises(LedgerError, match="has not heartbeated"):
+            await decide_one(a, message("m1"), beat=False)
+        assert await a.history() == []
+        await a._beat()
+        claimed = await decide_one(a, message("m1"))
+        assert verdict(claimed)[0] is Verdict.RESTART
+        await finish(a, claimed, Outcome.RESTARTED)
