@@ -28,6 +28,7 @@ import functools
 import json
 import random
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -565,3 +566,53 @@ async def run_schedule(
 
 
 __all__ = ["KINDS", "FaultRun", "check", "run_schedule", "schedule"]
+
+
+# -- many schedules, in a process of their own (the reliability report) ------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m tests.reliability.faults BACKEND FIRST_SEED COUNT EMULATOR ADMIN_URL``:
+    run seeds ``FIRST_SEED ..`` on SQLite and PostgreSQL, on BACKEND's event loop; one JSON
+    line per run on stdout."""
+    import sys
+
+    backend, first, count, emulator, admin_url = (argv or sys.argv[1:])[:5]
+
+    async def runs() -> None:
+        from tests.reliability.harness import postgres_schema
+
+        with tempfile.TemporaryDirectory(prefix="mandrill-faults-") as directory:
+            workdir = Path(directory)
+            for seed in range(int(first), int(first) + int(count)):
+                for database in ("sqlite", "postgres"):
+                    try:
+                        if database == "postgres":
+                            async with postgres_schema(admin_url, "faults") as url:
+                                result = await run_schedule(seed, backend, database,
+                                                            ledger_url=url, emulator=emulator,
+                                                            workdir=workdir)
+                        else:
+                            result = await run_schedule(
+                                seed, backend, database,
+                                ledger_url=str(workdir / f"ledger-{seed}.db"),
+                                emulator=emulator, workdir=workdir,
+                            )
+                        line = {"seed": seed, "database": database, "lost": result.lost,
+                                "double": result.double_restarts,
+                                "published": result.published, "notes": result.notes}
+                        try:
+                            check(result)
+                            line["ok"] = True
+                        except AssertionError:
+                            line["ok"] = False
+                    except Exception as exc:
+                        line = {"seed": seed, "database": database, "ok": False,
+                                "error": " ".join(str(exc).split())[:300]}
+                    print(json.dumps(line), flush=True)
+
+    anyio.run(runs, backend=backend)
+
+
+if __name__ == "__main__":
+    main()
