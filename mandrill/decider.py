@@ -20,7 +20,6 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mandrill.errors import InvalidMessage, LedgerError
@@ -30,6 +29,7 @@ from mandrill.obs.counters import Counters
 from mandrill.policy import Outcome, Reason, Refusal, Settlement, Verdict, settlement_for
 from mandrill.settler import Outbox
 from mandrill.shutdown import Shutdown
+from mandrill.streams import ready
 from mandrill.worker import Claimed, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,9 @@ class Decider:
             async with deliveries:
                 async for pulled in deliveries:
                     batch = list(pulled)
-                    while len(batch) < MAX_DECISIONS:
-                        try:
-                            batch += deliveries.receive_nowait()
-                        except (anyio.WouldBlock, anyio.EndOfStream):
+                    for more in ready(deliveries):
+                        batch += more
+                        if len(batch) >= MAX_DECISIONS:
                             break
                     await self.decide(batch)
 

@@ -54,6 +54,7 @@ from mandrill.settler import Outbox, Settler, settle_stream
 from mandrill.shutdown import Shutdown, watch_signals
 from mandrill.sources.base import Source
 from mandrill.sources.limits import MAX_PULL_MESSAGES as MAX_PULL
+from mandrill.streams import ready
 from mandrill.worker import SHUTTING_DOWN, Claimed, Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -381,13 +382,13 @@ async def _final_settlement(
     """Hand the settler what no stage finished, let it drain its stream, and let the
     ledger resolve this daemon's open claims: shielded, and bounded by ``settle_by``."""
     with anyio.CancelScope(shield=True, deadline=shutdown.settle_by) as scope:
-        not_started = _drain(streams.restarts[1])
+        not_started = list(ready(streams.restarts[1]))
         counters.restart_cancelled += len(not_started)
         for claimed in not_started:
             finish = Finish(claimed.claim, Outcome.CANCELLED,
                             NOT_STARTED_DETAIL.format(why=SHUTTING_DOWN), Reason.NOT_STARTED)
             outbox.settle(claimed.delivery, Settlement.NACK, finish)
-        for letter in _drain(streams.letters[1]):
+        for letter in ready(streams.letters[1]):
             outbox.settle(letter.delivery, Settlement.NACK, letter.finish)
         held = holdings.release_all()
         for delivery in held:
@@ -409,13 +410,3 @@ async def _final_settlement(
             "final settlement cut short by its deadline: %d settlements not sent; the"
             " source redelivers those messages when their leases expire", settler.pending,
         )
-
-
-def _drain(stream: MemoryObjectReceiveStream[Any]) -> list[Any]:
-    """What is left in a stream whose takers are gone."""
-    items = []
-    while True:
-        try:
-            items.append(stream.receive_nowait())
-        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-            return items

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import islice
 from types import TracebackType
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ from mandrill.obs.counters import Counters
 from mandrill.policy import DEFER_SECONDS, Settlement, defer_seconds
 from mandrill.shutdown import Shutdown
 from mandrill.sources.base import Source
+from mandrill.streams import ready
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +152,7 @@ class Settler:
                     return
                 # Batch-mates come while this waits, without a wake each.
                 await anyio.sleep(self._max_delay)
-                batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._stream.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
+                batch = [first, *islice(ready(self._stream), self._max_batch - 1)]
                 self._taken += len(batch)
                 await self._keep_outcomes(batch)
                 recorded.send_nowait(batch)
@@ -178,11 +175,8 @@ class Settler:
         async with to_send:
             async for first in to_send:
                 batch = list(first)
-                while True:
-                    try:
-                        batch += to_send.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
+                for more in ready(to_send):
+                    batch += more
                 await self._settle(batch)
 
     async def _settle(self, batch: list[Settle]) -> None:
