@@ -111,8 +111,12 @@ class Decider:
             for delivery in deliveries:
                 self._outbox.settle(delivery, Settlement.DEFER)
             return
+        restarts = self._restarts
         for delivery, request, result in zip(deliveries, requests, decided, strict=True):
-            self._hand_on(delivery, request.message, result)
+            if result.claim is not None and result.saved:  # the common case, kept short
+                restarts.send_nowait(Claimed(delivery, request.message, result.claim))
+            else:
+                self._hand_on(delivery, request.message, result)
 
     def _refusal(self, message: Message) -> Refusal | None:
         checks = self.settings.skip_checks

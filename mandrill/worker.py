@@ -138,11 +138,11 @@ class Worker:
             log.info("DRY RUN: would restart %s", message.hostname, extra=_context(message))
             self._finish(claimed, Outcome.DRY_RUN, "dry run: would restart")
             return
+        # time.monotonic, not anyio's clock: a restart takes real time, and anyio looks up
+        # its backend on every call.
+        started = time.monotonic()
         try:
-            detail = await self._timed_restart(message)
-        except RestartFailed as exc:
-            self._failed(claimed, str(exc))
-            return
+            detail = await self._restarter.restart(message)
         except anyio.get_cancelled_exc_class():
             self._counters.restart_unknown += 1
             self._finish(claimed, Outcome.UNKNOWN,
@@ -152,28 +152,20 @@ class Worker:
                         extra=_context(message))
             raise
         except Exception as exc:
-            log.exception("restarter raised unexpectedly for %s", message.hostname,
-                          extra=_context(message))
-            self._failed(claimed, f"bug: {exc!r}")
+            self._counters.restart_duration.observe(time.monotonic() - started)
+            if isinstance(exc, RestartFailed):
+                self._failed(claimed, str(exc))
+            else:
+                log.exception("restarter raised unexpectedly for %s", message.hostname,
+                              extra=_context(message))
+                self._failed(claimed, f"bug: {exc!r}")
             return
+        self._counters.restart_duration.observe(time.monotonic() - started)
         self._counters.restarted += 1
         self._notify(message, Outcome.RESTARTED, detail)
         if log.isEnabledFor(logging.INFO):  # spare building the context on the hot path
             log.info("restarted %s (%s)", message.hostname, detail, extra=_context(message))
         self._finish(claimed, Outcome.RESTARTED, detail)
-
-    async def _timed_restart(self, message: Message) -> str:
-        """The restart, timed for the histogram (success or failure; not cancellation)."""
-        # time.monotonic, not anyio's clock: a restart takes real time, and anyio looks up
-        # its backend on every call.
-        started = time.monotonic()
-        try:
-            detail = await self._restarter.restart(message)
-        except Exception:
-            self._counters.restart_duration.observe(time.monotonic() - started)
-            raise
-        self._counters.restart_duration.observe(time.monotonic() - started)
-        return detail
 
     def _failed(self, claimed: Claimed, detail: str) -> None:
         self._counters.restart_failed += 1
