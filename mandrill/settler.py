@@ -184,18 +184,28 @@ class Settler:
         nacks: list[str] = []
         defers: dict[float, list[str]] = {}
         counters = self._counters
+        now = self._wall_clock() if self._wall_clock is not None else None
         for item in batch:
             settlement, delivery = item.settlement, item.delivery
             if settlement is Settlement.ACK:
                 acks.append(delivery.ack_id)
-                self._done(delivery)
+                if now is not None:
+                    counters.latency.observe(now - delivery.publish_time)
             elif settlement is Settlement.NACK:
                 nacks.append(delivery.ack_id)
-                counters.nacked += 1
             else:
                 seconds = defer_seconds(delivery.delivery_attempt, self._defer)
                 defers.setdefault(seconds, []).append(delivery.ack_id)
                 counters.deferred += 1
+        counters.acked += len(acks)
+        counters.completed += len(acks)
+        counters.nacked += len(nacks)
+        if (
+            self._stop_after is not None
+            and self._shutdown is not None
+            and counters.completed >= self._stop_after
+        ):
+            self._shutdown.request(f"processed {counters.completed} messages")
         sends: list[tuple[list[str], Callable[[Sequence[str]], Awaitable[None]]]] = [
             (acks, self._source.acknowledge),
             (nacks, self._nack_now),
@@ -206,19 +216,6 @@ class Settler:
                 chunk = ids[start:start + self._max_batch]
                 await send(chunk)
                 self._taken -= len(chunk)
-
-    def _done(self, delivery: Delivery) -> None:
-        counters = self._counters
-        counters.acked += 1
-        counters.completed += 1
-        if self._wall_clock is not None:
-            counters.latency.observe(self._wall_clock() - delivery.publish_time)
-        if (
-            self._stop_after is not None
-            and self._shutdown is not None
-            and counters.completed >= self._stop_after
-        ):
-            self._shutdown.request(f"processed {counters.completed} messages")
 
     async def _nack_now(self, ack_ids: Sequence[str]) -> None:
         await self._source.modify_ack_deadline(ack_ids, 0)

@@ -56,14 +56,14 @@ _NOT_FOUND: Final = 404
 
 def _to_delivery(message: SubscriberMessage) -> Delivery:
     attempt = message.delivery_attempt
+    attributes = message.attributes  # the API omits absent attributes, and empty data
     return Delivery(
-        ack_id=message.ack_id,
-        message_id=message.message_id,
-        # The API omits empty data and absent attributes.
-        data=message.data or b"",
-        attributes={str(k): str(v) for k, v in (message.attributes or {}).items()},
-        publish_time=message.publish_time.timestamp(),
-        delivery_attempt=int(attempt) if attempt is not None else None,
+        message.ack_id,
+        message.message_id,
+        message.data or b"",
+        {str(k): str(v) for k, v in attributes.items()} if attributes else {},
+        message.publish_time.timestamp(),
+        int(attempt) if attempt is not None else None,
     )
 
 
