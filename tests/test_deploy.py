@@ -2,17 +2,17 @@
 
 Checked here: the sample TOML (every setting, loaded by the real loader and by a real
 `mandrill run`), the Kubernetes manifests (fields, probes, grace periods, their TOML), the
-systemd unit (fields; `systemd-analyze verify` where installed), the container file
-(fields; its health check run against a real daemon), the Prometheus rules and the
-Grafana dashboard (every metric they name is exported; `promtool check rules` where
-installed). No image is built: no base image can be pulled on these machines.
+systemd unit (fields; `systemd-analyze verify`), the container file (fields; its health
+check run against a real daemon), the Prometheus rules and the Grafana dashboard (every
+metric they name is exported; `promtool check rules`). No image is built: no base image
+can be pulled on these machines. The tools come from tests.support.tools: a missing one
+skips its test, or fails it under CI=true.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +31,7 @@ from mandrill.obs.collector import build_registry
 from mandrill.obs.counters import Counters
 from mandrill.obs.health import ServiceHealth
 from mandrill.obs.lag import LagProbe
+from tests.support import tools
 from tests.support.daemon import run_to_end, start
 from tests.support.net import free_port
 
@@ -172,13 +173,13 @@ def test_systemd_unit_fields():
     assert entries["RestartPreventExitStatus"] == ["2"]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 def test_systemd_analyze_verifies_the_unit(tmp_path):
     """With ExecStart pointed at this environment's mandrill (verify checks it exists)."""
+    systemd_analyze = tools.require("systemd-analyze")
     mandrill = Path(sys.executable).parent / "mandrill"
     unit = tmp_path / "mandrill.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/mandrill", str(mandrill)))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+    result = subprocess.run([systemd_analyze, "verify", str(unit)], capture_output=True,
                             text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if str(unit) in line] == []
@@ -333,9 +334,9 @@ def test_the_dashboard_panels_do_not_overlap():
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) missing")
 def test_promtool_accepts_the_rules_and_the_dashboards_queries(tmp_path):
-    result = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True,
+    promtool = tools.require("promtool")
+    result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                             text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     # The dashboard's queries, as recording rules: promtool parses each one.
@@ -345,6 +346,6 @@ def test_promtool_accepts_the_rules_and_the_dashboards_queries(tmp_path):
     ]}]}
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump(recording))
-    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True,
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
                             text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
