@@ -11,6 +11,7 @@ skips its test, or fails it under CI=true.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import signal
@@ -31,6 +32,7 @@ from mandrill.obs.collector import build_registry
 from mandrill.obs.counters import Counters
 from mandrill.obs.health import ServiceHealth
 from mandrill.obs.lag import LagProbe
+from mandrill.version import DISTRIBUTION, version
 from tests.support import tools
 from tests.support.daemon import run_to_end, start
 from tests.support.net import free_port
@@ -42,6 +44,40 @@ COMMENTED_KEY = re.compile(r"^# ([a-z_]+) = (.+)$", re.MULTILINE)
 
 def grace_and_settle(values: dict[str, Any]) -> float:
     return float(values["grace"] + values["settle_timeout"])
+
+
+# --- the distribution's name ----------------------------------------------------------------
+
+#: "pip install mandrill" (or mandrill[extra], mandrill==1.0): the public index's mandrill,
+#: an unrelated mail client. The project's distribution is mayhem-mandrill.
+INSTALLS_MANDRILL = re.compile(r"pip3? install\b[^\n&|;]*?(?<![\w./-])mandrill(?![\w./-])")
+
+
+def test_the_distribution_is_mayhem_mandrill_and_installs_the_mandrill_command():
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION == "mayhem-mandrill"
+    installed = importlib.metadata.distribution(DISTRIBUTION)
+    assert installed.metadata["Name"] == "mayhem-mandrill"
+    scripts = {e.name: e.value for e in installed.entry_points.select(group="console_scripts")}
+    assert scripts == {"mandrill": "mandrill.cli:main"}
+    assert version() == installed.version
+
+
+def test_installing_mandrill_is_recognized():
+    assert INSTALLS_MANDRILL.search("RUN pip install --no-cache-dir mandrill \\")
+    assert INSTALLS_MANDRILL.search("#   pip install mandrill[test] (into /opt/mandrill)")
+    assert INSTALLS_MANDRILL.search("pip install mandrill==1.0.60")
+    assert not INSTALLS_MANDRILL.search("/opt/mandrill/bin/pip install mayhem-mandrill")
+    assert not INSTALLS_MANDRILL.search("pip install --find-links /wheels/mandrill x")
+    assert not INSTALLS_MANDRILL.search("pip install -e . && mandrill run")
+
+
+def test_no_deploy_file_installs_the_other_mandrill():
+    files = [DEPLOY.parent / "pyproject.toml", DEPLOY.parent / "tox.ini"]
+    files += [path for path in DEPLOY.rglob("*") if path.is_file()]
+    said = {str(path): INSTALLS_MANDRILL.findall(path.read_text()) for path in files}
+    assert {path: found for path, found in said.items() if found} == {}
+    assert "pip install mayhem-mandrill" in (DEPLOY / "systemd" / "mandrill.service").read_text()
 
 
 # --- the sample configuration -----------------------------------------------------------
