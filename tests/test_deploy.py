@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.exposition import generate_latest
@@ -180,6 +181,107 @@ def test_kubernetes_manifests(tmp_path, name, workload):
         assert state in {t["metadata"]["name"] for t in templates}
         env = {e["name"]: e for e in container["env"]}
         assert "secretKeyRef" in env["MANDRILL_LEDGER"]["valueFrom"]
+
+
+WORKLOADS = {"mandrill.yaml": "Deployment", "fleet.yaml": "StatefulSet"}
+
+
+def pod_labels(docs: dict[str, dict[str, Any]], workload: str) -> dict[str, str]:
+    labels: dict[str, str] = docs[workload]["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+@pytest.mark.parametrize(("name", "workload"), WORKLOADS.items())
+def test_kubernetes_service_and_pod_monitor_reach_the_metrics_port(name, workload):
+    docs = documents(name)
+    labels = pod_labels(docs, workload)
+    pod = docs[workload]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    service = docs["Service"]
+    assert selects(service["spec"]["selector"], labels)
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] in ports
+    assert port["port"] == ports[port["targetPort"]]
+    if workload == "StatefulSet":
+        assert docs[workload]["spec"]["serviceName"] == service["metadata"]["name"]
+
+    monitor = docs["PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert selects(monitor["spec"]["selector"]["matchLabels"], labels)
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in ports
+    assert endpoint["path"] == pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports[endpoint["port"]])
+
+
+@pytest.mark.parametrize(("name", "workload"), WORKLOADS.items())
+def test_kubernetes_pods_get_no_api_token(name, workload):
+    docs = documents(name)
+    assert docs["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert docs[workload]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_kubernetes_selectors_take_their_own_pods_only():
+    """Both files in one namespace: no selector of one takes the other's pods."""
+    for name, workload in WORKLOADS.items():
+        docs = documents(name)
+        own = pod_labels(docs, workload)
+        (other_name,) = set(WORKLOADS) - {name}
+        other = pod_labels(documents(other_name), WORKLOADS[other_name])
+        found = [docs[workload]["spec"]["selector"]["matchLabels"],
+                 docs["Service"]["spec"]["selector"],
+                 docs["PodMonitor"]["spec"]["selector"]["matchLabels"]]
+        if "PodDisruptionBudget" in docs:
+            found.append(docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"])
+        for selector in found:
+            assert selects(selector, own), (name, selector)
+            assert not selects(selector, other), (name, selector)
+
+
+#: Kubernetes versions whose API schemas the manifests are checked against: the oldest the
+#: checker ships and the newest.
+SCHEMA_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
+#: Resources of the Prometheus Operator's CRDs, which have no schema there (checked above).
+OPERATOR_KINDS = {"PodMonitor"}
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_kubernetes_manifests_match_the_api_schemas(name, version):
+    """Strict: a field in the wrong place or misspelt fails, not only a wrong type."""
+    with (DEPLOY / "kubernetes" / name).open() as file:
+        resources = list(yaml.safe_load_all(file))
+    for resource in resources:
+        if resource["kind"] not in OPERATOR_KINDS:
+            kubernetes_validate.validate(resource, version, strict=True)
+    assert {r["kind"] for r in resources} >= {"ServiceAccount", "Service", "PodMonitor"}
+
+
+def test_the_fleet_spreads_over_nodes_and_drains_one_daemon_at_a_time():
+    docs = documents("fleet.yaml")
+    fleet = docs["StatefulSet"]["spec"]
+    labels = pod_labels(docs, "StatefulSet")
+
+    budget = docs["PodDisruptionBudget"]
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["spec"]["selector"]["matchLabels"] == fleet["selector"]["matchLabels"]
+    assert selects(budget["spec"]["selector"]["matchLabels"], labels)
+    # A drain may always take one daemon, never all but none.
+    assert budget["spec"]["maxUnavailable"] == 1 < fleet["replicas"]
+
+    spread = {c["topologyKey"]: c for c in fleet["template"]["spec"]["topologySpreadConstraints"]}
+    node = spread["kubernetes.io/hostname"]
+    assert node["maxSkew"] == 1
+    assert node["whenUnsatisfiable"] == "DoNotSchedule"
+    for constraint in spread.values():
+        assert selects(constraint["labelSelector"]["matchLabels"], labels)
+        assert constraint["labelSelector"]["matchLabels"] == fleet["selector"]["matchLabels"]
 
 
 # --- systemd --------------------------------------------------------------------------------
