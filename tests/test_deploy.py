@@ -4,7 +4,8 @@ Checked here: the sample TOML (every setting, loaded by the real loader and by a
 `mandrill run`), the Kubernetes manifests (fields, probes, grace periods, their TOML), the
 systemd unit (fields; `systemd-analyze verify`), the container file (fields; its health
 check run against a real daemon), the Prometheus rules and the Grafana dashboard (every
-metric they name is exported; `promtool check rules`). No image is built: no base image
+metric they name is exported, none names a scrape job; `promtool check rules` and
+`promtool test rules` on tests/prometheus/). No image is built: no base image
 can be pulled on these machines. The tools come from tests.support.tools: a missing one
 skips its test, or fails it under CI=true.
 """
@@ -473,6 +474,41 @@ def test_the_dashboard_panels_do_not_overlap():
         assert not cells & area, panel["title"]
         cells |= area
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+#: A label matcher on the scrape job: job="…", job=~"…", job!="…".
+JOB_MATCHER = re.compile(r"\{[^}]*\bjob\s*(?:=|!=|=~|!~)")
+RULE_TESTS = Path(__file__).parent / "prometheus" / "mandrill-rules.test.yml"
+
+
+def test_job_matchers_are_recognized():
+    assert JOB_MATCHER.search('up{job="mandrill"} == 0')
+    assert JOB_MATCHER.search('rate(x{instance="a", job =~ "m.*"}[5m])')
+    assert not JOB_MATCHER.search("up == 0 and on (job, instance) present_over_time(x[1d])")
+
+
+@pytest.mark.parametrize("source", ["rules", "dashboard"])
+def test_no_query_depends_on_the_scrape_jobs_name(source):
+    expressions = rule_expressions() if source == "rules" else dashboard_expressions()
+    assert [expr for expr in expressions if JOB_MATCHER.search(expr)] == []
+
+
+def test_an_absent_rule_catches_daemons_that_vanished():
+    rules = yaml.safe_load(RULES.read_text())
+    by_alert = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    assert by_alert["MandrillAbsent"]["expr"] == "absent(mandrill_ready)"
+    assert by_alert["MandrillAbsent"]["labels"]["severity"] == "page"
+    # Its unit tests (run by promtool below) exist, and name only alerts that exist.
+    tested = {case["alertname"] for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+              for case in test["alert_rule_test"]}
+    assert {"MandrillAbsent", "MandrillDown"} <= tested <= set(by_alert)
+
+
+def test_promtool_passes_the_rules_unit_tests():
+    promtool = tools.require("promtool")
+    result = subprocess.run([promtool, "test", "rules", str(RULE_TESTS)], capture_output=True,
+                            text=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_promtool_accepts_the_rules_and_the_dashboards_queries(tmp_path):
