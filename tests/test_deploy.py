@@ -26,6 +26,8 @@ import anyio
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,6 +38,7 @@ from mandrill.obs.health import ServiceHealth
 from mandrill.obs.lag import LagProbe
 from mandrill.version import DISTRIBUTION, version
 from tests.support import tools
+from tests.support.constraints import HEADER, runtime_dependencies
 from tests.support.daemon import run_to_end, start
 from tests.support.net import free_port
 
@@ -360,6 +363,80 @@ def test_containerfile_fields():
         if word == "COPY" and not rest.startswith("--from"):
             for source in rest.split()[:-1]:
                 assert (root / source).exists(), source
+
+
+CONSTRAINTS = DEPLOY / "constraints.txt"
+DIGEST_PINNED = re.compile(r"[\w./:-]+@sha256:[0-9a-f]{64}")
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    """The Containerfile's stages, each from its FROM (ARGs before the first resolved)."""
+    found = instructions()
+    first = next(i for i, (word, _) in enumerate(found) if word == "FROM")
+    args = dict(rest.partition("=")[::2] for word, rest in found[:first] if word == "ARG")
+    result: list[list[tuple[str, str]]] = []
+    for word, rest in found[first:]:
+        if word == "FROM":
+            rest = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest)
+            result.append([])
+        result[-1].append((word, rest))
+    return result
+
+
+def test_every_base_image_is_pinned_by_digest():
+    names: set[str] = set()
+    for stage in stages():
+        words = [w for w in stage[0][1].split() if not w.startswith("--")]
+        if words[0] not in names:  # not an earlier stage of this file
+            assert DIGEST_PINNED.fullmatch(words[0]), words[0]
+        if len(words) == 3 and words[1].upper() == "AS":
+            names.add(words[2])
+    assert len(stages()) == 2
+
+
+def test_no_wheel_reaches_the_image():
+    """The final stage takes the build stage's venv and nothing else, and runs no pip: no
+    layer of the image holds a wheel (a deleted file stays in the layer that added it)."""
+    build, final = stages()
+    copied = [rest for word, rest in final if word == "COPY"]
+    assert copied == ["--from=build /opt/mandrill /opt/mandrill"]
+    assert not [rest for word, rest in final if word in ("RUN", "ADD") and "pip" in rest]
+    env = dict(re.findall(r"(\w+)=(\S+)", dict(final)["ENV"]))
+    assert env["PATH"].startswith("/opt/mandrill/bin:")
+    (install,) = [rest for word, rest in build if word == "RUN"]
+    assert "python -m venv /opt/mandrill" in install
+    assert "--no-cache-dir" in install
+
+
+def test_the_image_installs_with_the_constraints():
+    build, _ = stages()
+    assert ("COPY", "deploy/constraints.txt ./") in build
+    (install,) = [rest for word, rest in build if word == "RUN"]
+    assert "/opt/mandrill/bin/pip install --no-cache-dir --constraint constraints.txt ." in install
+
+
+def pins() -> dict[str, str]:
+    found = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, pinned = line.partition("==")
+            assert re.fullmatch(r"[\w.+!-]+", pinned), line  # one exact version
+            found[canonicalize_name(name)] = pinned
+    return found
+
+
+def test_the_constraints_pin_every_runtime_dependency():
+    """Exactly what installing the project brings (from the installed metadata), each pin
+    within pyproject.toml's range. A new dependency: regenerate the file (its header)."""
+    pinned = pins()
+    assert set(pinned) == set(runtime_dependencies())
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    for raw in project["dependencies"]:
+        requirement = Requirement(raw)
+        name = canonicalize_name(requirement.name)
+        assert requirement.specifier.contains(pinned[name], prereleases=True), raw
+    assert "psycopg-binary" in pinned  # an extra's dependencies count too (psycopg[binary])
+    assert CONSTRAINTS.read_text().startswith(HEADER)
 
 
 @pytest.mark.slow
