@@ -9,6 +9,7 @@ global state, so tests can run many.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,22 @@ from mandrill.policy import DEAD_LETTER_REASONS, SKIP_REASONS
 
 if TYPE_CHECKING:
     from mandrill.obs.lag import LagProbe
+
+
+class ProcessCollectorWithoutProcStat(ProcessCollector):
+    """prometheus_client's process collector, which reads the boot time from /proc/stat
+    and exports nothing when it cannot: under systemd's ``ProcSubset=pid`` (the unit's
+    hardening) /proc holds processes only. Then the boot time comes from the clocks."""
+
+    def _boot_time(self) -> float:
+        try:
+            found: float | None = super()._boot_time()  # type: ignore[no-untyped-call]
+        except OSError:
+            found = None
+        if found is None:
+            return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return found
+
 
 class CountersCollector:
     """Reads :class:`Counters` at scrape time; call ``collect`` on the loop thread."""
@@ -118,7 +135,7 @@ def build_registry(
     registry.register(CountersCollector(
         counters, in_flight=in_flight, in_flight_limit=in_flight_limit, probe=probe, health=health
     ))
-    ProcessCollector(registry=registry)
+    ProcessCollectorWithoutProcStat(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
