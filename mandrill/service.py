@@ -8,7 +8,8 @@ outer group, and every shield carries a deadline.
     serve
     └── lasting (task group: outlives the workers; cancelled last)
         ├── signal watcher      first signal: graceful stop; second: force
-        ├── probes              lag probe, metrics server, task dump (when configured)
+        ├── probes              lag probe, metrics server, task dump, systemd notifier
+        │                       (each when configured)
         ├── ledger              heartbeat, sweep of claims nobody holds, kept outcomes
         ├── settler             outcomes recorded, then acks and nacks, in batches
         ├── companions (task group: notifier …; stopped as the final settlement begins)

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from mandrill.obs.health import ServiceHealth
 from mandrill.obs.lag import LagProbe
 from tests.support.daemon import run_to_end, start
 from tests.support.net import free_port
+from tests.support.systemd import NotifySocket, has
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 SAMPLE = DEPLOY / "mandrill.toml"
@@ -270,7 +272,8 @@ async def test_mandrill_and_its_restart_commands_run_under_the_units_sandbox(
     tmp_path, backend_name
 ):
     """The unit's system-call filter and MemoryDenyWriteExecute, applied without systemd
-    (tests/support/sandbox.py): the daemon starts, its restart commands run, it stops."""
+    (tests/support/sandbox.py): the daemon starts, tells systemd's socket it is ready, its
+    restart commands run, it stops."""
     entries = unit_entries()
     assert entries["MemoryDenyWriteExecute"] == ["yes"]
     assert entries["SystemCallErrorNumber"] == ["EPERM"]
@@ -291,10 +294,19 @@ async def test_mandrill_and_its_restart_commands_run_under_the_units_sandbox(
         "--min-restart-interval", "0s", "--ledger", str(tmp_path / "l.db"),
         "--log-format", "json",
     ]
-    with anyio.fail_after(60):
-        result = await anyio.run_process(argv, check=False)
+    systemd = NotifySocket(f"@mandrill-test-{uuid.uuid4().hex}")
+    try:
+        with anyio.fail_after(60):
+            result = await anyio.run_process(
+                argv, check=False, env={**os.environ, **systemd.environment(2_000_000)}
+            )
+        told = systemd.pending()
+    finally:
+        systemd.close()
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert len(restarted.read_text().splitlines()) == 5
+    assert [has("READY=1")(text) for text in told].count(True) == 1
+    assert has("STOPPING=1")(told[-1])
 
 
 # --- the container file ---------------------------------------------------------------------
