@@ -68,6 +68,7 @@ async def run(cfg: RunConfig) -> int:
         debug=cfg.observability.debug,
         max_in_flight=cfg.max_in_flight,
         systemd=systemd,
+        backend=cfg.backend,
     )
     async with open_parts(cfg, observability.counters) as parts:
         log.info(

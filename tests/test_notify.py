@@ -255,6 +255,30 @@ async def test_a_full_queue_drops_the_oldest(receiver, caplog):
     assert [r.document["message_id"] for r in receiver.received] == ["m-3", "m-4"]
 
 
+async def test_the_metrics_count_notifications_sent_failed_and_dropped(receiver):
+    """``mandrill_notifications_total{result}``: the oldest dropped from a full queue, one
+    refused for good, the rest sent."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mandrill.obs.collector import build_registry
+    from mandrill.obs.counters import Counters
+
+    counters = Counters()
+    receiver.statuses = [400]
+    notifier = Notifier(receiver.url, capacity=3, senders=1, retry_policy=quick(1),
+                        counters=counters)
+    for n in range(1, 6):
+        notifier.notify(notification(n))
+    await deliver_all(notifier)
+    text = generate_latest(build_registry(counters, in_flight=lambda: 0)).decode()
+    found = {sample.labels["result"]: sample.value
+             for family in text_string_to_metric_families(text)
+             for sample in family.samples if sample.name == "mandrill_notifications_total"}
+    assert found == {"sent": 2, "failed": 1, "dropped": 2}
+    assert (notifier.sent, notifier.failed, notifier.dropped) == (2, 1, 2)
+
+
 async def test_notify_after_close_is_dropped():
     notifier = Notifier("http://127.0.0.1:9/")
     notifier.close()

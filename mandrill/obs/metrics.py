@@ -35,10 +35,11 @@ def metrics_task(
     health: Health,
     in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
+    backend: str | None = None,
 ) -> Callable[..., Any]:
     """A task for ``root.start``: a fresh registry over ``counters`` and its server."""
     registry = build_registry(counters, in_flight=in_flight, in_flight_limit=in_flight_limit,
-                              probe=probe, health=health)
+                              probe=probe, health=health, backend=backend)
     return partial(serve_http, addr, registry, health)
 
 
@@ -62,6 +63,8 @@ class Observability:
     task_dump: bool = True
     #: Under systemd (``Type=notify``): READY=1, STOPPING=1 and watchdog pings.
     systemd: NotifySettings | None = None
+    #: ``--backend``, for ``mandrill_build_info``.
+    backend: str | None = None
     probe: LagProbe = field(init=False)
     health: ServiceHealth = field(init=False)
 
@@ -81,7 +84,7 @@ class Observability:
                 "metrics server",
                 metrics_task(self.metrics_addr, self.counters, in_flight=in_flight,
                                 in_flight_limit=self.max_in_flight, health=self.health,
-                                probe=self.probe),
+                                probe=self.probe, backend=self.backend),
             ))
         if self.systemd is not None:
             notifier = SystemdNotifier(self.systemd, self.health, self.shutdown)

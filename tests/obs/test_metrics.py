@@ -341,6 +341,26 @@ async def test_a_fresh_daemon_has_every_series_and_the_process_metrics():
             "process_open_fds", "python_gc_objects_collected_total"} <= names
     assert any(name == "python_info" for name, _ in found)
     assert found[("mandrill_dead_letter_failures_total", ())] == 0
+    for result in ("sent", "failed", "dropped"):
+        assert found[("mandrill_notifications_total", (("result", result),))] == 0
+
+
+async def test_build_info_names_the_version_the_backend_and_python(anyio_backend):
+    import platform
+
+    from mandrill.version import version
+
+    def build_info(**options: str) -> dict[str, str]:
+        registry = build_registry(Counters(), in_flight=lambda: 0, **options)
+        (family,) = [f for f in registry.collect() if f.name == "mandrill_build_info"]
+        (sample,) = family.samples
+        assert sample.value == 1
+        return sample.labels
+
+    running = build_info()  # not told: the backend running the scrape
+    assert running == {"version": version(), "backend": anyio_backend[0],
+                       "python": platform.python_version()}
+    assert build_info(backend="trio")["backend"] == "trio"
 
 
 def test_process_metrics_without_proc_stat(tmp_path):
