@@ -19,7 +19,7 @@ from mandrill.config import (
 )
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
-from mandrill.ledger.base import Ledger
+from mandrill.ledger.base import DeadLetterRecord, Ledger
 from mandrill.message import Message
 from mandrill.obs.counters import Counters
 from mandrill.policy import Outcome, RateLimit
@@ -255,14 +255,19 @@ def make_notifier(cfg: NotifyConfig, counters: Counters | None = None) -> Notifi
 
 
 def add_notifier(parts: Parts, notifier: Notifier) -> None:
-    """Run ``notifier`` beside the service and tell it every restart decision."""
+    """Run ``notifier`` beside the service and tell it every restart decision (an
+    ``unknown`` outcome included) and every dead letter."""
     from mandrill.notify import Notification
 
     def on_decision(message: Message, outcome: Outcome, detail: str) -> None:
         notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))
 
+    def on_dead_letter(letter: DeadLetterRecord) -> None:
+        notifier.notify(Notification.for_dead_letter(letter, datetime.now(UTC)))
+
     parts.companions = [*parts.companions, notifier.run]
     parts.on_decision = on_decision
+    parts.on_dead_letter = on_dead_letter
 
 
 def _project(cfg: SourceConfig) -> str:
