@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from rich.console import Console
@@ -41,6 +42,9 @@ from mandrill.sources.base import Topic
 from mandrill.sources.bridge import open_asyncio_bridge
 from mandrill.sources.limits import MAX_SUBSCRIPTION_ACK_DEADLINE, MIN_SUBSCRIPTION_ACK_DEADLINE
 
+if TYPE_CHECKING:
+    from mandrill.obs.systemd import NotifySettings
+
 log = logging.getLogger("mandrill")
 
 T = TypeVar("T")
@@ -53,6 +57,7 @@ async def run(cfg: RunConfig) -> int:
     from mandrill.shutdown import Shutdown
 
     workers = worker_settings(cfg)
+    systemd = systemd_settings()
     observability = Observability(
         counters=Counters(),
         shutdown=Shutdown(),
@@ -62,6 +67,8 @@ async def run(cfg: RunConfig) -> int:
         ),
         debug=cfg.observability.debug,
         max_in_flight=cfg.max_in_flight,
+        systemd=systemd,
+        backend=cfg.backend,
     )
     async with open_parts(cfg, observability.counters) as parts:
         log.info(
@@ -79,6 +86,25 @@ async def run(cfg: RunConfig) -> int:
     if workers.dry_run:
         log.warning("DRY RUN: %d restarts would have happened", counters.dry_run)
     return 0
+
+
+def systemd_settings() -> NotifySettings | None:
+    """What systemd's variables ask of a ``Type=notify`` daemon (None when not run so),
+    taken out of the environment so that restart commands do not inherit them (as
+    sd_notify's ``unset_environment`` does). Raises ``ConfigError`` for a malformed one."""
+    from mandrill.obs import systemd
+
+    try:
+        settings = systemd.notify_settings(os.environ, os.getpid())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for name in systemd.ENVIRONMENT:
+        os.environ.pop(name, None)
+    if settings is not None:
+        interval = settings.watchdog_interval
+        log.info("systemd: notifying readiness%s",
+                 f", watchdog pinged every {interval:g}s" if interval else "")
+    return settings
 
 
 async def history(cfg: HistoryConfig) -> int:

@@ -19,7 +19,7 @@ from mandrill.config import (
 )
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
-from mandrill.ledger.base import Ledger
+from mandrill.ledger.base import DeadLetterRecord, Ledger
 from mandrill.message import Message
 from mandrill.obs.counters import Counters
 from mandrill.policy import Outcome, RateLimit
@@ -165,7 +165,7 @@ async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncI
     """Open the source, ledger, restarter and notifier ``cfg`` names; close them in
     reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
     rng = random.Random(cfg.source.seed)
-    notifier = make_notifier(cfg.notify)
+    notifier = make_notifier(cfg.notify, counters)
     pubsub, gce = cfg.source.kind == "pubsub", cfg.restarter.kind == "gce"
     async with contextlib.AsyncExitStack() as stack:
         bridge = None
@@ -231,9 +231,10 @@ async def check_google_credentials(
     await check_credentials(bridge, scopes, on_retry=on_retry)
 
 
-def make_notifier(cfg: NotifyConfig) -> Notifier | None:
-    """The notifier the ``notify_*`` settings describe, or None; raises ``ConfigError``
-    (one line) for settings it cannot work with. Called before anything is opened."""
+def make_notifier(cfg: NotifyConfig, counters: Counters | None = None) -> Notifier | None:
+    """The notifier the ``notify_*`` settings describe (counting into ``counters``), or
+    None; raises ``ConfigError`` (one line) for settings it cannot work with. Called before
+    anything is opened."""
     if not cfg.url:
         if cfg.headers or cfg.template is not None:
             given = "--notify-header" if cfg.headers else "--notify-template"
@@ -247,20 +248,26 @@ def make_notifier(cfg: NotifyConfig) -> Notifier | None:
             headers=cfg.headers,
             template=cfg.template,
             request_timeout=cfg.timeout,
+            counters=counters,
         )
     except ValueError as exc:
         raise ConfigError(f"--notify-url: {exc}") from None
 
 
 def add_notifier(parts: Parts, notifier: Notifier) -> None:
-    """Run ``notifier`` beside the service and tell it every restart decision."""
+    """Run ``notifier`` beside the service and tell it every restart decision (an
+    ``unknown`` outcome included) and every dead letter."""
     from mandrill.notify import Notification
 
     def on_decision(message: Message, outcome: Outcome, detail: str) -> None:
         notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))
 
+    def on_dead_letter(letter: DeadLetterRecord) -> None:
+        notifier.notify(Notification.for_dead_letter(letter, datetime.now(UTC)))
+
     parts.companions = [*parts.companions, notifier.run]
     parts.on_decision = on_decision
+    parts.on_dead_letter = on_dead_letter
 
 
 def _project(cfg: SourceConfig) -> str:

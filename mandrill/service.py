@@ -8,7 +8,8 @@ outer group, and every shield carries a deadline.
     serve
     └── lasting (task group: outlives the workers; cancelled last)
         ├── signal watcher      first signal: graceful stop; second: force
-        ├── probes              lag probe, metrics server, task dump (when configured)
+        ├── probes              lag probe, metrics server, task dump, systemd notifier
+        │                       (each when configured)
         ├── ledger              heartbeat, sweep of claims nobody holds, kept outcomes
         ├── settler             outcomes recorded, then acks and nacks, in batches
         ├── companions (task group: notifier …; stopped as the final settlement begins)
@@ -95,6 +96,8 @@ class Parts:
     companions: Sequence[LongLived] = field(default_factory=list)
     #: Called with (message, outcome, detail) for every restart decision (notifications).
     on_decision: Callable[[Message, Outcome, str], None] | None = None
+    #: Called with each message dead-lettered for good (notifications).
+    on_dead_letter: Callable[[DeadLetterRecord], None] | None = None
 
 
 @dataclass
@@ -308,7 +311,8 @@ async def _process(
         on_decision=parts.on_decision,
     )
     dead_letters = DeadLetters(
-        source=parts.source, ledger=parts.ledger, counters=counters, outbox=outbox.clone()
+        source=parts.source, ledger=parts.ledger, counters=counters, outbox=outbox.clone(),
+        on_dead_letter=parts.on_dead_letter,
     )
     slots = min(settings.max_in_flight,
                 worker_settings.max_concurrent_restarts or settings.max_in_flight)

@@ -145,8 +145,9 @@ class Worker:
             detail = await self._restarter.restart(message)
         except anyio.get_cancelled_exc_class():
             self._counters.restart_unknown += 1
-            self._finish(claimed, Outcome.UNKNOWN,
-                         INTERRUPTED_DETAIL.format(why=SHUTTING_DOWN), Reason.INTERRUPTED)
+            detail = INTERRUPTED_DETAIL.format(why=SHUTTING_DOWN)
+            self._notify(message, Outcome.UNKNOWN, detail)  # only queues: fine when cancelled
+            self._finish(claimed, Outcome.UNKNOWN, detail, Reason.INTERRUPTED)
             log.warning("restart of %s interrupted by shutdown: it may or may not have"
                         " happened, and counts as done", message.hostname,
                         extra=_context(message))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -57,14 +57,19 @@ def _drain(stream: MemoryObjectReceiveStream[object]) -> list:
             return items
 
 
-async def make_bench(ledger: SQLLedger, settings: WorkerSettings) -> Bench:
+async def make_bench(
+    ledger: SQLLedger,
+    settings: WorkerSettings,
+    on_decision: Callable[[Message, Outcome, str], None] | None = None,
+) -> Bench:
     await ledger._beat(forget=True)  # registered and alive, as a daemon's ledger is
     send, settled = settle_stream()
     claims, restarts = anyio.create_memory_object_stream[Claimed](math.inf)
     letters, lettered = anyio.create_memory_object_stream[DeadLetterRecord](math.inf)
     holdings, counters, shutdown = Holdings(64), Counters(), Shutdown()
     decider = Decider(ledger=ledger, settings=settings, counters=counters, shutdown=shutdown,
-                      outbox=Outbox(send, holdings), restarts=claims, dead_letters=letters)
+                      outbox=Outbox(send, holdings), restarts=claims, dead_letters=letters,
+                      on_decision=on_decision)
     return Bench(ledger, holdings, counters, shutdown, decider, restarts, settled, lettered)
 
 
@@ -163,3 +168,25 @@ async def test_once_shutdown_began_nothing_is_decided(bench: Bench) -> None:
     await bench.decider.decide(bench.held(delivery("m1")))
     assert bench.settlements() == {"m1": Settlement.NACK}
     assert await bench.ledger.history() == []
+
+
+async def test_an_unknown_outcome_met_again_is_told_as_unknown(tmp_path: Path) -> None:
+    """A restart whose daemon stopped mid-way (its claim resolved as unknown by a peer's
+    ledger sweep, or its successor's) was told to no one: its message, redelivered, is
+    acked as a duplicate and told as ``unknown``; other duplicates are not told."""
+    told: list[tuple[str, Outcome, str]] = []
+    ledger = await open_ledger(str(tmp_path / "ledger.db"))
+    bench = await make_bench(ledger, WorkerSettings(),
+                             lambda msg, outcome, detail: told.append((msg.message_id, outcome,
+                                                                       detail)))
+    try:
+        stranded, done = await decide(ledger, message("m0", "web-1"), message("m1", "db-1"))
+        await finish(ledger, stranded, Outcome.UNKNOWN, "daemon d1 stopped mid-restart")
+        await finish(ledger, done, Outcome.RESTARTED)
+        await bench.decider.decide(bench.held(delivery("m0", "web-1"), delivery("m1", "db-1")))
+        assert bench.settlements() == {"m0": Settlement.ACK, "m1": Settlement.ACK}
+        assert [(m, o) for m, o, _ in told] == [("m0", Outcome.UNKNOWN)]
+        assert "stopped mid-restart" in told[0][2]
+    finally:
+        await close(bench)
+        await ledger.aclose()

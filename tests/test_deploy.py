@@ -2,7 +2,8 @@
 
 Checked here: the sample TOML (every setting, loaded by the real loader and by a real
 `mandrill run`), the Kubernetes manifests (fields, probes, grace periods, their TOML), the
-systemd unit (fields; `systemd-analyze verify`), the container file (fields; its health
+systemd unit (fields; `systemd-analyze verify` and `security`; its sandbox, applied
+without systemd, around a real `mandrill run`), the container file (fields; its health
 check run against a real daemon), the Prometheus rules and the Grafana dashboard (every
 metric they name is exported, none names a scrape job; `promtool check rules` and
 `promtool test rules` on tests/prometheus/). No image is built: no base image
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from tests.support import tools
 from tests.support.constraints import HEADER, runtime_dependencies
 from tests.support.daemon import run_to_end, start
 from tests.support.net import free_port
+from tests.support.systemd import NotifySocket, has
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 SAMPLE = DEPLOY / "mandrill.toml"
@@ -316,15 +320,129 @@ def test_systemd_unit_fields():
 
 
 def test_systemd_analyze_verifies_the_unit(tmp_path):
-    """With ExecStart pointed at this environment's mandrill (verify checks it exists)."""
-    systemd_analyze = tools.require("systemd-analyze")
-    mandrill = Path(sys.executable).parent / "mandrill"
-    unit = tmp_path / "mandrill.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/mandrill", str(mandrill)))
-    result = subprocess.run([systemd_analyze, "verify", str(unit)], capture_output=True,
+    unit = unit_for_here(tmp_path)
+    result = subprocess.run([systemd_analyze(), "verify", str(unit)], capture_output=True,
                             text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if str(unit) in line] == []
+
+
+#: The unit's exposure in `systemd-analyze security`, at most (2.5: "OK").
+EXPOSURE_LIMIT = 2.5
+
+
+def systemd_analyze() -> str:
+    """systemd-analyze (Debian package ``systemd``): see tests.support.tools."""
+    return tools.require("systemd-analyze")
+
+
+def unit_for_here(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointed at this environment's mandrill (verify and security
+    check that it exists)."""
+    mandrill = Path(sys.executable).parent / "mandrill"
+    unit = tmp_path / "mandrill.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/mandrill", str(mandrill)))
+    return unit
+
+
+def test_systemd_unit_is_hardened_to_an_exposure_of_at_most_2_5(tmp_path):
+    unit = unit_for_here(tmp_path)
+    result = subprocess.run(
+        [systemd_analyze(), "security", "--offline=true",
+         f"--threshold={int(EXPOSURE_LIMIT * 10)}", str(unit)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    exposure = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    assert exposure is not None, result.stdout + result.stderr
+    assert float(exposure.group(1)) <= EXPOSURE_LIMIT, result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_systemd_unit_notifies_and_is_watched():
+    entries = unit_entries()
+    assert entries["Type"] == ["notify"]
+    assert entries["NotifyAccess"] == ["main"]
+    assert config.duration(entries["WatchdogSec"][0]) >= 10  # pings every 5 s at least
+    assert "AF_UNIX" in entries["RestrictAddressFamilies"][0].split()  # sd_notify's socket
+
+
+def allowed_syscalls() -> set[str]:
+    """What the unit's SystemCallFilter= lines allow, expanded with systemd-analyze's own
+    tables of groups (an allow-list, then ~ lines taking groups away)."""
+    tables = subprocess.run([systemd_analyze(), "syscall-filter"], capture_output=True,
+                            text=True, check=True, timeout=60).stdout
+    groups: dict[str, list[str]] = {}
+    for block in tables.split("\n\n"):
+        lines = [line.strip() for line in block.splitlines()
+                 if line.strip() and not line.strip().startswith("#")]
+        if lines and lines[0].startswith("@"):
+            groups[lines[0]] = lines[1:]
+
+    def expand(name: str) -> set[str]:
+        if not name.startswith("@"):
+            return {name}
+        return set().union(*(expand(item) for item in groups[name]))
+
+    allowed: set[str] = set()
+    for value in unit_entries()["SystemCallFilter"]:
+        if value.startswith("~"):
+            allowed -= set().union(*(expand(item) for item in value[1:].split()))
+        else:
+            allowed |= set().union(*(expand(item) for item in value.split()))
+    return allowed
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def has_system_seccomp() -> bool:
+    if not SYSTEM_PYTHON.exists():
+        return False
+    found = subprocess.run([str(SYSTEM_PYTHON), "-c", "import seccomp"], capture_output=True,
+                           check=False, timeout=60)
+    return found.returncode == 0
+
+
+@pytest.mark.slow
+async def test_mandrill_and_its_restart_commands_run_under_the_units_sandbox(
+    tmp_path, backend_name
+):
+    """The unit's system-call filter and MemoryDenyWriteExecute, applied without systemd
+    (tests/support/sandbox.py): the daemon starts, tells systemd's socket it is ready, its
+    restart commands run, it stops."""
+    entries = unit_entries()
+    assert entries["MemoryDenyWriteExecute"] == ["yes"]
+    assert entries["SystemCallErrorNumber"] == ["EPERM"]
+    allowed = allowed_syscalls()
+    assert "setuid" not in allowed
+    assert "execve" in allowed
+    if not has_system_seccomp():
+        pytest.skip("the system's python3 has no seccomp module (Debian package python3-seccomp)")
+    syscalls = tmp_path / "allowed"
+    syscalls.write_text("\n".join(sorted(allowed)))
+    restarted = tmp_path / "restarted"
+    command = f"sh -c 'echo {{hostname}} >> {restarted}'"
+    argv = [
+        str(SYSTEM_PYTHON), str(Path(__file__).parent / "support" / "sandbox.py"),
+        str(syscalls), "--", sys.executable, "-m", "mandrill",
+        "run", "--backend", backend_name, "--count", "5", "--rate", "0",
+        "--restarter", "command", "--restart-command", command, "--live",
+        "--min-restart-interval", "0s", "--ledger", str(tmp_path / "l.db"),
+        "--log-format", "json",
+    ]
+    systemd = NotifySocket(f"@mandrill-test-{uuid.uuid4().hex}")
+    try:
+        with anyio.fail_after(60):
+            result = await anyio.run_process(
+                argv, check=False, env={**os.environ, **systemd.environment(2_000_000)}
+            )
+        told = systemd.pending()
+    finally:
+        systemd.close()
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert len(restarted.read_text().splitlines()) == 5
+    assert [has("READY=1")(text) for text in told].count(True) == 1
+    assert has("STOPPING=1")(told[-1])
 
 
 # --- the container file ---------------------------------------------------------------------

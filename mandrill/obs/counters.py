@@ -80,6 +80,11 @@ class Counters:
     completed: int = 0
     #: Failed pull requests (each retry counts), whether or not the source recovered.
     pull_errors: int = 0
+    #: Notifications (``--notify-url``) delivered, given up on, and dropped unsent (the
+    #: queue full, or the daemon stopping): :class:`~mandrill.notify.Notifier` counts them.
+    notifications_sent: int = 0
+    notifications_failed: int = 0
+    notifications_dropped: int = 0
     #: By :class:`~mandrill.policy.Reason` (one of ``DEAD_LETTER_REASONS``).
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     #: By :class:`~mandrill.policy.Reason` (one of ``SKIP_REASONS``).

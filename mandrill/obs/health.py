@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+import anyio
+
 if TYPE_CHECKING:
     from mandrill.obs.lag import LagProbe
     from mandrill.shutdown import Shutdown
@@ -37,6 +39,8 @@ class ServiceHealth:
     checks: Mapping[str, Callable[[], str | None]] = field(default_factory=dict)
     liveness_bound: float = LIVENESS_BOUND
     serving: bool = False
+    #: Made by the first waiter (an Event needs a running loop; this object may not).
+    _serving_set: anyio.Event | None = field(default=None, init=False, repr=False)
 
     def set_serving(self, checks: Mapping[str, Callable[[], str | None]] | None = None) -> None:
         """Called by ``serve()`` once every part runs and workers take messages, with the
@@ -44,6 +48,17 @@ class ServiceHealth:
         if checks:
             self.checks = {**self.checks, **checks}
         self.serving = True
+        if self._serving_set is not None:
+            self._serving_set.set()
+
+    async def wait_serving(self) -> None:
+        """Return once :meth:`set_serving` was called (at once if it was already): then
+        ``ready()`` may answer true (systemd's ``READY=1`` waits for it)."""
+        if self.serving:
+            return
+        if self._serving_set is None:
+            self._serving_set = anyio.Event()
+        await self._serving_set.wait()
 
     def loop_alive(self) -> tuple[bool, str]:
         if self.probe is None:

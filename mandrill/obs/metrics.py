@@ -1,5 +1,6 @@
 """What ``run`` turns on to watch the daemon (:class:`Observability`): the lag probe, the
-task dump, the slow-step watchdog and the metrics server: the probes ``serve()`` starts.
+task dump, the slow-step watchdog, the metrics server and systemd's notifications: the
+probes ``serve()`` starts.
 
 The pieces live beside it: :mod:`~mandrill.obs.collector` (the Prometheus view of the
 counters), :mod:`~mandrill.obs.http` (the server), :mod:`~mandrill.obs.health` (the
@@ -19,6 +20,7 @@ from mandrill.obs.debug import watch_slow_steps
 from mandrill.obs.health import Health, ServiceHealth
 from mandrill.obs.http import serve_http
 from mandrill.obs.lag import DEFAULT_SLOW_CALLBACK_MS, LagProbe
+from mandrill.obs.systemd import NotifySettings, SystemdNotifier
 from mandrill.obs.taskdump import dump_tasks_on_signal
 
 if TYPE_CHECKING:
@@ -33,10 +35,11 @@ def metrics_task(
     health: Health,
     in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
+    backend: str | None = None,
 ) -> Callable[..., Any]:
     """A task for ``root.start``: a fresh registry over ``counters`` and its server."""
     registry = build_registry(counters, in_flight=in_flight, in_flight_limit=in_flight_limit,
-                              probe=probe, health=health)
+                              probe=probe, health=health, backend=backend)
     return partial(serve_http, addr, registry, health)
 
 
@@ -58,6 +61,10 @@ class Observability:
     max_in_flight: int | None = None
     #: SIGUSR1 dumps the task tree.
     task_dump: bool = True
+    #: Under systemd (``Type=notify``): READY=1, STOPPING=1 and watchdog pings.
+    systemd: NotifySettings | None = None
+    #: ``--backend``, for ``mandrill_build_info``.
+    backend: str | None = None
     probe: LagProbe = field(init=False)
     health: ServiceHealth = field(init=False)
 
@@ -77,7 +84,10 @@ class Observability:
                 "metrics server",
                 metrics_task(self.metrics_addr, self.counters, in_flight=in_flight,
                                 in_flight_limit=self.max_in_flight, health=self.health,
-                                probe=self.probe),
+                                probe=self.probe, backend=self.backend),
             ))
+        if self.systemd is not None:
+            notifier = SystemdNotifier(self.systemd, self.health, self.shutdown)
+            found.append(("systemd notifier", notifier.run))
         return found
 

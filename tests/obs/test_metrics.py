@@ -341,3 +341,45 @@ async def test_a_fresh_daemon_has_every_series_and_the_process_metrics():
             "process_open_fds", "python_gc_objects_collected_total"} <= names
     assert any(name == "python_info" for name, _ in found)
     assert found[("mandrill_dead_letter_failures_total", ())] == 0
+    for result in ("sent", "failed", "dropped"):
+        assert found[("mandrill_notifications_total", (("result", result),))] == 0
+
+
+async def test_build_info_names_the_version_the_backend_and_python(anyio_backend):
+    import platform
+
+    from mandrill.version import version
+
+    def build_info(**options: str) -> dict[str, str]:
+        registry = build_registry(Counters(), in_flight=lambda: 0, **options)
+        (family,) = [f for f in registry.collect() if f.name == "mandrill_build_info"]
+        (sample,) = family.samples
+        assert sample.value == 1
+        return sample.labels
+
+    running = build_info()  # not told: the backend running the scrape
+    assert running == {"version": version(), "backend": anyio_backend[0],
+                       "python": platform.python_version()}
+    assert build_info(backend="trio")["backend"] == "trio"
+
+
+def test_process_metrics_without_proc_stat(tmp_path):
+    """Under the unit's ProcSubset=pid, /proc has no stat file: prometheus_client's process
+    collector would export nothing; mandrill's takes the boot time from the clocks."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    from mandrill.obs.collector import ProcessCollectorWithoutProcStat
+
+    (tmp_path / "self").symlink_to("/proc/self")
+
+    def collected(collector_type: type[ProcessCollector], proc: str) -> dict[str, float]:
+        registry = CollectorRegistry(auto_describe=False)
+        collector_type(proc=proc, registry=registry)
+        return {s.name: s.value for family in registry.collect() for s in family.samples}
+
+    assert collected(ProcessCollector, str(tmp_path)) == {}  # why the subclass exists
+    pid_only = collected(ProcessCollectorWithoutProcStat, str(tmp_path))
+    full = collected(ProcessCollectorWithoutProcStat, "/proc")
+    assert pid_only["process_resident_memory_bytes"] > 0
+    # /proc/stat's boot time is whole seconds.
+    assert abs(pid_only["process_start_time_seconds"] - full["process_start_time_seconds"]) < 2
