@@ -131,6 +131,14 @@ class Decider:
 
     def _hand_on(self, delivery: Delivery, message: Message, result: Decided) -> None:
         counters = self._counters
+        if result.conflict:
+            # Real Pub/Sub never reuses an id; a restarted emulator does, from 1.
+            counters.message_id_conflicts += 1
+            log.warning(
+                "message id %s reused: the ledger holds it for %s, this message is for %s;"
+                " decided as a new message", message.message_id, result.conflict,
+                message.hostname, extra=_context(message),
+            )
         if not result.saved:
             # The talk's rule: a failed save is logged, not retried.
             counters.save_failed += 1

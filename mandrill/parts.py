@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -148,8 +149,9 @@ async def open_restarter(
             if bridge is None:
                 bridge = await stack.enter_async_context(open_asyncio_bridge(backend))
             try:
+                project = _required(cfg.gce_project, "--gce-project", "--restarter gce")
                 gce = GceRestarter(
-                    bridge, project=cfg.gce_project, zone=cfg.gce_zone, api_root=cfg.gce_api_root
+                    bridge, project=project, zone=cfg.gce_zone, api_root=cfg.gce_api_root
                 )
                 await stack.enter_async_context(gce)
             except GceSettingError as exc:
@@ -172,6 +174,7 @@ async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncI
         if pubsub or gce:
             # One asyncio thread (on trio) for every Google client; it closes last.
             bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
+            cfg = await with_default_projects(cfg, bridge)
             await check_google_credentials(
                 bridge,
                 pubsub=pubsub,
@@ -198,6 +201,35 @@ async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncI
         if notifier is not None:
             add_notifier(parts, notifier)
         yield parts
+
+
+async def with_default_projects(cfg: RunConfig, bridge: AsyncioBridge) -> RunConfig:
+    """``cfg`` with the Google Cloud projects it needs and names none of (Pub/Sub's
+    ``--project``, the gce restarter's ``--gce-project``) taken from the environment, the
+    key file or the metadata server (:func:`~mandrill.google_cloud.find_default_project`,
+    asked once for both), and one info line saying where from.
+
+    Raises ``ConfigError`` (one line, naming every way to set it) if none is found. Blocks
+    for a few seconds at most while the metadata server does not answer; cancellable."""
+    missing = []
+    if cfg.source.kind == "pubsub" and not cfg.source.pubsub.project:
+        missing.append("--project")
+    if cfg.restarter.kind == "gce" and not cfg.restarter.gce_project:
+        missing.append("--gce-project")
+    if not missing:
+        return cfg
+    from mandrill.google_cloud import find_default_project
+
+    flags = " and ".join(missing)
+    found = await find_default_project(bridge, flags)
+    log.info("%s not given: project %s, from %s", flags, found.project, found.source)
+    source, restarter = cfg.source, cfg.restarter
+    if "--project" in missing:
+        pubsub = dataclasses.replace(source.pubsub, project=found.project)
+        source = dataclasses.replace(source, pubsub=pubsub)
+    if "--gce-project" in missing:
+        restarter = dataclasses.replace(restarter, gce_project=found.project)
+    return dataclasses.replace(cfg, source=source, restarter=restarter)
 
 
 async def check_google_credentials(

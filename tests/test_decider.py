@@ -190,3 +190,21 @@ async def test_an_unknown_outcome_met_again_is_told_as_unknown(tmp_path: Path) -
     finally:
         await close(bench)
         await ledger.aclose()
+
+async def test_a_reused_message_id_is_said_counted_and_decided_as_new(
+    bench: Bench, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A restarted emulator numbers its messages from 1 again.
+    (earlier,) = await decide(bench.ledger, message("1", "web-1"))
+    await finish(bench.ledger, earlier, Outcome.RESTARTED)
+    await bench.decider.decide(bench.held(delivery("1", "db-7")))
+
+    (claimed,) = _drain(bench.restarts)
+    assert (claimed.message.message_id, claimed.message.hostname) == ("1", "db-7.example.net")
+    assert (bench.counters.message_id_conflicts, bench.counters.duplicates) == (1, 0)
+    (record,) = [r for r in caplog.records if "reused" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        "message id 1 reused: the ledger holds it for web-1.example.net, this message is"
+        " for db-7.example.net; decided as a new message"
+    )

@@ -1,14 +1,14 @@
 """The files of deploy/: each parses, names only what mandrill has, and agrees with it.
 
 Checked here: the sample TOML (every setting, loaded by the real loader and by a real
-`mandrill run`), the Kubernetes manifests (fields, probes, grace periods, their TOML), the
-systemd unit (fields; `systemd-analyze verify` and `security`; its sandbox, applied
-without systemd, around a real `mandrill run`), the container file (fields; its health
-check run against a real daemon), the Prometheus rules and the Grafana dashboard (every
-metric they name is exported, none names a scrape job; `promtool check rules` and
-`promtool test rules` on tests/prometheus/). No image is built: no base image
-can be pulled on these machines. The tools come from tests.support.tools: a missing one
-skips its test, or fails it under CI=true.
+`mandrill run`), the Kubernetes manifests (fields, probes, grace periods; a real daemon
+started from each one's container arguments, environment and ConfigMap), the systemd unit
+(fields; `systemd-analyze verify` and `security`; its sandbox, applied without systemd,
+around a real `mandrill run`), the container file (fields; its health check run against a
+real daemon), the Prometheus rules and the Grafana dashboard (every metric they name is
+exported, none names a scrape job; `promtool check rules` and `promtool test rules` on
+tests/prometheus/). No image is built: no base image can be pulled on these machines. The
+tools come from tests.support.tools: a missing one skips its test, or fails it under CI=true.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 import tomllib
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mandrill import config
+from mandrill.google_cloud import PROJECT_VARIABLES
 from mandrill.obs.collector import build_registry
 from mandrill.obs.counters import Counters
 from mandrill.obs.health import ServiceHealth
@@ -43,6 +46,7 @@ from mandrill.version import DISTRIBUTION, version
 from tests.support import tools
 from tests.support.constraints import HEADER, runtime_dependencies
 from tests.support.daemon import run_to_end, start
+from tests.support.metadata import FakeMetadataServer
 from tests.support.net import free_port
 from tests.support.systemd import NotifySocket, has
 
@@ -290,6 +294,86 @@ def test_the_fleet_spreads_over_nodes_and_drains_one_daemon_at_a_time():
     for constraint in spread.values():
         assert selects(constraint["labelSelector"]["matchLabels"], labels)
         assert constraint["labelSelector"]["matchLabels"] == fleet["selector"]["matchLabels"]
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def as_run_locally(
+    docs: dict[str, dict[str, Any]], workload: str, tmp_path: Path, ledger_secret: str
+) -> tuple[list[str], dict[str, str], Path]:
+    """The pod's command line, environment and config file, with only what must point
+    here changed: the ConfigMap's file and the volumes' paths under ``tmp_path``, the
+    secret's ledger URL, and the metrics address (a free port on 127.0.0.1, not 9464 on
+    every interface). Returns (arguments, environment, config file)."""
+    (container,) = docs[workload]["spec"]["template"]["spec"]["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {path: tmp_path / name for name, path in mounts.items() if name != "config"}
+    for local in volumes.values():
+        local.mkdir()
+    mounted = re.compile('"(' + "|".join(map(re.escape, volumes)) + ')/')
+    text = mounted.sub(lambda found: f'"{volumes[found.group(1)]}/',
+                       docs["ConfigMap"]["data"]["mandrill.toml"])
+    config_file = tmp_path / "mandrill.toml"
+    config_file.write_text(text)
+    args = list(container["args"])
+    args[args.index("--config") + 1] = str(config_file)
+    env = {"MANDRILL_METRICS_ADDR": f"127.0.0.1:{free_port()}", "XDG_STATE_HOME": str(tmp_path)}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            assert entry["valueFrom"]["secretKeyRef"]["name"] == "mandrill-ledger", entry
+            env[entry["name"]] = ledger_secret
+    return args, env, config_file
+
+
+@pytest.mark.slow
+@pytest.mark.emulator
+@pytest.mark.postgres
+@pytest.mark.parametrize(("name", "workload"), [("mandrill.yaml", "Deployment"),
+                                                ("fleet.yaml", "StatefulSet")])
+async def test_a_daemon_starts_from_each_kubernetes_manifest_and_becomes_ready(
+    name, workload, tmp_path, backend_name, monkeypatch, pubsub_emulator,
+    metadata_server: FakeMetadataServer, postgres_url,
+):
+    """As on GKE with Workload Identity: no key file, no GOOGLE_CLOUD_PROJECT; the metadata
+    server (the fake, through GCE_METADATA_HOST) and Pub/Sub (the emulator, through
+    PUBSUB_EMULATOR_HOST) are the only Google services there are."""
+    for variable in PROJECT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    args, env, config_file = as_run_locally(documents(name), workload, tmp_path, postgres_url)
+    # What an operator runs once before applying the manifest, from the same file.
+    code, out, err = await run_to_end(["setup", "--config", str(config_file),
+                                       "--backend", backend_name])
+    assert code == 0, err
+    assert "subscription projects/my-project/subscriptions/mandrill" in out
+
+    daemon = await start([*args, "--backend", backend_name], env=env)
+    try:
+        await daemon.wait_for_message("ready: consuming")
+        status, reason = await anyio.to_thread.run_sync(
+            http_get, f"http://{env['MANDRILL_METRICS_ADDR']}/readyz"
+        )
+        assert (status, reason) == (200, "ready\n")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.finish(30) == 0
+    finally:
+        if daemon.process.returncode is None:
+            daemon.process.kill()
+            await daemon.process.wait()
+    messages = daemon.messages()
+    assert (
+        f"--gce-project not given: project {metadata_server.project},"
+        f" from the metadata server {metadata_server.host}"
+    ) in messages
+    assert any(m.startswith("DRY RUN") for m in messages)
+    ledger = env.get("MANDRILL_LEDGER") or str(tmp_path / "state" / "mandrill.db")
+    assert any(f"ledger {ledger}, restarter gce" in m for m in messages), messages
+    assert [line for line in daemon.lines if line.get("level") in ("error", "critical")] == []
 
 
 # --- systemd --------------------------------------------------------------------------------

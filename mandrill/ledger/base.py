@@ -55,12 +55,16 @@ class Decided(NamedTuple):
     """The ledger's decision on one message: with a ``claim`` when it restarts its host.
     ``saved`` is false when its record (history, replay) could not be written: logged,
     not retried. ``error`` says why a message could not be decided at all (its claim failed
-    alone; the others of its transaction were decided)."""
+    alone; the others of its transaction were decided). ``conflict`` is the host of another
+    message the ledger held under this message's id (a reused id: a restarted emulator
+    numbers messages from 1 again), "" if none: this one was saved beside it and decided as
+    a new message."""
 
     decision: Decision | None
     claim: Claim | None = None
     saved: bool = True
     error: str = ""
+    conflict: str = ""
 
 
 class DeadLetterRecord(NamedTuple):

@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from mandrill.errors import LedgerError, describe
-from mandrill.ledger import claims, reads, sql
+from mandrill.ledger import claims, generations, reads, sql
 from mandrill.ledger.base import (
     Claim,
     DeadLetterRecord,
@@ -238,19 +238,33 @@ class SQLLedger:
         """Save every message and decide on it, in one transaction: locks first (one order
         for every daemon: fleet, hosts, then message rows, then restart rows), then the
         message rows, the safety controls' skips, and the claims. One failing part fails
-        alone (a savepoint each, then item by item)."""
+        alone (a savepoint each, then item by item). A message whose id the ledger holds
+        for another message is a new one (:mod:`~mandrill.ledger.generations`)."""
         d, subscription = self._d, self.subscription
         now = self.now(cur)
-        to_claim = [request.message for request in requests if request.refusal is None]
-        if to_claim:
-            claims.lock_hosts(cur, d, to_claim, rules)
-        rows = [sql.message_row(subscription, request.message, now) for request in requests]
+        to_lock = [request.message for request in requests if request.refusal is None]
+        if to_lock:
+            claims.lock_hosts(cur, d, to_lock, rules)
+        identities = self._identify(cur, [
+            (message.message_id, message.hostname, message.data, message.publish_time)
+            for message in (request.message for request in requests)
+        ])
+        rows = [
+            sql.message_row(subscription, request.message, now, identity.generation)
+            for request, identity in zip(requests, identities, strict=True)
+        ]
         saved = _each(cur, rows, partial(sql.write_messages, cur, d))
         skips = [
             sql.restart_row(subscription, request.message, now, Outcome.SKIPPED,
                             request.refusal.detail, finished=True, owner=None,
-                            reason=request.refusal.reason)
-            for request in requests if request.refusal is not None
+                            reason=request.refusal.reason, generation=identity.generation)
+            for request, identity in zip(requests, identities, strict=True)
+            if request.refusal is not None
+        ]
+        to_claim = [
+            (request.message, identity.generation)
+            for request, identity in zip(requests, identities, strict=True)
+            if request.refusal is None
         ]
         skipped = _each(cur, skips, partial(sql.insert_many, cur, d))
         owner = self._owner(cur, now)
@@ -266,21 +280,33 @@ class SQLLedger:
         )
         results: list[Decided] = []
         skip_results, claim_results = iter(skipped), iter(decisions)
-        for request, save in zip(requests, saved, strict=True):
+        for request, save, identity in zip(requests, saved, identities, strict=True):
             was_saved = not isinstance(save, Exception)
             result = next(skip_results if request.refusal is not None else claim_results)
+            conflict = identity.conflict
             if isinstance(result, Exception):
-                results.append(Decided(None, None, was_saved, describe(result)))
+                results.append(Decided(None, None, was_saved, describe(result), conflict))
             elif request.refusal is not None:
-                results.append(Decided(_refused(request), None, was_saved))
+                results.append(Decided(_refused(request), None, was_saved, conflict=conflict))
             else:
                 decision, restart_id = result
                 message = request.message
                 claim = None if restart_id is None else Claim(
                     restart_id, message.message_id, message.hostname, decision.failures
                 )
-                results.append(Decided(decision, claim, was_saved))
+                results.append(Decided(decision, claim, was_saved, conflict=conflict))
         return results
+
+    def _identify(
+        self, cur: Any, messages: Sequence[tuple[str, str | None, bytes, float]]
+    ) -> list[generations.Identity]:
+        """Each message's generation under its id (and the host of the other message the
+        ledger holds under it, if any), in order; ``messages`` as (id, host, payload,
+        publish time)."""
+        versions = generations.read_versions(
+            cur, self._d, self.subscription, {message[0] for message in messages}
+        )
+        return [generations.identify(versions, *message) for message in messages]
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -386,9 +412,16 @@ class SQLLedger:
 
     def _dead_letter(self, records: list[DeadLetterRecord], cur: Any) -> None:
         now = self.now(cur)
-        sql.write_messages(cur, self._d, [
-            sql.dead_letter_row(self.subscription, record.delivery, now, record.detail)
+        # A dead letter whose id the ledger holds for another message is kept beside it.
+        identities = self._identify(cur, [
+            (record.delivery.message_id, None, record.delivery.data,
+             record.delivery.publish_time)
             for record in records
+        ])
+        sql.write_messages(cur, self._d, [
+            sql.dead_letter_row(self.subscription, record.delivery, now, record.detail,
+                                identity.generation)
+            for record, identity in zip(records, identities, strict=True)
         ])
         self._write_finishes(
             cur, [record.finish for record in records if record.finish is not None], now

@@ -90,6 +90,11 @@ class CountersCollector:
         yield _counter_by("messages_skipped", "Messages skipped, by reason.", "reason",
                           c.skip_reasons, known=SKIP_REASONS)
         yield _counter("duplicates", "Redeliveries of already handled messages.", c.duplicates)
+        yield _counter(
+            "message_id_conflicts",
+            "Messages whose id the ledger held for another message: decided as new.",
+            c.message_id_conflicts,
+        )
         yield _counter("save_failures", "Messages the ledger failed to save.", c.save_failed)
         yield _counter("ledger_unavailable", "Decisions nacked: ledger unreachable.",
                        c.ledger_unavailable)

@@ -70,6 +70,8 @@ class Counters:
     restart_cancelled: int = 0
     skipped: int = 0
     duplicates: int = 0
+    #: Messages whose id the ledger held for another message (a reused id): decided as new.
+    message_id_conflicts: int = 0
     dry_run: int = 0
     save_failed: int = 0
     ledger_unavailable: int = 0

@@ -19,7 +19,7 @@ from mandrill.errors import LedgerError
 from mandrill.ledger import SCHEMA_VERSION, open_ledger
 from mandrill.ledger.postgres import connection_params
 from mandrill.policy import Verdict
-from tests.ledger import T0, Clock, decide_one, message, verdict
+from tests.ledger import PUBLISHED, T0, Clock, decide_one, message, verdict
 from tests.support.daemon import run_to_end
 
 
@@ -106,7 +106,8 @@ class OldLedger:
                 "INSERT INTO messages (message_id, instance_name, hostname, data, attributes,"
                 " publish_time, first_seen, deliveries, status, reason)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mid, instance, host, data, json.dumps({"origin": "old"}), seen, seen,
+                # Each message's own publish time, which its redeliveries carry too.
+                (mid, instance, host, data, json.dumps({"origin": "old"}), PUBLISHED, seen,
                  deliveries, status, reason),
             )
         for row in OLD_RESTARTS:
@@ -166,17 +167,20 @@ async def test_an_old_ledger_is_upgraded_keeping_its_rows(old_ledger: OldLedger)
         await ledger.aclose()
 
     columns = await anyio.to_thread.run_sync(
-        old_ledger.run, "SELECT subscription, message_id FROM messages ORDER BY first_seen"
+        old_ledger.run,
+        "SELECT subscription, message_id, generation FROM messages ORDER BY first_seen",
     )
-    assert columns == [("", "m1"), ("", "m2"), ("", "bad"), ("", "m3"),
-                       ("projects/p/subscriptions/s", "m1"), ("projects/p/subscriptions/s", "m3")]
+    assert columns == [("", "m1", 0), ("", "m2", 0), ("", "bad", 0), ("", "m3", 0),
+                       ("projects/p/subscriptions/s", "m1", 0),
+                       ("projects/p/subscriptions/s", "m3", 0)]
     owners = await anyio.to_thread.run_sync(
-        old_ledger.run, "SELECT subscription, owner, outcome, reason FROM restarts ORDER BY id"
+        old_ledger.run,
+        "SELECT subscription, owner, outcome, reason, generation FROM restarts ORDER BY id",
     )
     assert owners == [
-        ("", None, "restarted", ""),
-        ("", None, "skipped", ""),
-        ("", None, "unknown", "daemon_lost"),
+        ("", None, "restarted", "", 0),
+        ("", None, "skipped", "", 0),
+        ("", None, "unknown", "daemon_lost", 0),
     ]
     assert await anyio.to_thread.run_sync(
         old_ledger.run, "SELECT version FROM schema_version"

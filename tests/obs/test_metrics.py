@@ -79,6 +79,7 @@ def fill(counters: Counters) -> None:
     counters.skipped = 2
     counters.skip_reasons.update({"interval": 2})
     counters.duplicates = 1
+    counters.message_id_conflicts = 3
     counters.save_failed = 1
     counters.lease_extensions = 30
     counters.pull_errors = 5
@@ -116,6 +117,7 @@ async def test_scrape_reports_what_was_counted():
             assert value("mandrill_restarts_total", outcome="dry_run") == 1
             assert value("mandrill_messages_skipped_total", reason="interval") == 2
             assert value("mandrill_duplicates_total") == 1
+            assert value("mandrill_message_id_conflicts_total") == 3
             assert value("mandrill_save_failures_total") == 1
             assert value("mandrill_lease_extensions_total") == 30
             assert value("mandrill_source_pull_errors_total") == 5
