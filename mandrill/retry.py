@@ -73,17 +73,21 @@ async def retry(
     *,
     transient: Callable[[Exception], bool],
     on_retry: Callable[[Exception, float], None] | None = None,
+    budget: Callable[[], float] | None = None,
     rand: Callable[[], float] = random.random,
     sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
     clock: Callable[[], float] = anyio.current_time,
 ) -> T:
     """Await ``attempt()`` until it succeeds, retrying failures ``transient`` accepts.
 
-    ``on_retry(error, delay)`` is told of each failure about to be retried.
+    ``on_retry(error, delay)`` is told of each failure about to be retried. ``budget()``,
+    asked after each failure, is how many seconds the retries may still go on (an outage's
+    remaining time, shared by every call to a service): a wait never goes past it.
 
     Raises a non-transient failure at once, unchanged; raises :class:`GaveUp` (from the last
-    failure) when the attempts are used up or the next wait would take the retries past
-    ``policy.total`` (so the whole call can last ``total`` plus one attempt's own time).
+    failure) when the attempts are used up, the next wait would take the retries past
+    ``policy.total`` (so the whole call can last ``total`` plus one attempt's own time), or
+    no ``budget`` is left.
     Cancellation interrupts an attempt or a wait at once.
     """
     started = clock()
@@ -99,8 +103,10 @@ async def retry(
                 raise
             delay = next(delays)
             spent = clock() - started
-            if attempts >= limit or spent + delay > policy.total:
+            left = budget() if budget is not None else math.inf
+            if attempts >= limit or spent + delay > policy.total or left <= 0:
                 raise GaveUp(exc, attempts, spent) from exc
+            delay = min(delay, left)
             if on_retry is not None:
                 on_retry(exc, delay)
         await sleep(delay)

@@ -68,6 +68,17 @@ async def test_gives_up_before_a_wait_would_pass_the_total() -> None:
     assert fake.now <= policy.total
 
 
+async def test_a_budget_cuts_the_last_wait_and_then_gives_up() -> None:
+    # The budget (an outage's remaining time) bounds the retries whatever the policy's total.
+    fake = FakeTime()
+    policy = RetryPolicy(initial=1, cap=4, total=float("inf"), jitter=False)
+    with pytest.raises(GaveUp):
+        await retry(failing(100), policy, transient=is_flaky, budget=lambda: 10 - fake.now,
+                    sleep=fake.sleep, clock=fake.clock)
+    assert fake.sleeps == [1, 2, 4, 3]  # the last wait ends at the budget, not past it
+    assert fake.now == 10
+
+
 def test_waits_are_capped_and_fully_jittered() -> None:
     policy = RetryPolicy(initial=0.5, cap=2)
     assert [next(backoff_delays(policy, rand=lambda: 0.0)) for _ in range(2)] == [0.0, 0.0]

@@ -15,6 +15,7 @@ import pytest
 
 from mandrill.errors import SourceError
 from mandrill.message import Delivery, encode_payload
+from mandrill.outage import Outage
 from mandrill.sources.base import Source
 from mandrill.sources.pubsub import (
     DEAD_LETTER_MESSAGE_ID_ATTRIBUTE,
@@ -22,6 +23,7 @@ from mandrill.sources.pubsub import (
     MAX_ACK_IDS_PER_REQUEST,
     MAX_ACK_REQUEST_BYTES,
     MAX_PUBLISH_REQUEST_BYTES,
+    OUTAGE_RETRY,
     PubSubError,
     PubSubSource,
     RetryPolicy,
@@ -556,3 +558,64 @@ async def test_each_retried_failure_is_reported() -> None:
     )
     assert result == "ok"
     assert [what for what, _ in reported] == ["pull", "pull"]
+
+
+async def test_retries_outlast_the_policy_until_the_outage_limit() -> None:
+    """With an outage, the daemon's calls retry for as long as Pub/Sub may be down: the
+    outage began with the first call's failure, so a later call has only what is left."""
+    fake = FakeTime()
+    outage = Outage("Pub/Sub", limit=100, setting="--source-outage-limit", clock=fake.clock)
+
+    async def attempt() -> None:
+        fake.now += 1  # each attempt takes time too
+        raise aiohttp.ClientConnectionError("refused")
+
+    async def one_call(what: str) -> None:
+        await call_with_retries(what, attempt, OUTAGE_RETRY, rand=lambda: 1.0,
+                                sleep=fake.sleep, clock=fake.clock, outage=outage)
+
+    with pytest.raises(PubSubError) as caught:
+        await one_call("pull from s")
+    # The outage began as the first attempt failed (at 1 s); the last wait ends at its
+    # limit (101 s), and one last attempt fails.
+    assert str(caught.value) == (
+        "pull from s: Pub/Sub unavailable for 101s (--source-outage-limit 100s):"
+        " ClientConnectionError: refused"
+    )
+    assert fake.now == 102
+    assert max(fake.sleeps) == OUTAGE_RETRY.cap
+    # The outage goes on (nothing succeeded): a call now gets one attempt, no wait.
+    waits = len(fake.sleeps)
+    with pytest.raises(PubSubError, match="unavailable for 102s"):
+        await one_call("acknowledge on s")
+    assert len(fake.sleeps) == waits
+
+
+async def test_a_success_ends_the_outage_and_its_budget_starts_anew() -> None:
+    fake = FakeTime()
+    outage = Outage("Pub/Sub", limit=5, clock=fake.clock)
+    failures = [aiohttp.ClientConnectionError("refused")] * 3
+
+    async def attempt() -> str:
+        fake.now += 1
+        if failures:
+            raise failures.pop()
+        return "ok"
+
+    assert await call_with_retries("pull", attempt, OUTAGE_RETRY, rand=lambda: 0.5,
+                                   sleep=fake.sleep, clock=fake.clock, outage=outage) == "ok"
+    assert not outage.ongoing
+    assert outage.remaining() == 5
+
+
+async def test_a_permanent_failure_is_no_outage() -> None:
+    fake = FakeTime()
+    outage = Outage("Pub/Sub", clock=fake.clock)
+
+    async def attempt() -> None:
+        raise _http_error(403, '{"error":{"code":403,"message":"no","status":"PERMISSION_DENIED"}}')
+
+    with pytest.raises(PubSubError, match="PERMISSION_DENIED"):
+        await call_with_retries("pull", attempt, OUTAGE_RETRY, sleep=fake.sleep,
+                                clock=fake.clock, outage=outage)
+    assert not outage.ongoing
