@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mandrill.google_cloud import credentials_source, google_error
+from mandrill.google_cloud import credentials_source, google_error, retry_after
 from tests.fixtures.emulator import PubSubEmulator, PubSubNames
 from tests.fixtures.metadata import hide_credentials, point_at_metadata_host
 from tests.support.daemon import run_to_end
@@ -131,3 +131,36 @@ async def test_with_an_api_root_the_cli_checks_credentials_and_logs_a_retried_fa
     assert "HTTP 503" in err
     # The check's two requests, then the clients' own token.
     assert [r.status for r in metadata_server.token_requests] == [503, 200, 200]
+
+
+def _answer(status: int, headers: dict[str, str] | None) -> Exception:
+    import aiohttp
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    return aiohttp.ClientResponseError(
+        None, (), status=status, message="Too Many Requests: {}",  # type: ignore[arg-type]
+        headers=CIMultiDictProxy(CIMultiDict(headers)) if headers is not None else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        ({"Retry-After": "20"}, 20.0),
+        ({"retry-after": " 0 "}, 0.0),
+        # An HTTP date, from the clock's now (1_000_000_000 is 2001-09-09T01:46:40Z).
+        ({"Retry-After": "Sun, 09 Sep 2001 01:47:10 GMT"}, 30.0),
+        ({"Retry-After": "Sun, 09 Sep 2001 01:40:00 GMT"}, 0.0),  # already past
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": "-5"}, None),
+        ({"Retry-After": "Sun, 09 Sep 2001 01:47:10"}, None),  # no zone: no HTTP date
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_seconds_or_an_http_date(headers, wait) -> None:
+    assert retry_after(_answer(429, headers), now=lambda: 1_000_000_000.0) == wait
+
+
+def test_only_an_answer_has_a_retry_after() -> None:
+    assert retry_after(ConnectionResetError()) is None

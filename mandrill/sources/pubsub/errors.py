@@ -19,7 +19,7 @@ import aiohttp
 import anyio
 
 from mandrill.errors import SourceError
-from mandrill.google_cloud import describe_error, http_status, is_transient
+from mandrill.google_cloud import describe_error, http_status, is_transient, retry_after
 from mandrill.outage import Outage
 from mandrill.retry import GaveUp, RetryPolicy, retry
 
@@ -74,8 +74,10 @@ async def call_with_retries(
 ) -> T:
     """Await ``attempt()`` under ``policy`` (:func:`mandrill.retry.retry`), retrying the
     failures :func:`is_transient` accepts; ``on_transient_error(what, error, delay)`` is
-    told of each one about to be retried. With an ``outage``, each transient failure and
-    each success is reported to it, and the retries stop once it has lasted its limit.
+    told of each one about to be retried. A wait an answer asked for (``Retry-After``, on a
+    429 or a 503) is honoured, up to ``policy.max_server_wait`` and the outage's limit. With
+    an ``outage``, each transient failure and each success is reported to it, and the
+    retries stop once it has lasted its limit.
 
     Raises :class:`PubSubError` (``"<what>: <why>"``) at once for a permanent transport
     failure, or when the retries outlast the policy or the outage's limit. Exceptions that
@@ -94,6 +96,7 @@ async def call_with_retries(
             transient=_is_transport_failure,
             on_retry=on_retry,
             budget=None if outage is None else outage.remaining,
+            server_wait=retry_after,
             rand=rand,
             sleep=sleep,
             clock=clock,

@@ -96,9 +96,11 @@ class PubSubSource:
         request_timeout: float,
         outage: Outage,
         on_transient_error: Callable[[str, BaseException, float], None] | None = None,
+        sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
     ) -> None:
         self.subscription = subscription
         self.outage = outage
+        self._sleep = sleep
         self._on_transient_error = on_transient_error
         self.dead_letter_topic = dead_letter_topic
         self.keeps_dead_letters = dead_letter_topic is not None
@@ -207,6 +209,7 @@ class PubSubSource:
             self.retry,
             self._request_timeout,
             outage=self.outage,
+            sleep=self._sleep,
         )
 
     async def _call_bridged(self, what: str, fn: Callable[..., Awaitable[T]]) -> T:
@@ -220,6 +223,7 @@ class PubSubSource:
             self.retry,
             on_transient_error=self._on_transient_error,
             outage=self.outage,
+            sleep=self._sleep,
         )
 
 
@@ -238,6 +242,7 @@ async def open_pubsub_source(
     emulator_host: str | None = None,
     on_transient_error: Callable[[str, BaseException, float], None] | None = None,
     outage: Outage | None = None,
+    sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
 ) -> AsyncIterator[PubSubSource]:
     """Open ``subscription`` (a name in ``project``, or a full path) for pulling.
 
@@ -250,7 +255,8 @@ async def open_pubsub_source(
     reads, and Pub/Sub unreachable at start shows there while this retries. Reads the
     subscription's ack deadline first: raises :class:`PubSubError` (status 404) if the
     subscription does not exist, or as any call does; and
-    :class:`~mandrill.errors.ConfigError` if the dead-letter topic does not.
+    :class:`~mandrill.errors.ConfigError` if the dead-letter topic does not. Retries wait
+    with ``sleep`` (a test's sees the waits).
     Closing closes the clients' aiohttp session, shielded but bounded by ``CLOSE_SECONDS``.
     """
     path = subscription_path(project, subscription)
@@ -272,6 +278,7 @@ async def open_pubsub_source(
                 retry,
                 on_transient_error=on_transient_error,
                 outage=outage,
+                sleep=sleep,
             )
         except PubSubError as exc:
             if exc.status == _NOT_FOUND:
@@ -301,6 +308,7 @@ async def open_pubsub_source(
             request_timeout=request_timeout,
             outage=outage,
             on_transient_error=on_transient_error,
+            sleep=sleep,
         )
 
 

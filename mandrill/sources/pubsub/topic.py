@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
+import anyio
 from gcloud.aio.pubsub import PublisherClient, PubsubMessage
 
 from mandrill.outage import Outage
@@ -28,9 +29,11 @@ async def publish_messages(
     policy: RetryPolicy,
     request_timeout: float,
     outage: Outage | None = None,
+    sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
 ) -> list[str]:
     """Publish ``messages`` in request-sized chunks, one after another; their ids in order.
-    Each request reports to ``outage``, if given (see :func:`call_with_retries`)."""
+    Each request reports to ``outage``, if given, and retries wait with ``sleep`` (see
+    :func:`call_with_retries`)."""
     ids: list[str] = []
     for chunk in chunk_messages(messages):
         body = []
@@ -46,7 +49,7 @@ async def publish_messages(
             ),
         )
         response = await call_with_retries(
-            f"publish to {topic}", attempt, policy, outage=outage
+            f"publish to {topic}", attempt, policy, outage=outage, sleep=sleep
         )
         chunk_ids = [str(i) for i in response.get("messageIds", [])]
         if len(chunk_ids) != len(chunk):
