@@ -70,7 +70,12 @@ async def run(cfg: RunConfig) -> int:
         systemd=systemd,
         backend=cfg.backend,
     )
-    async with open_parts(cfg, observability.counters) as parts:
+    # The probes answer from here on: while Pub/Sub cannot be reached at start, /healthz
+    # says alive and /readyz not ready, with the reason.
+    async with (
+        observability.running(),
+        open_parts(cfg, observability.counters, observability.health) as parts,
+    ):
         log.info(
             "mandrill running on %s: source %s, ledger %s, restarter %s, up to %d in flight",
             cfg.backend, cfg.source.kind, cfg.ledger.url, cfg.restarter.kind, cfg.max_in_flight,

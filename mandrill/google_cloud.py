@@ -8,10 +8,12 @@ Imported only by those adapters (it loads aiohttp).
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -71,6 +73,27 @@ def is_transient(exc: BaseException) -> bool:
         return is_transient_status(status)
     # TimeoutError and aiohttp's socket timeouts are OSErrors.
     return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | OSError)
+
+
+def retry_after(exc: BaseException, now: Callable[[], float] = time.time) -> float | None:
+    """The seconds an answer's ``Retry-After`` header asks to wait (RFC 9110: a number of
+    seconds, or an HTTP date, from ``now()`` on); ``None`` without one, or with one that is
+    neither. gcloud-aio raises aiohttp's ``ClientResponseError`` with the answer's headers."""
+    if not isinstance(exc, aiohttp.ClientResponseError) or not exc.headers:
+        return None
+    value = exc.headers.get("Retry-After")
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP date is in GMT, and says so
+    return max(0.0, when.timestamp() - now())
 
 
 def describe_error(exc: BaseException) -> str:

@@ -35,6 +35,7 @@ from mandrill.worker import WorkerSettings
 
 if TYPE_CHECKING:
     from mandrill.notify import Notifier
+    from mandrill.obs.health import ServiceHealth
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +98,27 @@ async def open_source(
     backend: str,
     counters: Counters | None = None,
     bridge: AsyncioBridge | None = None,
+    health: ServiceHealth | None = None,
 ) -> AsyncIterator[tuple[Source, Topic | None]]:
     """The source to pull from and, for the embedded broker, the topic feeding it;
-    Pub/Sub's clients run on ``bridge`` (else on a bridge of their own, on ``backend``)."""
+    Pub/Sub's clients run on ``bridge`` (else on a bridge of their own, on ``backend``).
+    Pub/Sub's outage is one of ``health``'s readiness checks from its first call on."""
     if cfg.kind == "memory":
         broker = MemoryBroker(ack_deadline=cfg.ack_deadline)
         yield broker, broker
         return
-    from mandrill.sources.pubsub import describe_error, open_pubsub_source
+    from mandrill.outage import Outage
+    from mandrill.sources.pubsub import OUTAGE_RETRY, describe_error, open_pubsub_source
 
     def on_transient_error(what: str, error: BaseException, delay: float) -> None:
+        # The outage logs its beginning and its end; each failure only at debug level.
         if counters is not None:
             counters.pull_errors += 1
-        log.warning("%s failed, retrying in %.1fs: %s", what, delay, describe_error(error))
+        log.debug("%s failed, retrying in %.1fs: %s", what, delay, describe_error(error))
 
+    outage = Outage("Pub/Sub", limit=cfg.outage_limit, setting="--source-outage-limit")
+    if health is not None:
+        health.add_checks({"source": outage.problem})
     async with open_pubsub_source(
         project=_project(cfg),
         subscription=cfg.subscription,
@@ -118,7 +126,9 @@ async def open_source(
         dead_letter_topic=cfg.dead_letter_topic,
         bridge=bridge,
         api_root=cfg.pubsub.pubsub_api_root,
+        retry=OUTAGE_RETRY,
         on_transient_error=on_transient_error,
+        outage=outage,
     ) as source:
         yield source, None
 
@@ -163,9 +173,12 @@ async def open_restarter(
 
 
 @contextlib.asynccontextmanager
-async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncIterator[Parts]:
+async def open_parts(
+    cfg: RunConfig, counters: Counters | None = None, health: ServiceHealth | None = None
+) -> AsyncIterator[Parts]:
     """Open the source, ledger, restarter and notifier ``cfg`` names; close them in
-    reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
+    reverse order; the source's readiness is one of ``health``'s checks as soon as it
+    opens. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
     rng = random.Random(cfg.source.seed)
     notifier = make_notifier(cfg.notify, counters)
     pubsub, gce = cfg.source.kind == "pubsub", cfg.restarter.kind == "gce"
@@ -188,7 +201,7 @@ async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncI
         )
         stack.push_async_callback(ledger.aclose)
         source, topic = await stack.enter_async_context(
-            open_source(cfg.source, cfg.backend, counters, bridge)
+            open_source(cfg.source, cfg.backend, counters, bridge, health)
         )
         restarter = await stack.enter_async_context(
             open_restarter(cfg.restarter, cfg.backend, rng, bridge)

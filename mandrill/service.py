@@ -8,8 +8,9 @@ outer group, and every shield carries a deadline.
     serve
     └── lasting (task group: outlives the workers; cancelled last)
         ├── signal watcher      first signal: graceful stop; second: force
-        ├── probes              lag probe, metrics server, task dump, systemd notifier
-        │                       (each when configured)
+        ├── probes              lag probe, metrics server, task dump, systemd notifier (each
+        │                       when configured; not when the caller runs them already, as
+        │                       ``run`` does)
         ├── ledger              heartbeat, sweep of claims nobody holds, kept outcomes
         ├── settler             outcomes recorded, then acks and nacks, in batches
         ├── companions (task group: notifier …; stopped as the final settlement begins)
@@ -183,6 +184,8 @@ async def serve(
                     name="start-up watcher",
                 )
                 if observability is not None:
+                    observability.count_in_flight(holdings.__len__)
+                if observability is not None and not observability.started:
                     # Started first, so the lag probe and the metrics server watch start-up.
                     for name, probe in observability.probes(in_flight=holdings.__len__):
                         await lasting.start(probe, name=name)
@@ -201,7 +204,9 @@ async def serve(
                     await daemon.start(keeper.run, name="lease keeper")
                     task_status.started(shutdown)
                     if observability is not None:
-                        observability.health.set_serving({"ledger": parts.ledger.problem})
+                        observability.health.set_serving(
+                            {"source": parts.source.problem, "ledger": parts.ledger.problem}
+                        )
                     log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
                     await _process(
                         settings, worker_settings, parts, counters, holdings, outbox, streams,

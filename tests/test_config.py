@@ -265,3 +265,34 @@ def test_loaded_values_have_the_fields_types(flags):
             value = getattr(value, step)
         hint = typing.get_type_hints(holder)[path[-1]]
         assert conforms(value, hint), (path, value, hint)
+
+
+def test_the_source_outage_limit_is_forever_unless_given(tmp_path):
+    import math
+
+    assert config.load("run", {}, {})["source_outage_limit"] == math.inf
+    toml = tmp_path / "m.toml"
+    toml.write_text('source_outage_limit = "10m"\n')
+    assert config.load("run", {}, {}, str(toml))["source_outage_limit"] == 600
+    env = {"MANDRILL_SOURCE_OUTAGE_LIMIT": "90s"}
+    assert config.load("run", {}, env, str(toml))["source_outage_limit"] == 90
+    assert config.load("run", {"source_outage_limit": "forever"}, env)[
+        "source_outage_limit"] == math.inf
+    cfg = config.command_config("run", {"source_outage_limit": "2m"}, {})
+    assert cfg.source.outage_limit == 120
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        ({"source_outage_limit": "0s"}, {}, "--source-outage-limit: '0s' must be a duration > 0,"
+                                            " or 'forever'"),
+        ({}, {"MANDRILL_SOURCE_OUTAGE_LIMIT": "soon"},
+         "MANDRILL_SOURCE_OUTAGE_LIMIT: 'soon' is not a duration (examples: 30s, 10m, 1h) or"
+         " 'forever'"),
+    ],
+)
+def test_a_bad_source_outage_limit_is_a_one_line_error(flags, env, message):
+    with pytest.raises(ConfigError) as info:
+        config.load("run", flags, env)
+    assert str(info.value) == message

@@ -18,6 +18,7 @@ from mandrill.google_cloud import (
     credentials_source,
     find_default_project,
     google_error,
+    retry_after,
 )
 from mandrill.sources.bridge import open_asyncio_bridge
 from mandrill.sources.pubsub import open_pubsub_topic, setup_pubsub
@@ -287,3 +288,35 @@ async def test_the_daemons_pubsub_project_may_come_from_the_environment_or_the_m
         f" {metadata_server.host}" if given == "metadata" else ""
     )
     assert len(project_requests(metadata_server)) == (given == "metadata")
+
+def _answer(status: int, headers: dict[str, str] | None) -> Exception:
+    import aiohttp
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    return aiohttp.ClientResponseError(
+        None, (), status=status, message="Too Many Requests: {}",  # type: ignore[arg-type]
+        headers=CIMultiDictProxy(CIMultiDict(headers)) if headers is not None else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        ({"Retry-After": "20"}, 20.0),
+        ({"retry-after": " 0 "}, 0.0),
+        # An HTTP date, from the clock's now (1_000_000_000 is 2001-09-09T01:46:40Z).
+        ({"Retry-After": "Sun, 09 Sep 2001 01:47:10 GMT"}, 30.0),
+        ({"Retry-After": "Sun, 09 Sep 2001 01:40:00 GMT"}, 0.0),  # already past
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": "-5"}, None),
+        ({"Retry-After": "Sun, 09 Sep 2001 01:47:10"}, None),  # no zone: no HTTP date
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_seconds_or_an_http_date(headers, wait) -> None:
+    assert retry_after(_answer(429, headers), now=lambda: 1_000_000_000.0) == wait
+
+
+def test_only_an_answer_has_a_retry_after() -> None:
+    assert retry_after(ConnectionResetError()) is None

@@ -4,6 +4,7 @@ variables and the TOML keys all come from it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from mandrill.config.values import (
     domain,
     duration,
     fraction,
+    limit_or_forever,
     metrics_addr,
     new_file,
     notify_headers,
@@ -82,8 +84,8 @@ class Setting:
         if self.metavar is not None:
             return self.metavar
         kinds: dict[Callable[[object], Any], str] = {
-            duration: "DURATION", positive_int: "N", optional_positive_int: "N",
-            optional_int: "N", fraction: "FRACTION",
+            duration: "DURATION", limit_or_forever: "DURATION", positive_int: "N",
+            optional_positive_int: "N", optional_int: "N", fraction: "FRACTION",
         }
         return kinds.get(self.parse, self.name.upper())
 
@@ -155,6 +157,10 @@ SETTINGS: tuple[Setting, ...] = (
        "setup: deliveries after which Pub/Sub forwards a message to the dead-letter topic",
        frozenset({"setup"}), group="source"),
     _s("max_lease", duration, 3600.0, "longest a message is kept leased while worked on", RUN,
+       group="source"),
+    _s("source_outage_limit", limit_or_forever, math.inf,
+       "how long Pub/Sub may fail before the daemon stops (exit 1); meanwhile it retries"
+       " with backoff and /readyz says not ready (forever: never stop)", RUN,
        group="source"),
     _s("publish", boolean, True, "embedded demo: run the talk's publisher in-process", RUN,
        group="source"),

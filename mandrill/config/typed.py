@@ -58,6 +58,8 @@ class SourceConfig:
     dead_letter_topic: str | None
     ack_deadline: float
     max_lease: float
+    #: How long Pub/Sub may fail (its calls retried) before ``run`` stops; ``inf``: never.
+    outage_limit: float = field(metadata={"setting": "source_outage_limit"})
     #: The embedded demo runs the talk's publisher.
     publish: bool
     rate: float | None

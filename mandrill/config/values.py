@@ -38,6 +38,27 @@ def duration(value: object) -> float:
     return seconds
 
 
+#: What a limit that never runs out is written as (``--source-outage-limit forever``).
+FOREVER = "forever"
+
+
+def limit_or_forever(value: object) -> float:
+    """A duration > 0, or ``forever`` (``math.inf``): how long to outlast an outage."""
+    if isinstance(value, str) and value.strip().lower() == FOREVER:
+        return math.inf
+    if isinstance(value, float) and math.isinf(value) and value > 0:
+        return math.inf
+    try:
+        seconds = duration(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a duration (examples: 30s, 10m, 1h) or 'forever'"
+        ) from None
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be a duration > 0, or 'forever'")
+    return seconds
+
+
 def parse_since(value: str | None, flag: str) -> float | None:
     """``--since 1d`` → the epoch time one day ago; raises :class:`ConfigError` naming
     ``flag``."""
@@ -224,6 +245,8 @@ def show(value: Any, parse: Callable[[object], Any] | None = None) -> str | None
         return "on"
     if parse is duration:
         return format_duration(float(value))
+    if parse is limit_or_forever:
+        return FOREVER if math.isinf(value) else format_duration(float(value))
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

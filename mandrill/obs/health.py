@@ -31,7 +31,9 @@ class ServiceHealth:
     ``ready()`` is true once :meth:`set_serving` was called, while every check in
     ``checks`` (for example ``{"source": ..., "ledger": ...}``) finds no problem (returns
     ``None``; else the reason, which ``/readyz`` shows) and no shutdown has been
-    requested. Checks run on the loop thread at each request: keep them to attribute reads.
+    requested. A check added while the service starts (:meth:`add_checks`: a source that
+    cannot be reached yet) gives its reason before ``starting``. Checks run on the loop
+    thread at each request: keep them to attribute reads.
     """
 
     shutdown: Shutdown | None = None
@@ -45,8 +47,7 @@ class ServiceHealth:
     def set_serving(self, checks: Mapping[str, Callable[[], str | None]] | None = None) -> None:
         """Called by ``serve()`` once every part runs and workers take messages, with the
         readiness checks of its parts (added to ``checks``)."""
-        if checks:
-            self.checks = {**self.checks, **checks}
+        self.add_checks(checks or {})
         self.serving = True
         if self._serving_set is not None:
             self._serving_set.set()
@@ -60,6 +61,11 @@ class ServiceHealth:
             self._serving_set = anyio.Event()
         await self._serving_set.wait()
 
+    def add_checks(self, checks: Mapping[str, Callable[[], str | None]]) -> None:
+        """Add readiness checks, at any time (while the parts open, say)."""
+        if checks:
+            self.checks = {**self.checks, **checks}
+
     def loop_alive(self) -> tuple[bool, str]:
         if self.probe is None:
             return True, "ok"
@@ -71,10 +77,10 @@ class ServiceHealth:
     def ready(self) -> tuple[bool, str]:
         if self.shutdown is not None and self.shutdown.requested.is_set():
             return False, f"shutting down ({self.shutdown.reason or 'requested'})"
-        if not self.serving:
-            return False, "starting"
         for name, check in self.checks.items():
             problem = check()
             if problem is not None:
                 return False, f"{name} not ready: {problem}"
+        if not self.serving:
+            return False, "starting"
         return True, "ready"

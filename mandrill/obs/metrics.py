@@ -9,10 +9,13 @@ probes' answers), :mod:`~mandrill.obs.address` (``--metrics-addr``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from mandrill.obs.collector import build_registry
 from mandrill.obs.counters import Counters
@@ -43,12 +46,21 @@ def metrics_task(
     return partial(serve_http, addr, registry, health)
 
 
+#: The name of the metrics server's task.
+METRICS_SERVER = "metrics server"
+
+
+def _none_in_flight() -> int:
+    return 0
+
+
 @dataclass
 class Observability:
     """Everything ``run`` turns on to watch the daemon, built once from the configuration.
 
     ``serve()`` starts :meth:`probes` in its outer task group (it owns what ``in_flight``
-    counts) and calls ``health.set_serving()`` once workers take messages.
+    counts) and calls ``health.set_serving()`` once workers take messages; unless they
+    run already, around the opening of the parts too (:meth:`running`).
     """
 
     counters: Counters
@@ -67,10 +79,38 @@ class Observability:
     backend: str | None = None
     probe: LagProbe = field(init=False)
     health: ServiceHealth = field(init=False)
+    #: True while :meth:`running` runs the probes (then ``serve()`` does not start them).
+    started: bool = field(init=False, default=False)
+    #: What the in-flight gauge reads when the probes run before ``serve()``, which points
+    #: it at its holdings (:meth:`count_in_flight`).
+    _in_flight: Callable[[], int] = field(init=False, default_factory=lambda: _none_in_flight)
 
     def __post_init__(self) -> None:
         self.probe = LagProbe(slow_callback_ms=self.slow_callback_ms)
         self.health = ServiceHealth(shutdown=self.shutdown, probe=self.probe)
+
+    def count_in_flight(self, in_flight: Callable[[], int]) -> None:
+        """Have the probes started by :meth:`running` read ``in_flight`` from now on."""
+        self._in_flight = in_flight
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[int | None]:
+        """Run the probes around the block, which gets the metrics server's port (if any):
+        ``/healthz`` and ``/readyz`` answer while the parts open (a Pub/Sub that cannot be
+        reached at start says so, not ready), serve and close. Raises what a probe raises
+        as it starts (a port taken: ``ConfigError``)."""
+        async with anyio.create_task_group() as group:
+            port = None
+            for name, probe in self.probes(in_flight=lambda: self._in_flight()):
+                started = await group.start(probe, name=name)
+                if name == METRICS_SERVER:
+                    port = started
+            self.started = True
+            try:
+                yield port
+            finally:
+                self.started = False
+                group.cancel_scope.cancel()
 
     def probes(self, *, in_flight: Callable[[], int]) -> list[tuple[str, Callable[..., Any]]]:
         """``(task name, task)`` pairs, each to be started with ``root.start``."""
@@ -81,7 +121,7 @@ class Observability:
             found.append(("slow steps", partial(watch_slow_steps, self.slow_callback_ms)))
         if self.metrics_addr is not None:
             found.append((
-                "metrics server",
+                METRICS_SERVER,
                 metrics_task(self.metrics_addr, self.counters, in_flight=in_flight,
                                 in_flight_limit=self.max_in_flight, health=self.health,
                                 probe=self.probe, backend=self.backend),

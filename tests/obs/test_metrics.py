@@ -178,6 +178,21 @@ async def test_readyz_until_shutdown_then_503_with_the_reason():
         assert (status, body) == (200, b"ok\n")
 
 
+async def test_while_starting_readyz_gives_the_reason_a_part_is_not_ready():
+    """A source that cannot be reached at start says so before ``starting``; the ledger's
+    check, added by set_serving, joins it."""
+    source_problem: str | None = "get subscription s: refused (failing for 3s)"
+    health = ServiceHealth()
+    health.add_checks({"source": lambda: source_problem})
+    assert health.ready() == (False, "source not ready: get subscription s: refused"
+                                     " (failing for 3s)")
+    source_problem = None
+    assert health.ready() == (False, "starting")
+    health.set_serving({"ledger": lambda: "down"})
+    assert health.ready() == (False, "ledger not ready: down")
+    assert set(health.checks) == {"source", "ledger"}
+
+
 async def test_healthz_fails_when_the_loop_stops_answering():
     probe = LagProbe(interval=0.01, slow_callback_ms=None)
     health = ServiceHealth(probe=probe, liveness_bound=0.05)
@@ -385,3 +400,20 @@ def test_process_metrics_without_proc_stat(tmp_path):
     assert pid_only["process_resident_memory_bytes"] > 0
     # /proc/stat's boot time is whole seconds.
     assert abs(pid_only["process_start_time_seconds"] - full["process_start_time_seconds"]) < 2
+
+
+async def test_probes_run_before_serve_and_read_what_it_holds_once_it_does():
+    """run() starts the probes before the parts open (Pub/Sub unreachable at start):
+    they answer then, and serve() leaves them running, pointing the gauge at its holdings."""
+    obs = Observability(Counters(), Shutdown(), metrics_addr="127.0.0.1:0")
+    async with obs.running() as port:
+        assert obs.started
+        status, _, body = await get(port, "/healthz")
+        assert (status, body) == (200, b"ok\n")
+        assert (await get(port, "/readyz"))[2] == b"starting\n"
+        found = samples((await get(port, "/metrics"))[2].decode())
+        assert (found[("mandrill_messages_in_flight", ())], found[("mandrill_ready", ())]) == (0, 0)
+        obs.count_in_flight(lambda: 5)
+        found = samples((await get(port, "/metrics"))[2].decode())
+        assert found[("mandrill_messages_in_flight", ())] == 5
+    assert not obs.started
