@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--host", help="only this host: an instance name (with --domain)"
                              " or a full hostname")
             sub.add_argument("--since", metavar="DURATION",
-                             help="only the last DURATION (e.g. 1d)")
+                             help=f"only the last DURATION ({config.DURATION_UNITS})")
         if name == "history":
             sub.add_argument("--outcome", metavar="OUTCOMES",
                              help="only these outcomes, a comma list of "
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="one JSON object per line")
         if name == "replay":
             sub.add_argument("--until", metavar="DURATION",
-                             help="only messages older than DURATION ago")
+                             help=f"only messages older than DURATION ago"
+                             f" ({config.DURATION_UNITS})")
             sub.add_argument("--dead-letters", action="store_true",
                              help="replay dead-lettered messages instead of received ones")
     return parser
@@ -110,8 +111,9 @@ def _add_setting(group: argparse._ActionsContainer, setting: config.Setting) -> 
     shown = setting.shown_default
     if shown is not None:
         notes.insert(0, f"default {shown}")
+    units = f" ({config.DURATION_UNITS})" if setting.is_duration else ""
     # argparse %-formats help text.
-    help_text = f"{setting.help} [{'; '.join(notes)}]".replace("%", "%%")
+    help_text = f"{setting.help}{units} [{'; '.join(notes)}]".replace("%", "%%")
     if setting.is_boolean:
         group.add_argument(setting.flag, dest=setting.name, default=None,
                            action=argparse.BooleanOptionalAction, help=help_text)

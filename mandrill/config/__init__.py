@@ -46,6 +46,7 @@ from mandrill.config.typed import (
     build,
 )
 from mandrill.config.values import (
+    DURATION_UNITS,
     duration,
     format_duration,
     parse_since,
@@ -70,6 +71,7 @@ def command_config(
 __all__ = [
     "BY_NAME",
     "COMMANDS",
+    "DURATION_UNITS",
     "ENV_PREFIX",
     "GROUPS",
     "HISTORY_OUTCOMES",

@@ -16,6 +16,7 @@ from mandrill.config.values import (
     domain,
     duration,
     fraction,
+    is_duration,
     metrics_addr,
     new_file,
     notify_headers,
@@ -81,11 +82,17 @@ class Setting:
             return "{" + ",".join(self.parse.options) + "}"
         if self.metavar is not None:
             return self.metavar
+        if self.is_duration:
+            return "DURATION"
         kinds: dict[Callable[[object], Any], str] = {
-            duration: "DURATION", positive_int: "N", optional_positive_int: "N",
+            positive_int: "N", optional_positive_int: "N",
             optional_int: "N", fraction: "FRACTION",
         }
         return kinds.get(self.parse, self.name.upper())
+
+    @property
+    def is_duration(self) -> bool:
+        return is_duration(self.parse)
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -257,7 +264,8 @@ SETTINGS: tuple[Setting, ...] = (
        "asyncio debug mode / trio step timing, slow steps from 20 ms, debug logs", RUN,
        group="observability"),
     _s("slow_callback_ms", optional_ms, None,
-       "report steps that block the event loop longer than this (0: off; default 100)",
+       "report steps that block the event loop longer than this many milliseconds (0: off;"
+       " default 100)",
        RUN, "MS", group="observability"),
     _s("profile", new_file, None, "write cProfile stats to FILE when the daemon stops",
        RUN, "FILE", group="observability"),

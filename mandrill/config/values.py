@@ -38,6 +38,10 @@ def duration(value: object) -> float:
     return seconds
 
 
+#: What ``--help`` says of every duration: the units :func:`duration` accepts.
+DURATION_UNITS = "units ms, s, m, h, d, w; a bare number is seconds"
+
+
 def parse_since(value: str | None, flag: str) -> float | None:
     """``--since 1d`` → the epoch time one day ago; raises :class:`ConfigError` naming
     ``flag``."""
@@ -54,6 +58,12 @@ def positive_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError(f"{value!r} must be a duration > 0")
     return seconds
+
+
+def is_duration(parse: Callable[[object], Any]) -> bool:
+    """Whether a setting parsed by ``parse`` is a duration (its help names the units, its
+    default shows as ``7d``)."""
+    return parse in (duration, positive_duration)
 
 
 def positive_int(value: object) -> int:
@@ -222,7 +232,7 @@ def show(value: Any, parse: Callable[[object], Any] | None = None) -> str | None
         return None
     if value is True:
         return "on"
-    if parse is duration:
+    if parse is not None and is_duration(parse):
         return format_duration(float(value))
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
