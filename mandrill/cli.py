@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
             for group, title in config.GROUPS.items()
         }
         for setting in config.settings_for(name):
-            _add_setting(groups[setting.group], setting)
+            _add_setting(groups[setting.group], setting, name)
         if name in ("history", "replay"):
             sub.add_argument("--host", help="only this host: an instance name (with --domain)"
                              " or a full hostname")
@@ -105,15 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_setting(group: argparse._ActionsContainer, setting: config.Setting) -> None:
-    """One flag of ``setting``; its help says the default as a user would write it."""
+def _add_setting(
+    group: argparse._ActionsContainer, setting: config.Setting, command: str
+) -> None:
+    """One flag of ``setting`` for ``command``; its help says what the setting means to
+    that command, the default as a user would write it and, for a duration, the units."""
     notes = [f"env {setting.env}"]
     shown = setting.shown_default
     if shown is not None:
         notes.insert(0, f"default {shown}")
     units = f" ({config.DURATION_UNITS})" if setting.is_duration else ""
     # argparse %-formats help text.
-    help_text = f"{setting.help}{units} [{'; '.join(notes)}]".replace("%", "%%")
+    help_text = f"{setting.help_for(command)}{units} [{'; '.join(notes)}]".replace("%", "%%")
     if setting.is_boolean:
         group.add_argument(setting.flag, dest=setting.name, default=None,
                            action=argparse.BooleanOptionalAction, help=help_text)

@@ -60,3 +60,35 @@ def test_every_number_of_milliseconds_says_so(command):
 def test_a_duration_default_is_shown_as_written():
     assert config.BY_NAME["instance_timeout"].shown_default == "30s"
     assert config.BY_NAME["notify_timeout"].shown_metavar == "DURATION"
+
+
+def help_of(command: str, flag: str) -> str:
+    (action,) = [a for a in flags_of(command_parsers()[command]) if flag in a.option_strings]
+    return " ".join((action.help or "").split())
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_flag_shared_by_commands_explains_itself_to_each(command):
+    """No ``run: …; publish: …`` help: each command says what the flag does there."""
+    others = [other for other in COMMANDS if other != command]
+    for action in flags_of(command_parsers()[command]):
+        for other in others:
+            assert f"{other}: " not in (action.help or ""), (command, action.option_strings)
+
+
+def test_count_per_command():
+    run, publish = help_of("run", "--count"), help_of("publish", "--count")
+    assert run.startswith("stop gracefully once N messages are done")
+    assert "until stopped" in run
+    assert publish.startswith("publish N messages, then exit")
+    assert "until stopped" in publish
+
+
+def test_ack_deadline_per_command():
+    run, setup = help_of("run", "--ack-deadline"), help_of("setup", "--ack-deadline")
+    assert run.startswith("--source memory only:")
+    assert "mandrill setup --ack-deadline" in run
+    assert setup.startswith("the subscription's ack deadline, 10s to 600s")
+    assert "--source memory" not in setup
+    for text in (run, setup):
+        assert config.DURATION_UNITS in text

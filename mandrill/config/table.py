@@ -62,6 +62,9 @@ class Setting:
     group: str = "general"
     #: A flag that may be given several times; the parser receives the list.
     repeat: bool = False
+    #: ``(command, help)``: what the setting means to a command, where commands differ
+    #: (``--count`` stops ``run``, sizes ``publish``); else ``help``.
+    per_command: tuple[tuple[str, str], ...] = ()
 
     @property
     def flag(self) -> str:
@@ -89,6 +92,10 @@ class Setting:
             optional_int: "N", fraction: "FRACTION",
         }
         return kinds.get(self.parse, self.name.upper())
+
+    def help_for(self, command: str) -> str:
+        """What ``command``'s ``--help`` says of this setting."""
+        return dict(self.per_command).get(command, self.help)
 
     @property
     def is_duration(self) -> bool:
@@ -129,8 +136,10 @@ GROUPS = {
 
 def _s(name: str, parse: Callable[[object], Any], default: Any, help: str,
        commands: frozenset[str], metavar: str | None = None, switch: bool = False,
-       repeat: bool = False, *, group: str) -> Setting:
-    return Setting(name, parse, default, help, commands, metavar, switch, group, repeat)
+       repeat: bool = False, *, group: str,
+       per_command: dict[str, str] | None = None) -> Setting:
+    return Setting(name, parse, default, help, commands, metavar, switch, group, repeat,
+                   tuple((per_command or {}).items()))
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -140,7 +149,11 @@ SETTINGS: tuple[Setting, ...] = (
        group="general"),
     _s("count", optional_positive_int, None,
        "run: stop after N messages are done; publish: publish N messages",
-       frozenset({"run", "publish"}), "N", group="general"),
+       frozenset({"run", "publish"}), "N", group="general", per_command={
+           "run": "stop gracefully once N messages are done (acked: decided, or"
+                  " dead-lettered), then exit 0; unset: run until stopped",
+           "publish": "publish N messages, then exit; unset: publish until stopped",
+       }),
     # -- source --
     _s("source", choice("memory", "pubsub"), "memory",
        "memory: the embedded in-process broker; pubsub: Google Cloud Pub/Sub",
@@ -157,7 +170,15 @@ SETTINGS: tuple[Setting, ...] = (
        " endpoint); always used with credentials", PUBSUB, "URL", group="source"),
     _s("ack_deadline", duration, 10.0,
        "run: the embedded broker's ack deadline; setup: the subscription's (10s to 600s)",
-       frozenset({"run", "setup"}), group="source"),
+       frozenset({"run", "setup"}), group="source", per_command={
+           "run": "--source memory only: how long the embedded broker waits for an ack"
+                  " before it redelivers a message (mandrill extends the lease while it"
+                  " works); with --source pubsub the subscription's own deadline applies,"
+                  " set by `mandrill setup --ack-deadline`",
+           "setup": "the subscription's ack deadline, 10s to 600s: how long Pub/Sub waits"
+                    " for an ack before it redelivers a message (the daemon extends the"
+                    " lease while it works)",
+       }),
     _s("max_delivery_attempts", positive_int, 10,
        "setup: deliveries after which Pub/Sub forwards a message to the dead-letter topic",
        frozenset({"setup"}), group="source"),
@@ -167,9 +188,17 @@ SETTINGS: tuple[Setting, ...] = (
        group="source"),
     _s("rate", optional_rate, 20.0,
        "messages per second the publisher sends (0: as fast as possible)",
-       frozenset({"run", "publish"}), "PER_SECOND", group="source"),
+       frozenset({"run", "publish"}), "PER_SECOND", group="source", per_command={
+           "run": "embedded demo (--source memory --publish): messages per second its"
+                  " publisher sends (0: as fast as possible)",
+           "publish": "messages per second to publish (0: as fast as possible)",
+       }),
     _s("seed", optional_int, None, "random seed for the simulated parts", RUN | {"publish"},
-       group="source"),
+       group="source", per_command={
+           "run": "random seed of the simulated parts (the embedded publisher's hosts, the"
+                  " simulated restarter's latencies and failures)",
+           "publish": "random seed of the hosts the published messages name",
+       }),
     # -- ledger --
     _s("ledger", text, "mandrill.db",
        "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER, "URL",
