@@ -135,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debugging = isinstance(cfg, config.RunConfig) and cfg.observability.debug
     with configured_logging(cfg.logs.log_format, "debug" if debugging else cfg.logs.log_level):
+        for warning in config.unknown_variables(os.environ):
+            log.warning(warning)
         code = _dispatch(cfg)
         stuck = _threads_still_blocked()
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mandrill.config.environment import unknown_variables
 from mandrill.config.loader import load
 from mandrill.config.table import (
     BY_NAME,
@@ -103,4 +104,5 @@ __all__ = [
     "positive_int",
     "settings_for",
     "show",
+    "unknown_variables",
 ]
