@@ -38,3 +38,65 @@ async def test_a_variable_of_another_command_is_not_unknown():
     assert code == 0
     (line,) = [json.loads(line) for line in err.splitlines()]
     assert line["message"].startswith("unknown environment variable MANDRILL_LEDGR ignored")
+
+
+# --- exit 2: one line, JSON when the logs are -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        # argparse's own errors
+        (["run", "--no-such-flag", "--log-format", "json"], {},
+         "error: unrecognized arguments: --no-such-flag (see --help)"),
+        (["run", "--li"], {"MANDRILL_LOG_FORMAT": "json"},
+         "error: unrecognized arguments: --li (see --help)"),
+        (["explode", "--log-format=json"], {}, "error: argument COMMAND: invalid choice"),
+        # ConfigError while loading
+        (["run", "--max-in-flight", "0", "--log-format", "json"], {},
+         "error: --max-in-flight: '0' must be at least 1"),
+        (["run", "--log-format", "json"], {"MANDRILL_GRACE": "soon"},
+         "error: MANDRILL_GRACE: 'soon' is not a duration"),
+        # ConfigError from inside the command
+        (["history", "--ledger", ":memory:", "--limit", "0", "--log-format", "json"], {},
+         "error: --limit: '0' must be at least 1"),
+    ],
+)
+async def test_exit_2_is_one_json_line_under_log_format_json(args, env, expected):
+    code, out, err = await run_to_end(args, env=env)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    line = json.loads(err)
+    assert line["message"].startswith(expected)
+    assert (line["severity"], line["level"], line["logger"]) == ("ERROR", "error", "mandrill.cli")
+    assert line["exit_code"] == 2
+    assert "time" in line
+
+
+async def test_the_log_format_of_the_config_file_counts_too(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('[mandrill]\nlog_format = "json"\n')
+    code, _, err = await run_to_end(["run", "--config", str(path), "--grace", "soon"])
+    assert code == 2
+    assert json.loads(err)["message"].startswith("error: --grace: 'soon' is not a duration")
+    # The command line wins over the file, as it does for every setting.
+    code, _, err = await run_to_end(["run", "--config", str(path), "--grace", "soon",
+                                     "--log-format", "text"])
+    assert err.startswith("mandrill: error: --grace: 'soon' is not a duration")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--no-such-flag"],
+        ["run", "--max-in-flight", "0"],
+        ["history", "--ledger", ":memory:", "--limit", "0"],
+        ["run", "--max-in-flight", "0", "--log-format", "auto"],
+    ],
+)
+async def test_exit_2_is_one_plain_line_otherwise(args):
+    code, _, err = await run_to_end(args, env={"MANDRILL_LOG_FORMAT": ""})
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("mandrill: error: ")

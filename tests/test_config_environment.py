@@ -39,3 +39,39 @@ def test_known_variables_are_not_reported():
 def test_one_line_each_in_name_order():
     lines = list(config.unknown_variables({"MANDRILL_ZZZ": "", "MANDRILL_AAA": ""}))
     assert [line.split()[3] for line in lines] == ["MANDRILL_AAA", "MANDRILL_ZZZ"]
+
+
+# --- the log format of usage errors (mandrill.usage) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        ([], {}, "auto"),
+        (["run", "--log-format", "json"], {}, "json"),
+        (["run", "--log-format=JSON"], {}, "json"),
+        (["run", "--log-format", "json", "--log-format", "text"], {}, "text"),  # the last
+        (["run"], {"MANDRILL_LOG_FORMAT": "json"}, "json"),
+        (["run", "--log-format", "text"], {"MANDRILL_LOG_FORMAT": "json"}, "text"),
+        (["run"], {"MANDRILL_LOG_FORMAT": ""}, "auto"),
+        (["run", "--config", "/no/such/file.toml"], {}, "auto"),
+        (["run", "--log-format"], {}, "auto"),  # argparse says what is missing
+    ],
+)
+def test_the_log_format_asked_for(argv, environ, expected):
+    from mandrill.usage import requested_log_format
+
+    assert requested_log_format(argv, environ) == expected
+
+
+def test_the_log_format_of_a_config_file(tmp_path):
+    from mandrill.usage import requested_log_format
+
+    flat, table = tmp_path / "flat.toml", tmp_path / "table.toml"
+    flat.write_text('log-format = "json"\n')
+    table.write_text('[mandrill]\nlog_format = "json"\n')
+    for path in (flat, table):
+        assert requested_log_format(["run", "--config", str(path)], {}) == "json"
+        assert requested_log_format(
+            ["run", "--config", str(path)], {"MANDRILL_LOG_FORMAT": "text"}
+        ) == "text"
