@@ -108,6 +108,14 @@ def build_parser(log_format: str = "auto") -> argparse.ArgumentParser:
                              f" ({config.DURATION_UNITS})")
             sub.add_argument("--dead-letters", action="store_true",
                              help="replay dead-lettered messages instead of received ones")
+            sub.add_argument("--dry-run", action="store_true",
+                             help="list the messages that would be republished; publish"
+                             " nothing")
+            sub.add_argument("--limit", metavar="N",
+                             help="republish at most N messages, the oldest first")
+            sub.add_argument("--all", action="store_true",
+                             help="replay every saved message: without it, replay wants"
+                             " --host, --since or --until")
     return parser
 
 

@@ -223,6 +223,9 @@ class ReplayFlags:
     since: str | None
     until: str | None
     dead_letters: bool
+    dry_run: bool
+    limit: str | None
+    all: bool
 
 
 @dataclass(frozen=True, kw_only=True)

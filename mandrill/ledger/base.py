@@ -173,8 +173,9 @@ class Ledger(Protocol):
         since: float | None = None,
         until: float | None = None,
         status: str | None = None,
+        limit: int | None = None,
     ) -> list[SavedMessage]:
-        """Messages as saved, oldest first, for replay."""
+        """Messages as saved, oldest first, for replay (the first ``limit`` of them)."""
         ...
 
     async def counts(self) -> dict[str, int]:

@@ -54,12 +54,19 @@ def saved_messages(
     since: float | None,
     until: float | None,
     status: str | None,
+    limit: int | None = None,
 ) -> list[SavedMessage]:
+    """Messages as saved, oldest first; the first ``limit`` of them when given."""
     where, params = _filters(hostname, since, until, status, time_column="first_seen")
+    if limit is not None:
+        where += " ORDER BY first_seen, message_id LIMIT ?"
+        params.append(limit)
+    else:
+        where += " ORDER BY first_seen, message_id"
     cur.execute(
         d.sql(
             "SELECT message_id, data, attributes, hostname, first_seen, status, reason"
-            f" FROM messages{where} ORDER BY first_seen, message_id"
+            f" FROM messages{where}"
         ),
         params,
     )

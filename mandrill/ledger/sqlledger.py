@@ -422,10 +422,11 @@ class SQLLedger:
         since: float | None = None,
         until: float | None = None,
         status: str | None = None,
+        limit: int | None = None,
     ) -> list[SavedMessage]:
         d = self._d
         return await self._tx.query(
-            lambda cur: reads.saved_messages(cur, d, hostname, since, until, status)
+            lambda cur: reads.saved_messages(cur, d, hostname, since, until, status, limit)
         )
 
     async def counts(self) -> dict[str, int]:
