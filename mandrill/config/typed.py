@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import date
 from typing import Any, ClassVar, TypeVar
 
 # Imported at run time, not only for mypy: build() reads the fields' types.
@@ -105,6 +106,9 @@ class SafetyConfig:
     only: tuple[str, ...]
     weekdays: frozenset[int] | None
     hours: tuple[HoursWindow, ...]
+    skip_dates: frozenset[date]
+    #: The dates the file named by ``--skip-dates-file`` holds.
+    skip_dates_file: frozenset[date]
     timezone: str
     max_concurrent_restarts: int | None
     max_restarts: int | None

@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -173,6 +173,29 @@ def optional(parse: Callable[[str], Any]) -> Callable[[object], Any]:
     return parse_optional
 
 
+def dates(value: object) -> frozenset[date]:
+    """Blackout dates: ``2026-12-24,2026-12-31``, or a TOML list of them."""
+    if value in (None, ""):
+        return frozenset()
+    return safety.parse_dates(value if isinstance(value, list) else str(value))
+
+
+def dates_file(value: object) -> frozenset[date]:
+    """The blackout dates a file holds (read now: a bad date stops the start, naming its
+    line)."""
+    path = optional_text(value)
+    if path is None:
+        return frozenset()
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
+    return safety.parse_dates_text(text, path)
+
+
 def zone(value: object) -> str:
     name = str(value).strip()
     safety.parse_timezone(name)
@@ -228,7 +251,7 @@ def optional_ms(value: object) -> float | None:
 
 def show(value: Any, parse: Callable[[object], Any] | None = None) -> str | None:
     """A setting's value as a user would write it in a flag or a TOML file."""
-    if value is None or value == () or value is False:
+    if value is None or value == () or value == frozenset() or value is False:
         return None
     if value is True:
         return "on"
