@@ -57,6 +57,7 @@ COMMANDS = {
     "setup": "create the Pub/Sub topic, subscription and dead-letter topic",
     "history": "show what the ledger says was restarted, skipped, failed or dead-lettered",
     "replay": "republish saved messages from the ledger",
+    "status": "show the daemons alive, the restarts under way and the hosts in cooldown",
 }
 
 
@@ -102,6 +103,10 @@ def build_parser(log_format: str = "auto") -> argparse.ArgumentParser:
             sub.add_argument("--limit", default="50", metavar="N",
                              help="rows to show (default 50)")
             sub.add_argument("--json", action="store_true", help="one JSON object per line")
+        if name == "status":
+            sub.add_argument("--json", action="store_true",
+                             help="one JSON object per line, each with its kind (daemon,"
+                             " claim, cooldown)")
         if name == "replay":
             sub.add_argument("--until", metavar="DURATION",
                              help=f"only messages older than DURATION ago"
@@ -200,6 +205,8 @@ def _dispatch(cfg: config.CommandConfig) -> int:
             return _run(commands.history, cfg)
         case config.ReplayConfig():
             return _run(commands.replay, cfg)
+        case config.StatusConfig():
+            return _run(commands.status, cfg)
 
 
 def _run(command: Callable[[C], Awaitable[int]], cfg: C) -> int:

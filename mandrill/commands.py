@@ -21,6 +21,7 @@ from mandrill.config import (
     ReplayConfig,
     RunConfig,
     SetupConfig,
+    StatusConfig,
     parse_since,
     positive_int,
 )
@@ -282,6 +283,19 @@ async def replay(cfg: ReplayConfig) -> int:
             await t.publish(messages[start : start + MAX_BATCH])
     log.info("replayed %d messages to %s", len(messages), cfg.topic)
     print(len(messages))
+    return 0
+
+
+async def status(cfg: StatusConfig) -> int:
+    """The daemons alive, the restarts under way, the hosts in cooldown (:mod:`mandrill.status`)."""
+    from mandrill.status import print_status
+
+    ledger = await open_existing_ledger(cfg.ledger)
+    try:
+        fleet = await ledger.fleet_status(cfg.min_restart_interval, cfg.retry_unknown)
+    finally:
+        await ledger.aclose()
+    print_status(fleet, cfg.instance_timeout, as_json=cfg.flags.json)
     return 0
 
 

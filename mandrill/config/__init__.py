@@ -44,6 +44,8 @@ from mandrill.config.typed import (
     SetupConfig,
     ShutdownConfig,
     SourceConfig,
+    StatusConfig,
+    StatusFlags,
     build,
 )
 from mandrill.config.values import (
@@ -95,6 +97,8 @@ __all__ = [
     "SetupConfig",
     "ShutdownConfig",
     "SourceConfig",
+    "StatusConfig",
+    "StatusFlags",
     "command_config",
     "duration",
     "format_duration",

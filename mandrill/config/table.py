@@ -120,8 +120,10 @@ PUBSUB = frozenset({"run", "publish", "setup", "replay"})
 SUBSCRIPTION = frozenset({"run", "setup"})
 #: The topic: run pulls from the subscription and never publishes.
 TOPIC = frozenset({"publish", "setup", "replay"})
-LEDGER = frozenset({"run", "history", "replay"})
-ALL = frozenset({"run", "publish", "setup", "history", "replay"})
+LEDGER = frozenset({"run", "history", "replay", "status"})
+ALL = frozenset({"run", "publish", "setup", "history", "replay", "status"})
+#: What ``status`` needs to tell a live daemon and a host in cooldown, as ``run`` does.
+RUN_AND_STATUS = frozenset({"run", "status"})
 
 #: The groups of ``--help``, in order; "general" is argparse's own list of options.
 GROUPS = {
@@ -213,10 +215,11 @@ SETTINGS: tuple[Setting, ...] = (
        group="ledger"),
     _s("instance_timeout", positive_duration, 30.0,
        "a daemon silent in the ledger this long is dead: its restart claims are resolved as"
-       " 'unknown' by the others (it heartbeats 6 times as often)", RUN, group="ledger"),
+       " 'unknown' by the others (it heartbeats 6 times as often)", RUN_AND_STATUS,
+       group="ledger"),
     _s("retry_unknown", boolean, False,
        "restart again a host whose restart outcome is unknown (its daemon died mid-restart)"
-       " instead of counting it as restarted", RUN, group="ledger"),
+       " instead of counting it as restarted", RUN_AND_STATUS, group="ledger"),
     # -- restarter --
     _s("restarter", choice("simulated", "command", "gce"), "simulated",
        "how hosts are restarted", RUN, group="restarter"),
@@ -246,7 +249,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", RUN,
        group="safety"),
     _s("min_restart_interval", duration, 7 * 86400.0,
-       "do not restart a host restarted more recently than this", RUN, group="safety"),
+       "do not restart a host restarted more recently than this", RUN_AND_STATUS,
+       group="safety"),
     _s("exclude", patterns, (), "never restart hosts matching these globs (comma list)",
        RUN, "GLOBS", group="safety"),
     _s("only", patterns, (), "restart only hosts matching these globs (comma list)",

@@ -245,7 +245,32 @@ class ReplayConfig:
     flags: ReplayFlags
 
 
-CommandConfig = RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig
+@dataclass(frozen=True, kw_only=True)
+class StatusFlags:
+    """``status``'s own flags."""
+
+    GROUP: ClassVar[str] = COMMAND_FLAGS
+    json: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusConfig:
+    """``mandrill status``: the fleet as the ledger sees it."""
+
+    backend: str
+    logs: LogConfig
+    ledger: str
+    domain: str
+    #: As the daemons are configured: who counts as alive, which host is in cooldown.
+    instance_timeout: float
+    retry_unknown: bool
+    min_restart_interval: float
+    flags: StatusFlags
+
+
+CommandConfig = (
+    RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig | StatusConfig
+)
 
 #: Each command's configuration.
 COMMANDS: dict[str, type[CommandConfig]] = {
@@ -254,6 +279,7 @@ COMMANDS: dict[str, type[CommandConfig]] = {
     "setup": SetupConfig,
     "history": HistoryConfig,
     "replay": ReplayConfig,
+    "status": StatusConfig,
 }
 
 T = TypeVar("T")

@@ -30,6 +30,7 @@ from mandrill.ledger.base import (
     DeadLetterRecord,
     Decided,
     Finish,
+    FleetStatus,
     HistoryRow,
     Request,
     SavedMessage,
@@ -431,6 +432,12 @@ class SQLLedger:
 
     async def counts(self) -> dict[str, int]:
         return await self._tx.query(reads.counts)
+
+    async def fleet_status(self, min_interval: float, retry_unknown: bool) -> FleetStatus:
+        d = self._d
+        return await self._tx.query(
+            lambda cur: reads.fleet_status(cur, d, self.now(cur), min_interval, retry_unknown)
+        )
 
     async def aclose(self) -> None:
         if self._tx.stuck:
