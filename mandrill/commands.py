@@ -22,6 +22,7 @@ from mandrill.config import (
     ReplayConfig,
     RunConfig,
     SetupConfig,
+    StatusConfig,
     parse_since,
     positive_int,
 )
@@ -271,12 +272,21 @@ async def publish(cfg: PublishConfig) -> int:
 
 
 async def replay(cfg: ReplayConfig) -> int:
-    """Republish saved messages (received, or dead-lettered with --dead-letters)."""
+    """Republish saved messages (received, or dead-lettered with --dead-letters): those
+    the filters choose, or every one with ``--all``; with ``--dry-run``, list them."""
     args = cfg.flags
-    _project(cfg.pubsub)  # a missing --project is said before the ledger is read
+    if not args.dry_run:
+        _project(cfg.pubsub)  # a missing --project is said before the ledger is read
     since = parse_since(args.since, "--since")
     until = parse_since(args.until, "--until")
     hostname = host_filter(args.host, cfg.domain)
+    limit = None if args.limit is None else _flag(positive_int, args.limit, "--limit")
+    if not args.all and hostname is None and since is None and until is None:
+        # Every message ever received, republished, would restart the whole fleet again.
+        raise ConfigError(
+            "replay: no --host, --since or --until given: pass --all to replay every saved"
+            " message (try --dry-run first)"
+        )
     ledger = await open_existing_ledger(cfg.ledger)
     try:
         saved = await ledger.saved_messages(
@@ -284,9 +294,18 @@ async def replay(cfg: ReplayConfig) -> int:
             since=since,
             until=until,
             status="dead_letter" if args.dead_letters else "received",
+            limit=limit,
         )
     finally:
         await ledger.aclose()
+    if args.dry_run:
+        print_rows(
+            ("first seen (UTC)", "host", "message", "reason"),
+            [(_iso(m.first_seen), m.hostname or "", m.message_id, m.reason) for m in saved],
+        )
+        log.info("dry run: %d messages would be replayed to %s; none was", len(saved),
+                 cfg.topic)
+        return 0
     messages = [
         (m.data, {**m.attributes, "mandrill_replay_of": m.message_id}) for m in saved
     ]
@@ -295,6 +314,19 @@ async def replay(cfg: ReplayConfig) -> int:
             await t.publish(messages[start : start + MAX_BATCH])
     log.info("replayed %d messages to %s", len(messages), cfg.topic)
     print(len(messages))
+    return 0
+
+
+async def status(cfg: StatusConfig) -> int:
+    """The daemons alive, the restarts under way, the hosts in cooldown (:mod:`mandrill.status`)."""
+    from mandrill.status import print_status
+
+    ledger = await open_existing_ledger(cfg.ledger)
+    try:
+        fleet = await ledger.fleet_status(cfg.min_restart_interval, cfg.retry_unknown)
+    finally:
+        await ledger.aclose()
+    print_status(fleet, cfg.instance_timeout, as_json=cfg.flags.json)
     return 0
 
 

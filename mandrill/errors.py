@@ -45,3 +45,8 @@ class SourceError(MandrillError):
 
 class LedgerError(MandrillError):
     """The ledger cannot be reached or written."""
+
+
+class LedgerPathError(ConfigError, LedgerError):
+    """The SQLite ledger's path cannot be used as it is (a directory that is not writable,
+    a file that cannot be read, or is not SQLite): the configuration's to fix (exit 2)."""

@@ -85,8 +85,10 @@ def ledger_subscription(source: SourceConfig) -> str:
 
 def safety_controls(safety: SafetyConfig) -> SafetyControls | None:
     window = None
-    if safety.weekdays is not None or safety.hours:
-        window = TimeWindow(safety.weekdays, safety.hours, parse_timezone(safety.timezone))
+    skip_dates = safety.skip_dates | safety.skip_dates_file
+    if safety.weekdays is not None or safety.hours or skip_dates:
+        window = TimeWindow(safety.weekdays, safety.hours, parse_timezone(safety.timezone),
+                            skip_dates)
     if not (safety.exclude or safety.only or window):
         return None
     return SafetyControls(exclude=safety.exclude, only=safety.only, window=window)

@@ -55,6 +55,7 @@ class Reason(StrEnum):
     NOT_ALLOWED = "not_allowed"
     OUTSIDE_DAYS = "outside_days"
     OUTSIDE_HOURS = "outside_hours"
+    BLACKOUT_DATE = "blackout_date"
     RATE_LIMIT = "rate_limit"
     # Duplicates: a redelivery of a message already decided.
     ALREADY_DECIDED = "already_decided"
@@ -75,7 +76,7 @@ class Reason(StrEnum):
 #: The reasons of skips, and of dead letters: the labels their counters always show.
 SKIP_REASONS = (
     Reason.INTERVAL, Reason.EXCLUDED, Reason.NOT_ALLOWED, Reason.OUTSIDE_DAYS,
-    Reason.OUTSIDE_HOURS, Reason.RATE_LIMIT,
+    Reason.OUTSIDE_HOURS, Reason.BLACKOUT_DATE, Reason.RATE_LIMIT,
 )
 DEAD_LETTER_REASONS = (Reason.INVALID, Reason.MAX_ATTEMPTS)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mandrill.config.environment import unknown_variables
 from mandrill.config.loader import load
 from mandrill.config.table import (
     BY_NAME,
@@ -43,9 +44,12 @@ from mandrill.config.typed import (
     SetupConfig,
     ShutdownConfig,
     SourceConfig,
+    StatusConfig,
+    StatusFlags,
     build,
 )
 from mandrill.config.values import (
+    DURATION_UNITS,
     duration,
     format_duration,
     parse_since,
@@ -70,6 +74,7 @@ def command_config(
 __all__ = [
     "BY_NAME",
     "COMMANDS",
+    "DURATION_UNITS",
     "ENV_PREFIX",
     "GROUPS",
     "HISTORY_OUTCOMES",
@@ -92,6 +97,8 @@ __all__ = [
     "SetupConfig",
     "ShutdownConfig",
     "SourceConfig",
+    "StatusConfig",
+    "StatusFlags",
     "command_config",
     "duration",
     "format_duration",
@@ -101,4 +108,5 @@ __all__ = [
     "positive_int",
     "settings_for",
     "show",
+    "unknown_variables",
 ]

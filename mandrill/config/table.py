@@ -14,9 +14,12 @@ from mandrill.config.values import (
     api_root,
     boolean,
     choice,
+    dates,
+    dates_file,
     domain,
     duration,
     fraction,
+    is_duration,
     limit_or_forever,
     metrics_addr,
     new_file,
@@ -63,6 +66,9 @@ class Setting:
     group: str = "general"
     #: A flag that may be given several times; the parser receives the list.
     repeat: bool = False
+    #: ``(command, help)``: what the setting means to a command, where commands differ
+    #: (``--count`` stops ``run``, sizes ``publish``); else ``help``.
+    per_command: tuple[tuple[str, str], ...] = ()
 
     @property
     def flag(self) -> str:
@@ -83,11 +89,21 @@ class Setting:
             return "{" + ",".join(self.parse.options) + "}"
         if self.metavar is not None:
             return self.metavar
+        if self.is_duration:
+            return "DURATION"
         kinds: dict[Callable[[object], Any], str] = {
-            duration: "DURATION", limit_or_forever: "DURATION", positive_int: "N",
-            optional_positive_int: "N", optional_int: "N", fraction: "FRACTION",
+            positive_int: "N", optional_positive_int: "N",
+            optional_int: "N", fraction: "FRACTION",
         }
         return kinds.get(self.parse, self.name.upper())
+
+    def help_for(self, command: str) -> str:
+        """What ``command``'s ``--help`` says of this setting."""
+        return dict(self.per_command).get(command, self.help)
+
+    @property
+    def is_duration(self) -> bool:
+        return is_duration(self.parse)
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -106,8 +122,10 @@ PUBSUB = frozenset({"run", "publish", "setup", "replay"})
 SUBSCRIPTION = frozenset({"run", "setup"})
 #: The topic: run pulls from the subscription and never publishes.
 TOPIC = frozenset({"publish", "setup", "replay"})
-LEDGER = frozenset({"run", "history", "replay"})
-ALL = frozenset({"run", "publish", "setup", "history", "replay"})
+LEDGER = frozenset({"run", "history", "replay", "status"})
+ALL = frozenset({"run", "publish", "setup", "history", "replay", "status"})
+#: What ``status`` needs to tell a live daemon and a host in cooldown, as ``run`` does.
+RUN_AND_STATUS = frozenset({"run", "status"})
 
 #: The groups of ``--help``, in order; "general" is argparse's own list of options.
 GROUPS = {
@@ -124,8 +142,10 @@ GROUPS = {
 
 def _s(name: str, parse: Callable[[object], Any], default: Any, help: str,
        commands: frozenset[str], metavar: str | None = None, switch: bool = False,
-       repeat: bool = False, *, group: str) -> Setting:
-    return Setting(name, parse, default, help, commands, metavar, switch, group, repeat)
+       repeat: bool = False, *, group: str,
+       per_command: dict[str, str] | None = None) -> Setting:
+    return Setting(name, parse, default, help, commands, metavar, switch, group, repeat,
+                   tuple((per_command or {}).items()))
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -135,7 +155,11 @@ SETTINGS: tuple[Setting, ...] = (
        group="general"),
     _s("count", optional_positive_int, None,
        "run: stop after N messages are done; publish: publish N messages",
-       frozenset({"run", "publish"}), "N", group="general"),
+       frozenset({"run", "publish"}), "N", group="general", per_command={
+           "run": "stop gracefully once N messages are done (acked: decided, or"
+                  " dead-lettered), then exit 0; unset: run until stopped",
+           "publish": "publish N messages, then exit; unset: publish until stopped",
+       }),
     # -- source --
     _s("source", choice("memory", "pubsub"), "memory",
        "memory: the embedded in-process broker; pubsub: Google Cloud Pub/Sub",
@@ -152,7 +176,15 @@ SETTINGS: tuple[Setting, ...] = (
        " endpoint); always used with credentials", PUBSUB, "URL", group="source"),
     _s("ack_deadline", duration, 10.0,
        "run: the embedded broker's ack deadline; setup: the subscription's (10s to 600s)",
-       frozenset({"run", "setup"}), group="source"),
+       frozenset({"run", "setup"}), group="source", per_command={
+           "run": "--source memory only: how long the embedded broker waits for an ack"
+                  " before it redelivers a message (mandrill extends the lease while it"
+                  " works); with --source pubsub the subscription's own deadline applies,"
+                  " set by `mandrill setup --ack-deadline`",
+           "setup": "the subscription's ack deadline, 10s to 600s: how long Pub/Sub waits"
+                    " for an ack before it redelivers a message (the daemon extends the"
+                    " lease while it works)",
+       }),
     _s("max_delivery_attempts", positive_int, 10,
        "setup: deliveries after which Pub/Sub forwards a message to the dead-letter topic",
        frozenset({"setup"}), group="source"),
@@ -166,9 +198,17 @@ SETTINGS: tuple[Setting, ...] = (
        group="source"),
     _s("rate", optional_rate, 20.0,
        "messages per second the publisher sends (0: as fast as possible)",
-       frozenset({"run", "publish"}), "PER_SECOND", group="source"),
+       frozenset({"run", "publish"}), "PER_SECOND", group="source", per_command={
+           "run": "embedded demo (--source memory --publish): messages per second its"
+                  " publisher sends (0: as fast as possible)",
+           "publish": "messages per second to publish (0: as fast as possible)",
+       }),
     _s("seed", optional_int, None, "random seed for the simulated parts", RUN | {"publish"},
-       group="source"),
+       group="source", per_command={
+           "run": "random seed of the simulated parts (the embedded publisher's hosts, the"
+                  " simulated restarter's latencies and failures)",
+           "publish": "random seed of the hosts the published messages name",
+       }),
     # -- ledger --
     _s("ledger", text, "mandrill.db",
        "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER, "URL",
@@ -181,10 +221,11 @@ SETTINGS: tuple[Setting, ...] = (
        group="ledger"),
     _s("instance_timeout", positive_duration, 30.0,
        "a daemon silent in the ledger this long is dead: its restart claims are resolved as"
-       " 'unknown' by the others (it heartbeats 6 times as often)", RUN, group="ledger"),
+       " 'unknown' by the others (it heartbeats 6 times as often)", RUN_AND_STATUS,
+       group="ledger"),
     _s("retry_unknown", boolean, False,
        "restart again a host whose restart outcome is unknown (its daemon died mid-restart)"
-       " instead of counting it as restarted", RUN, group="ledger"),
+       " instead of counting it as restarted", RUN_AND_STATUS, group="ledger"),
     # -- restarter --
     _s("restarter", choice("simulated", "command", "gce"), "simulated",
        "how hosts are restarted", RUN, group="restarter"),
@@ -214,7 +255,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", RUN,
        group="safety"),
     _s("min_restart_interval", duration, 7 * 86400.0,
-       "do not restart a host restarted more recently than this", RUN, group="safety"),
+       "do not restart a host restarted more recently than this", RUN_AND_STATUS,
+       group="safety"),
     _s("exclude", patterns, (), "never restart hosts matching these globs (comma list)",
        RUN, "GLOBS", group="safety"),
     _s("only", patterns, (), "restart only hosts matching these globs (comma list)",
@@ -223,8 +265,14 @@ SETTINGS: tuple[Setting, ...] = (
        "restart only on these days, e.g. mon-fri", RUN, "DAYS", group="safety"),
     _s("hours", optional(parse_hours), (),
        "restart only in these hours, e.g. 09:00-17:00", RUN, "HH:MM-HH:MM", group="safety"),
-    _s("timezone", zone, "UTC", "time zone of --weekdays and --hours", RUN, "ZONE",
-       group="safety"),
+    _s("skip_dates", dates, frozenset(),
+       "never restart on these dates, e.g. 2026-12-24,2026-12-31 (in --timezone)", RUN,
+       "DATES", group="safety"),
+    _s("skip_dates_file", dates_file, frozenset(),
+       "never restart on the dates of this file: one YYYY-MM-DD a line, # comments"
+       " (in --timezone; read at start)", RUN, "PATH", group="safety"),
+    _s("timezone", zone, "UTC", "time zone of --weekdays, --hours and the skip dates", RUN,
+       "ZONE", group="safety"),
     _s("max_concurrent_restarts", optional_positive_int, None,
        "restarts under way at once in this daemon", RUN, "N", group="safety"),
     _s("max_restarts", optional_positive_int, None,
@@ -263,7 +311,8 @@ SETTINGS: tuple[Setting, ...] = (
        "asyncio debug mode / trio step timing, slow steps from 20 ms, debug logs", RUN,
        group="observability"),
     _s("slow_callback_ms", optional_ms, None,
-       "report steps that block the event loop longer than this (0: off; default 100)",
+       "report steps that block the event loop longer than this many milliseconds (0: off;"
+       " default 100)",
        RUN, "MS", group="observability"),
     _s("profile", new_file, None, "write cProfile stats to FILE when the daemon stops",
        RUN, "FILE", group="observability"),

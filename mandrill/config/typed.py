@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import date
 from typing import Any, ClassVar, TypeVar
 
 # Imported at run time, not only for mypy: build() reads the fields' types.
@@ -107,6 +108,9 @@ class SafetyConfig:
     only: tuple[str, ...]
     weekdays: frozenset[int] | None
     hours: tuple[HoursWindow, ...]
+    skip_dates: frozenset[date]
+    #: The dates the file named by ``--skip-dates-file`` holds.
+    skip_dates_file: frozenset[date]
     timezone: str
     max_concurrent_restarts: int | None
     max_restarts: int | None
@@ -225,6 +229,9 @@ class ReplayFlags:
     since: str | None
     until: str | None
     dead_letters: bool
+    dry_run: bool
+    limit: str | None
+    all: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,7 +247,32 @@ class ReplayConfig:
     flags: ReplayFlags
 
 
-CommandConfig = RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig
+@dataclass(frozen=True, kw_only=True)
+class StatusFlags:
+    """``status``'s own flags."""
+
+    GROUP: ClassVar[str] = COMMAND_FLAGS
+    json: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusConfig:
+    """``mandrill status``: the fleet as the ledger sees it."""
+
+    backend: str
+    logs: LogConfig
+    ledger: str
+    domain: str
+    #: As the daemons are configured: who counts as alive, which host is in cooldown.
+    instance_timeout: float
+    retry_unknown: bool
+    min_restart_interval: float
+    flags: StatusFlags
+
+
+CommandConfig = (
+    RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig | StatusConfig
+)
 
 #: Each command's configuration.
 COMMANDS: dict[str, type[CommandConfig]] = {
@@ -249,6 +281,7 @@ COMMANDS: dict[str, type[CommandConfig]] = {
     "setup": SetupConfig,
     "history": HistoryConfig,
     "replay": ReplayConfig,
+    "status": StatusConfig,
 }
 
 T = TypeVar("T")

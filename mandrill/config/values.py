@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,6 +57,8 @@ def limit_or_forever(value: object) -> float:
     if seconds <= 0:
         raise ValueError(f"{value!r} must be a duration > 0, or 'forever'")
     return seconds
+#: What ``--help`` says of every duration: the units :func:`duration` accepts.
+DURATION_UNITS = "units ms, s, m, h, d, w; a bare number is seconds"
 
 
 def parse_since(value: str | None, flag: str) -> float | None:
@@ -75,6 +77,12 @@ def positive_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError(f"{value!r} must be a duration > 0")
     return seconds
+
+
+def is_duration(parse: Callable[[object], Any]) -> bool:
+    """Whether a setting parsed by ``parse`` is a duration (its help names the units, its
+    default shows as ``7d``)."""
+    return parse in (duration, positive_duration, limit_or_forever)
 
 
 def positive_int(value: object) -> int:
@@ -184,6 +192,29 @@ def optional(parse: Callable[[str], Any]) -> Callable[[object], Any]:
     return parse_optional
 
 
+def dates(value: object) -> frozenset[date]:
+    """Blackout dates: ``2026-12-24,2026-12-31``, or a TOML list of them."""
+    if value in (None, ""):
+        return frozenset()
+    return safety.parse_dates(value if isinstance(value, list) else str(value))
+
+
+def dates_file(value: object) -> frozenset[date]:
+    """The blackout dates a file holds (read now: a bad date stops the start, naming its
+    line)."""
+    path = optional_text(value)
+    if path is None:
+        return frozenset()
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
+    return safety.parse_dates_text(text, path)
+
+
 def zone(value: object) -> str:
     name = str(value).strip()
     safety.parse_timezone(name)
@@ -239,14 +270,14 @@ def optional_ms(value: object) -> float | None:
 
 def show(value: Any, parse: Callable[[object], Any] | None = None) -> str | None:
     """A setting's value as a user would write it in a flag or a TOML file."""
-    if value is None or value == () or value is False:
+    if value is None or value == () or value == frozenset() or value is False:
         return None
     if value is True:
         return "on"
-    if parse is duration:
-        return format_duration(float(value))
     if parse is limit_or_forever:
         return FOREVER if math.isinf(value) else format_duration(float(value))
+    if parse is not None and is_duration(parse):
+        return format_duration(float(value))
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

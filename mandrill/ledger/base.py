@@ -88,6 +88,48 @@ class HistoryRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DaemonRow:
+    """A daemon that has not stopped, as its heartbeat left it in ``instances``."""
+
+    instance_id: str
+    host: str
+    pid: int
+    started: float
+    last_seen: float
+    backend: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRow:
+    """A restart under way: claimed by ``owner`` (a daemon's instance id) at ``since``."""
+
+    hostname: str
+    since: float
+    owner: str | None
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CooldownRow:
+    """A host the interval rule keeps from restarting until ``until``."""
+
+    hostname: str
+    last_restart: float
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStatus:
+    """What ``mandrill status`` shows, read at the ledger's time ``now``."""
+
+    now: float
+    daemons: list[DaemonRow]
+    claims: list[ClaimRow]
+    cooldowns: list[CooldownRow]
+
+
+@dataclass(frozen=True, slots=True)
 class SavedMessage:
     """A message as first saved, for replay; ``status`` is ``received`` or ``dead_letter``."""
 
@@ -177,18 +219,25 @@ class Ledger(Protocol):
         since: float | None = None,
         until: float | None = None,
         status: str | None = None,
+        limit: int | None = None,
     ) -> list[SavedMessage]:
-        """Messages as saved, oldest first, for replay."""
+        """Messages as saved, oldest first, for replay (the first ``limit`` of them)."""
         ...
 
     async def counts(self) -> dict[str, int]:
         """Messages and decisions by outcome, for summaries and tests."""
         ...
 
+    async def fleet_status(self, min_interval: float, retry_unknown: bool) -> FleetStatus:
+        """The daemons that have not stopped, the claims under way and the hosts in their
+        interval's cooldown, at the ledger's time (see
+        :func:`mandrill.ledger.reads.fleet_status`)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 __all__ = [
-    "Claim", "DeadLetterRecord", "Decided", "Finish", "HistoryRow", "Ledger", "Request",
-    "SavedMessage",
+    "Claim", "ClaimRow", "CooldownRow", "DaemonRow", "DeadLetterRecord", "Decided", "Finish",
+    "FleetStatus", "HistoryRow", "Ledger", "Request", "SavedMessage",
 ]

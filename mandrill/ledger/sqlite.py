@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 
-from mandrill.errors import LedgerError
+from mandrill.errors import LedgerError, LedgerPathError
 from mandrill.ledger import schema, sql
 from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.sqlledger import SQLLedger
@@ -155,7 +157,64 @@ async def open_sqlite_ledger(
     try:
         db = await anyio.to_thread.run_sync(SQLiteDatabase, path)
     except sqlite3.Error as exc:
+        problem = await anyio.to_thread.run_sync(path_problem, path)
+        if problem is not None:
+            raise LedgerPathError(f"SQLite ledger {path}: {problem}") from exc
         raise LedgerError(f"cannot open SQLite ledger {path!r}: {exc}") from exc
     except LedgerError as exc:
         raise LedgerError(f"SQLite ledger {path!r}: {exc}") from None
     return SQLLedger(db, DIALECT, outage_limit=outage_limit, journal=journal, **options)
+
+
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def path_problem(path: str) -> str | None:
+    """Why SQLite cannot use ``path`` as a ledger, found by trying as this process (root
+    included: permission bits do not stop it, a read-only mount does), in one line; ``None``
+    if nothing about the path explains it. Called once opening failed: the probes (a read,
+    an open for writing, a temporary file beside it) cost nothing on the way to success.
+    """
+    if path == ":memory:":
+        return None
+    absolute = os.path.abspath(path)
+    directory = os.path.dirname(absolute)
+    if os.path.isdir(absolute):
+        return "is a directory, not a file"
+    missing = _missing_directory(directory)
+    if missing is not None:
+        return missing
+    if os.path.lexists(absolute):
+        try:
+            with open(absolute, "rb") as file:
+                header = file.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        if header and header != SQLITE_HEADER:
+            return "is not a SQLite database"
+        try:
+            os.close(os.open(absolute, os.O_RDWR))
+        except OSError as exc:
+            return f"cannot be written ({exc.strerror})"
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return (
+            f"directory {directory} is not writable ({exc.strerror}): SQLite keeps its"
+            " journal beside the ledger"
+        )
+    return None
+
+
+def _missing_directory(directory: str) -> str | None:
+    """Why ``directory`` cannot hold the ledger: it or a parent is missing, or a file."""
+    parent = directory
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    if parent != directory:
+        return f"directory {directory} does not exist"
+    return None

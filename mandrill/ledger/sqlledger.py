@@ -30,6 +30,7 @@ from mandrill.ledger.base import (
     DeadLetterRecord,
     Decided,
     Finish,
+    FleetStatus,
     HistoryRow,
     Request,
     SavedMessage,
@@ -455,14 +456,21 @@ class SQLLedger:
         since: float | None = None,
         until: float | None = None,
         status: str | None = None,
+        limit: int | None = None,
     ) -> list[SavedMessage]:
         d = self._d
         return await self._tx.query(
-            lambda cur: reads.saved_messages(cur, d, hostname, since, until, status)
+            lambda cur: reads.saved_messages(cur, d, hostname, since, until, status, limit)
         )
 
     async def counts(self) -> dict[str, int]:
         return await self._tx.query(reads.counts)
+
+    async def fleet_status(self, min_interval: float, retry_unknown: bool) -> FleetStatus:
+        d = self._d
+        return await self._tx.query(
+            lambda cur: reads.fleet_status(cur, d, self.now(cur), min_interval, retry_unknown)
+        )
 
     async def aclose(self) -> None:
         if self._tx.stuck:

@@ -337,6 +337,7 @@ def test_the_labels_of_skips_are_the_codes_the_decisions_carry():
         host_skip_reason(message("m", "web-1"), only=["db-*"]),
         TimeWindow(parse_weekdays("mon-fri")).skip_reason(sunday_night),
         TimeWindow(hours=parse_hours("09:00-17:00")).skip_reason(sunday_night),
+        TimeWindow(skip_dates=frozenset({sunday_night.date()})).skip_reason(sunday_night),
     ]
     codes = [interval.reason, fleet.reason, *(r.reason for r in refusals if r is not None)]
     assert sorted(codes) == sorted(SKIP_REASONS)
