@@ -26,6 +26,7 @@ from mandrill.config.table import (
 )
 from mandrill.config.typed import (
     COMMANDS,
+    BlockersConfig,
     CommandConfig,
     HistoryConfig,
     HistoryFlags,
@@ -74,6 +75,7 @@ __all__ = [
     "GROUPS",
     "HISTORY_OUTCOMES",
     "SETTINGS",
+    "BlockersConfig",
     "CommandConfig",
     "HistoryConfig",
     "HistoryFlags",
