@@ -3,6 +3,7 @@ Prometheus of the session's fixture, and with a command."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 from pathlib import Path
@@ -55,6 +56,22 @@ async def test_a_firing_alert_defers_every_restart_with_its_name(
         assert (outcome, reason) == ("cancelled", "blocked")
         assert FIRING in detail
         assert detail.endswith("not started, the message comes back later")
+
+
+@pytest.mark.postgres
+async def test_a_blocked_restart_is_recorded_in_a_fleet_ledger(
+    prometheus: RunningPrometheus, tmp_path: Path, backend_name: str, postgres_url: str
+):
+    await blocked_run([*run_args(tmp_path, backend_name, "--block-on-alerts",
+                                 prometheus.alerts_url), "--ledger", postgres_url])
+    code, out, err = await run_to_end(["history", "--ledger", postgres_url, "--json"])
+    assert code == 0, err
+    history = [json.loads(line) for line in out.splitlines()]
+    assert history
+    for row in history:
+        assert row["outcome"] == "cancelled"
+        assert f"blocked by alerts: 1 firing alert at {prometheus.alerts_url}: {FIRING}" in (
+            row["detail"])
 
 
 async def test_a_filter_no_firing_alert_matches_lets_restarts_go_ahead(
