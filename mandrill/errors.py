@@ -39,6 +39,11 @@ class RestartFailed(MandrillError):
     """A host restart did not succeed; the message is nacked so that it is redelivered."""
 
 
+class BlockerError(MandrillError):
+    """A blocker cannot tell whether a restart may go ahead (its server answers an error, or
+    nothing in time; its command cannot run): the restart is blocked, failing closed."""
+
+
 class SourceError(MandrillError):
     """The message source is gone past its retries, or refuses us for good (403, 404)."""
 

@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 
+from mandrill.blockers import Blocker, Blockers
 from mandrill.config import (
+    BlockersConfig,
     NotifyConfig,
     RestarterConfig,
     RunConfig,
@@ -208,7 +210,8 @@ async def open_parts(
         restarter = await stack.enter_async_context(
             open_restarter(cfg.restarter, cfg.backend, rng, bridge)
         )
-        parts = Parts(source, ledger, restarter)
+        blockers = await stack.enter_async_context(open_blockers(cfg.blockers))
+        parts = Parts(source, ledger, restarter, blockers=blockers or None)
         if topic is not None and cfg.source.publish:
             parts.publisher = partial(
                 publish_chaos, topic, count=cfg.count, rate=cfg.source.rate, rng=rng
@@ -245,6 +248,35 @@ async def with_default_projects(cfg: RunConfig, bridge: AsyncioBridge) -> RunCon
     if "--gce-project" in missing:
         restarter = dataclasses.replace(restarter, gce_project=found.project)
     return dataclasses.replace(cfg, source=source, restarter=restarter)
+
+@contextlib.asynccontextmanager
+async def open_blockers(cfg: BlockersConfig) -> AsyncIterator[Blockers]:
+    """The blockers ``cfg`` names (none: an empty, false :class:`Blockers`), open until the
+    block ends. Raises ``ConfigError`` (one line). ``mandrill explain`` asks them too:
+    ``async with open_blockers(cfg.blockers) as blockers: await blockers.every(message)``."""
+    if cfg.alert_filter and not cfg.alerts_url:
+        raise ConfigError("--block-alert-filter needs --block-on-alerts")
+    async with contextlib.AsyncExitStack() as stack:
+        found: list[Blocker] = []
+        if cfg.alerts_url:
+            from mandrill.blockers.alerts import AlertsBlocker
+            from mandrill.blockers.matchers import parse_alerts_url, parse_filter
+
+            try:
+                alerts = AlertsBlocker(parse_alerts_url(cfg.alerts_url),
+                                       parse_filter(cfg.alert_filter or ""),
+                                       time_limit=cfg.timeout)
+            except ValueError as exc:
+                raise ConfigError(f"--block-on-alerts: {exc}") from None
+            found.append(await stack.enter_async_context(alerts))
+        if cfg.command:
+            from mandrill.blockers.command import CommandBlocker
+
+            try:
+                found.append(CommandBlocker(cfg.command, time_limit=cfg.timeout))
+            except ValueError as exc:
+                raise ConfigError(f"--block-on-command: {exc}") from None
+        yield Blockers(found)
 
 
 async def check_google_credentials(

@@ -42,6 +42,7 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from mandrill.blockers import Blockers
 from mandrill.dead_letters import DeadLetters
 from mandrill.decider import Decider
 from mandrill.holdings import Holdings
@@ -99,6 +100,8 @@ class Parts:
     on_decision: Callable[[Message, Outcome, str], None] | None = None
     #: Called with each message dead-lettered for good (notifications).
     on_dead_letter: Callable[[DeadLetterRecord], None] | None = None
+    #: Asked just before each restart (``--block-on-alerts``, ``--block-on-command``).
+    blockers: Blockers | None = None
 
 
 @dataclass
@@ -330,7 +333,7 @@ async def _process(
             worker = Worker(
                 restarter=parts.restarter, settings=worker_settings, counters=counters,
                 shutdown=shutdown, outbox=outbox.clone(), dead_letters=lettered.clone(),
-                on_decision=parts.on_decision,
+                on_decision=parts.on_decision, blockers=parts.blockers,
             )
             work.start_soon(worker.run, to_restart.clone(), name=f"worker-{number}")
         work.start_soon(dead_letters.run, to_keep.clone(), name="dead letters")

@@ -43,6 +43,14 @@ def test_flat_toml_with_dashes_is_accepted(tmp_path):
         ({}, {}, "not toml [", "is not valid TOML"),
         ({"rate": "-5"}, {}, "", "--rate: '-5' must be a rate"),
         ({"domain": "-bad-.com"}, {}, "", "not a valid DNS domain"),
+        ({"block_on_alerts": "http://prom:9090"}, {}, "",
+         "--block-on-alerts: 'http://prom:9090': say whose alerts"),
+        ({}, {"MANDRILL_BLOCK_ALERT_FILTER": 'severity=="x"'}, "",
+         "MANDRILL_BLOCK_ALERT_FILTER: cannot read"),
+        ({}, {}, "block_alert_filter = 'alertname=~\"(\"'\n", "not a regular expression"),
+        ({"block_on_command": "{hostname} x"}, {}, "",
+         "--block-on-command: blocker command '{hostname}': the program name cannot"),
+        ({"block_timeout": "0s"}, {}, "", "--block-timeout: '0s' must be a duration > 0"),
     ],
 )
 def test_invalid_values_are_one_line_errors(tmp_path, flags, env, toml, message):

@@ -27,6 +27,7 @@ from mandrill.config.table import (
 )
 from mandrill.config.typed import (
     COMMANDS,
+    BlockersConfig,
     CommandConfig,
     HistoryConfig,
     HistoryFlags,
@@ -79,6 +80,7 @@ __all__ = [
     "GROUPS",
     "HISTORY_OUTCOMES",
     "SETTINGS",
+    "BlockersConfig",
     "CommandConfig",
     "HistoryConfig",
     "HistoryFlags",

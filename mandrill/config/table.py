@@ -11,7 +11,10 @@ from typing import Any
 
 from mandrill.config.values import (
     Choice,
+    alert_filter,
+    alerts_url,
     api_root,
+    blocker_command,
     boolean,
     choice,
     dates,
@@ -134,6 +137,7 @@ GROUPS = {
     "ledger": "ledger (what was decided, shared by a fleet)",
     "restarter": "restarter (how hosts are restarted)",
     "safety": "safety (which restarts may go ahead)",
+    "blockers": "blockers (asked just before each restart; a no, or an error, defers it)",
     "shutdown": "shutdown",
     "notifications": "notifications",
     "observability": "observability (logs, metrics, health, debugging)",
@@ -280,6 +284,23 @@ SETTINGS: tuple[Setting, ...] = (
        group="safety"),
     _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN,
        group="safety"),
+    # -- blockers --
+    _s("block_on_alerts", alerts_url, None,
+       "hold restarts back while matching alerts fire: Prometheus's …/api/v1/alerts,"
+       " Alertmanager's …/api/v2/alerts, or prometheus+http://HOST:PORT,"
+       " alertmanager+http://HOST:PORT", RUN, "URL", group="blockers"),
+    _s("block_alert_filter", alert_filter, None,
+       "the alerts that block, as label matchers, e.g."
+       " 'alertname=~\"Node.*\",severity=\"critical\"' ({hostname} and {instance_name}"
+       " stand for the host; default: every firing alert)", RUN, "MATCHERS",
+       group="blockers"),
+    _s("block_on_command", blocker_command, None,
+       "run this before each restart (argv template with {hostname} {instance_name}; also"
+       " MANDRILL_HOSTNAME in its environment); a non-zero exit holds the restart back", RUN,
+       "COMMAND", group="blockers"),
+    _s("block_timeout", positive_duration, 10.0,
+       "a blocker that does not answer within this blocks", RUN, "DURATION",
+       group="blockers"),
     # -- shutdown --
     _s("grace", duration, 10.0, "time in-flight work gets to finish at shutdown", RUN,
        group="shutdown"),

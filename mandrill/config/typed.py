@@ -118,6 +118,17 @@ class SafetyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BlockersConfig:
+    """What is asked just before each restart, and may hold it back."""
+
+    GROUP: ClassVar[str] = "blockers"
+    alerts_url: str | None = field(metadata={"setting": "block_on_alerts"})
+    alert_filter: str | None = field(metadata={"setting": "block_alert_filter"})
+    command: str | None = field(metadata={"setting": "block_on_command"})
+    timeout: float = field(metadata={"setting": "block_timeout"})
+
+
+@dataclass(frozen=True, kw_only=True)
 class ShutdownConfig:
     """How long a stopping daemon gives its work and its final settlement."""
 
@@ -164,6 +175,7 @@ class RunConfig:
     ledger: LedgerConfig
     restarter: RestarterConfig
     safety: SafetyConfig
+    blockers: BlockersConfig
     shutdown: ShutdownConfig
     notify: NotifyConfig
     observability: ObservabilityConfig

@@ -249,6 +249,39 @@ def api_root(value: object) -> str | None:
     return text if parts.path else f"{text}/v1"
 
 
+def alerts_url(value: object) -> str | None:
+    """``--block-on-alerts``: a URL naming Prometheus's or Alertmanager's alerts API."""
+    if value in (None, ""):
+        return None
+    from mandrill.blockers.matchers import parse_alerts_url
+
+    text = str(value).strip()
+    parse_alerts_url(text)
+    return text
+
+
+def alert_filter(value: object) -> str | None:
+    """``--block-alert-filter``: label matchers (``alertname=~"Node.*",severity="critical"``)."""
+    if value in (None, ""):
+        return None
+    from mandrill.blockers.matchers import parse_filter
+
+    text = str(value).strip()
+    parse_filter(text)
+    return text or None
+
+
+def blocker_command(value: object) -> str | None:
+    """``--block-on-command``: an argv template, as the command restarter's."""
+    if value in (None, ""):
+        return None
+    from mandrill.restarters.command import ArgvTemplate
+
+    text = str(value).strip()
+    ArgvTemplate(text, "blocker command")
+    return text
+
+
 def notify_headers(value: object) -> tuple[tuple[str, str], ...]:
     return parse_headers(value, os.environ)
 

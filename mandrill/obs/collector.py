@@ -23,6 +23,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from mandrill.blockers import BLOCKER_NAMES
 from mandrill.obs.counters import Counters, Histogram
 from mandrill.obs.health import Health
 from mandrill.policy import DEAD_LETTER_REASONS, SKIP_REASONS
@@ -89,6 +90,16 @@ class CountersCollector:
         )
         yield _counter_by("messages_skipped", "Messages skipped, by reason.", "reason",
                           c.skip_reasons, known=SKIP_REASONS)
+        yield _counter_by(
+            "restarts_blocked",
+            "Restarts a blocker held back just before they began (deferred), by blocker.",
+            "blocker", c.blocked, known=BLOCKER_NAMES,
+        )
+        yield _counter_by(
+            "blocker_errors",
+            "Restarts held back because a blocker could not tell (it fails closed).",
+            "blocker", c.blocker_errors, known=BLOCKER_NAMES,
+        )
         yield _counter("duplicates", "Redeliveries of already handled messages.", c.duplicates)
         yield _counter(
             "message_id_conflicts",

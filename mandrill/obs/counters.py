@@ -91,6 +91,10 @@ class Counters:
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     #: By :class:`~mandrill.policy.Reason` (one of ``SKIP_REASONS``).
     skip_reasons: Counter[str] = field(default_factory=Counter)
+    #: Restarts a blocker held back (deferred), by blocker (``alerts``, ``command``).
+    blocked: Counter[str] = field(default_factory=Counter)
+    #: Of those, the ones held back because the blocker could not tell (failing closed).
+    blocker_errors: Counter[str] = field(default_factory=Counter)
     #: Publish time → final settlement (ack or dead-letter), wall-clock seconds.
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     #: Duration of each restarter call that returned or failed (not cancelled ones).
@@ -111,6 +115,8 @@ class Counters:
             f" skipped {self.skipped}, duplicates {self.duplicates},"
             f" restart failures {self.restart_failed}"
         )
+        if self.blocked:
+            line += f", restarts blocked {self.blocked.total()}"
         if self.save_failed:
             line += f", save failures {self.save_failed}"
         if self.errors:

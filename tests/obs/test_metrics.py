@@ -78,6 +78,8 @@ def fill(counters: Counters) -> None:
     counters.dry_run = 1
     counters.skipped = 2
     counters.skip_reasons.update({"interval": 2})
+    counters.blocked.update({"alerts": 3, "command": 1})
+    counters.blocker_errors.update({"alerts": 2})
     counters.duplicates = 1
     counters.message_id_conflicts = 3
     counters.save_failed = 1
@@ -116,6 +118,10 @@ async def test_scrape_reports_what_was_counted():
             assert value("mandrill_restarts_total", outcome="failed") == 2
             assert value("mandrill_restarts_total", outcome="dry_run") == 1
             assert value("mandrill_messages_skipped_total", reason="interval") == 2
+            assert value("mandrill_restarts_blocked_total", blocker="alerts") == 3
+            assert value("mandrill_restarts_blocked_total", blocker="command") == 1
+            assert value("mandrill_blocker_errors_total", blocker="alerts") == 2
+            assert value("mandrill_blocker_errors_total", blocker="command") == 0
             assert value("mandrill_duplicates_total") == 1
             assert value("mandrill_message_id_conflicts_total") == 3
             assert value("mandrill_save_failures_total") == 1
@@ -354,6 +360,9 @@ async def test_a_fresh_daemon_has_every_series_and_the_process_metrics():
         assert found[("mandrill_messages_dead_lettered_total", (("reason", reason),))] == 0
     for outcome in ("restarted", "failed", "dry_run", "unknown", "cancelled"):
         assert found[("mandrill_restarts_total", (("outcome", outcome),))] == 0
+    for blocker in ("alerts", "command"):
+        assert found[("mandrill_restarts_blocked_total", (("blocker", blocker),))] == 0
+        assert found[("mandrill_blocker_errors_total", (("blocker", blocker),))] == 0
     names = {name for name, _ in found}
     assert {"process_resident_memory_bytes", "process_cpu_seconds_total",
             "process_open_fds", "python_gc_objects_collected_total"} <= names
