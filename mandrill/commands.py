@@ -7,7 +7,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from rich.console import Console
@@ -31,6 +31,7 @@ from mandrill.message import is_valid_label
 from mandrill.output import print_json_lines, print_rows
 from mandrill.parts import (
     check_google_credentials,
+    controls,
     open_parts,
     service_settings,
     worker_settings,
@@ -42,6 +43,9 @@ from mandrill.sources.bridge import open_asyncio_bridge
 from mandrill.sources.limits import MAX_SUBSCRIPTION_ACK_DEADLINE, MIN_SUBSCRIPTION_ACK_DEADLINE
 
 log = logging.getLogger("mandrill")
+
+if TYPE_CHECKING:
+    from mandrill.obs.status import StatusBoard
 
 T = TypeVar("T")
 
@@ -57,6 +61,7 @@ async def run(cfg: RunConfig) -> int:
         counters=Counters(),
         shutdown=Shutdown(),
         metrics_addr=cfg.observability.metrics_addr,
+        status_addr=cfg.observability.status_addr,
         slow_callback_ms=debug.slow_callback_ms(
             cfg.observability.debug, cfg.observability.slow_callback_ms
         ),
@@ -64,6 +69,8 @@ async def run(cfg: RunConfig) -> int:
         max_in_flight=cfg.max_in_flight,
     )
     async with open_parts(cfg, observability.counters) as parts:
+        if observability.wants_status:
+            observability.status = status_board(cfg, parts.ledger)
         log.info(
             "mandrill running on %s: source %s, ledger %s, restarter %s, up to %d in flight",
             cfg.backend, cfg.source.kind, cfg.ledger.url, cfg.restarter.kind, cfg.max_in_flight,
@@ -79,6 +86,18 @@ async def run(cfg: RunConfig) -> int:
     if workers.dry_run:
         log.warning("DRY RUN: %d restarts would have happened", counters.dry_run)
     return 0
+
+
+def status_board(cfg: RunConfig, ledger: Ledger) -> StatusBoard:
+    """The status page's board over the daemon's ledger and its controls."""
+    from mandrill.obs.status import StatusBoard
+    from mandrill.version import version
+
+    instance = getattr(ledger, "instance", None)
+    return StatusBoard(
+        ledger, controls(cfg), instance_id=getattr(instance, "instance_id", ""),
+        backend=cfg.backend, version=version(),
+    )
 
 
 async def history(cfg: HistoryConfig) -> int:

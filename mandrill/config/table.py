@@ -16,7 +16,7 @@ from mandrill.config.values import (
     domain,
     duration,
     fraction,
-    metrics_addr,
+    http_addr,
     new_file,
     notify_headers,
     notify_template,
@@ -250,8 +250,12 @@ SETTINGS: tuple[Setting, ...] = (
        "log format; auto: text on a terminal, JSON otherwise", ALL, group="observability"),
     _s("log_level", choice("debug", "info", "warning", "error"), "info", "log level", ALL,
        group="observability"),
-    _s("metrics_addr", metrics_addr, None,
-       "serve /metrics, /healthz, /readyz on HOST:PORT (off unless given)", RUN, "HOST:PORT",
+    _s("metrics_addr", http_addr, None,
+       "serve /metrics, /healthz, /readyz on HOST:PORT, and the status page (/status) unless"
+       " --status-addr is given (off unless given)", RUN, "HOST:PORT", group="observability"),
+    _s("status_addr", http_addr, None,
+       "serve the status page (/status, /status.json) on HOST:PORT rather than on"
+       " --metrics-addr (off unless one of them is given)", RUN, "HOST:PORT",
        group="observability"),
     _s("debug", boolean, False,
        "asyncio debug mode / trio step timing, slow steps from 20 ms, debug logs", RUN,

@@ -137,6 +137,7 @@ class ObservabilityConfig:
 
     GROUP: ClassVar[str] = "observability"
     metrics_addr: str | None
+    status_addr: str | None
     debug: bool
     slow_callback_ms: float | None
     profile: str | None

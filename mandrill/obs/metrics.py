@@ -1,5 +1,6 @@
 """What ``run`` turns on to watch the daemon (:class:`Observability`): the lag probe, the
-task dump, the slow-step watchdog and the metrics server: the probes ``serve()`` starts.
+task dump, the slow-step watchdog, the metrics server and the status page: the probes
+``serve()`` starts.
 
 The pieces live beside it: :mod:`~mandrill.obs.collector` (the Prometheus view of the
 counters), :mod:`~mandrill.obs.http` (the server), :mod:`~mandrill.obs.health` (the
@@ -22,6 +23,7 @@ from mandrill.obs.lag import DEFAULT_SLOW_CALLBACK_MS, LagProbe
 from mandrill.obs.taskdump import dump_tasks_on_signal
 
 if TYPE_CHECKING:
+    from mandrill.obs.status import StatusBoard
     from mandrill.shutdown import Shutdown
 
 
@@ -33,11 +35,13 @@ def metrics_task(
     health: Health,
     in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
+    status: StatusBoard | None = None,
 ) -> Callable[..., Any]:
-    """A task for ``root.start``: a fresh registry over ``counters`` and its server."""
+    """A task for ``root.start``: a fresh registry over ``counters`` and its server (with
+    the status page, given a ``status`` board)."""
     registry = build_registry(counters, in_flight=in_flight, in_flight_limit=in_flight_limit,
                               probe=probe, health=health)
-    return partial(serve_http, addr, registry, health)
+    return partial(serve_http, addr, registry, health, status=status)
 
 
 @dataclass
@@ -58,6 +62,10 @@ class Observability:
     max_in_flight: int | None = None
     #: SIGUSR1 dumps the task tree.
     task_dump: bool = True
+    #: Where the status page is served, when not on the metrics server.
+    status_addr: str | None = None
+    #: The status page's board: given once the ledger is open, when either address is set.
+    status: StatusBoard | None = None
     probe: LagProbe = field(init=False)
     health: ServiceHealth = field(init=False)
 
@@ -76,8 +84,21 @@ class Observability:
             found.append((
                 "metrics server",
                 metrics_task(self.metrics_addr, self.counters, in_flight=in_flight,
-                                in_flight_limit=self.max_in_flight, health=self.health,
-                                probe=self.probe),
+                             in_flight_limit=self.max_in_flight, health=self.health,
+                             probe=self.probe,
+                             status=self.status if self.status_addr is None else None),
+            ))
+        if self.status_addr is not None and self.status is not None:
+            found.append((
+                "status server",
+                partial(serve_http, self.status_addr, None, self.health, status=self.status,
+                        flag="--status-addr"),
             ))
         return found
+
+    @property
+    def wants_status(self) -> bool:
+        """Whether a status page is to be served (``--status-addr`` or
+        ``--metrics-addr``): else no board is built, and nothing of it runs."""
+        return self.status_addr is not None or self.metrics_addr is not None
 
