@@ -54,6 +54,7 @@ COMMANDS = {
     "setup": "create the Pub/Sub topic, subscription and dead-letter topic",
     "history": "show what the ledger says was restarted, skipped, failed or dead-lettered",
     "replay": "republish saved messages from the ledger",
+    "explain": "would a message for HOST restart it now? if not, every rule that says no",
 }
 
 
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, help_text in COMMANDS.items():
         sub = commands.add_parser(
-            name, help=help_text, description=help_text, usage=f"mandrill {name} [OPTIONS]",
+            name, help=help_text, description=help_text,
+            usage=f"mandrill {name} [OPTIONS]{' HOST' if name == 'explain' else ''}",
             epilog="Every setting is also a MANDRILL_* environment variable and a key of the"
             " --config file; flags win over the environment, which wins over the file.",
         )
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--limit", default="50", metavar="N",
                              help="rows to show (default 50)")
             sub.add_argument("--json", action="store_true", help="one JSON object per line")
+        if name == "explain":
+            sub.add_argument("host", nargs="?", metavar="HOST",
+                             help="an instance name (with --domain) or a full hostname")
+            sub.add_argument("--json", action="store_true", help="one JSON object")
         if name == "replay":
             sub.add_argument("--until", metavar="DURATION",
                              help="only messages older than DURATION ago")
@@ -177,6 +183,8 @@ def _dispatch(cfg: config.CommandConfig) -> int:
             return _run(commands.history, cfg)
         case config.ReplayConfig():
             return _run(commands.replay, cfg)
+        case config.ExplainConfig():
+            return _run(commands.explain, cfg)
 
 
 def _run(command: Callable[[C], Awaitable[int]], cfg: C) -> int:

@@ -7,6 +7,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mandrill.config import (
     HISTORY_OUTCOMES,
+    ExplainConfig,
     HistoryConfig,
     PublishConfig,
     PubSubConfig,
@@ -32,6 +34,7 @@ from mandrill.output import print_json_lines, print_rows
 from mandrill.parts import (
     check_google_credentials,
     controls,
+    explain_controls,
     open_parts,
     service_settings,
     worker_settings,
@@ -147,6 +150,29 @@ async def history(cfg: HistoryConfig) -> int:
         [(_iso(row.decided_at), row.hostname, row.outcome, row.detail, row.message_id)
          for row in rows],
     )
+    return 0
+
+
+async def explain(cfg: ExplainConfig) -> int:
+    """Would a message for HOST restart it now, with the settings given (the daemon's
+    ``--config``), and if not, every rule that says no: text, or one JSON object."""
+    from mandrill.explain import explain as explain_host
+    from mandrill.explain import host_message
+
+    args = cfg.flags
+    if args.host is None:
+        raise ConfigError("explain needs a HOST: an instance name or a hostname")
+    message = _flag(partial(host_message, domain=cfg.domain), args.host, "HOST")
+    controls = explain_controls(cfg)
+    ledger = await open_existing_ledger(cfg.ledger)
+    try:
+        explanation = await explain_host(ledger, message, controls)
+    finally:
+        await ledger.aclose()
+    if args.json:
+        print_json_lines([explanation.to_json()])
+    else:
+        print(explanation.text())
     return 0
 
 

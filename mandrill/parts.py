@@ -11,6 +11,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from mandrill.config import (
+    ExplainConfig,
     NotifyConfig,
     RestarterConfig,
     RunConfig,
@@ -23,7 +24,7 @@ from mandrill.ledger import open_ledger
 from mandrill.ledger.base import Ledger
 from mandrill.message import Message
 from mandrill.obs.counters import Counters
-from mandrill.policy import Outcome, RateLimit
+from mandrill.policy import Outcome, RateLimit, Rules
 from mandrill.publisher import publish_chaos
 from mandrill.restarters.base import Restarter
 from mandrill.safety import SafetyControls, TimeWindow, parse_timezone
@@ -93,6 +94,19 @@ def controls(cfg: RunConfig) -> Controls:
         max_attempts=workers.max_attempts,
         instance_timeout=cfg.ledger.instance_timeout,
         domain=workers.domain,
+    )
+
+
+def explain_controls(cfg: ExplainConfig) -> Controls:
+    """The controls a daemon with ``cfg``'s settings decides by (``mandrill explain``)."""
+    safety = cfg.safety
+    return Controls(
+        rules=Rules(safety.min_restart_interval, rate_limit(safety), cfg.retry_unknown),
+        safety=safety_controls(safety),
+        dry_run=_dry_run(cfg.restarter, safety),
+        max_concurrent_restarts=safety.max_concurrent_restarts,
+        instance_timeout=cfg.instance_timeout,
+        domain=cfg.domain,
     )
 
 

@@ -63,6 +63,9 @@ async def status_of(port: int) -> dict[str, Any]:
 async def test_any_daemon_shows_the_whole_fleet(postgres_url: str) -> None:
     async with fleet(postgres_url) as (_, live_port, _, dry_port):
         live, dry = await status_of(live_port), await status_of(dry_port)
+        async with httpx.AsyncClient(timeout=10) as client:
+            explained = (await client.get(f"http://127.0.0.1:{dry_port}/explain.json",
+                                          params={"host": "cattle-0abc"})).json()
     assert (live["dry_run"], dry["dry_run"]) == (False, True)
     for status in (live, dry):
         running = {row["backend"]: row for row in status["daemons"] if row["state"] == "running"}
@@ -76,6 +79,7 @@ async def test_any_daemon_shows_the_whole_fleet(postgres_url: str) -> None:
     assert dry["cooldown"]["total"] > 0
     reasons = {row["reason"] for row in dry["decisions"] + live["decisions"]}
     assert {"interval", "excluded"} & reasons
+    assert explained["findings"][0]["reason"] == "excluded"
 
 
 async def test_the_page_in_a_real_browser(postgres_url: str, tmp_path: Path) -> None:

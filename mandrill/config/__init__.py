@@ -27,6 +27,8 @@ from mandrill.config.table import (
 from mandrill.config.typed import (
     COMMANDS,
     CommandConfig,
+    ExplainConfig,
+    ExplainFlags,
     HistoryConfig,
     HistoryFlags,
     LedgerConfig,
@@ -75,6 +77,8 @@ __all__ = [
     "HISTORY_OUTCOMES",
     "SETTINGS",
     "CommandConfig",
+    "ExplainConfig",
+    "ExplainFlags",
     "HistoryConfig",
     "HistoryFlags",
     "LedgerConfig",

@@ -104,8 +104,10 @@ PUBSUB = frozenset({"run", "publish", "setup", "replay"})
 SUBSCRIPTION = frozenset({"run", "setup"})
 #: The topic: run pulls from the subscription and never publishes.
 TOPIC = frozenset({"publish", "setup", "replay"})
-LEDGER = frozenset({"run", "history", "replay"})
-ALL = frozenset({"run", "publish", "setup", "history", "replay"})
+LEDGER = frozenset({"run", "history", "replay", "explain"})
+ALL = frozenset({"run", "publish", "setup", "history", "replay", "explain"})
+#: What ``explain`` checks a host against: the daemon's own settings of its decisions.
+DECIDES = RUN | {"explain"}
 
 #: The groups of ``--help``, in order; "general" is argparse's own list of options.
 GROUPS = {
@@ -175,13 +177,13 @@ SETTINGS: tuple[Setting, ...] = (
        group="ledger"),
     _s("instance_timeout", positive_duration, 30.0,
        "a daemon silent in the ledger this long is dead: its restart claims are resolved as"
-       " 'unknown' by the others (it heartbeats 6 times as often)", RUN, group="ledger"),
+       " 'unknown' by the others (it heartbeats 6 times as often)", DECIDES, group="ledger"),
     _s("retry_unknown", boolean, False,
        "restart again a host whose restart outcome is unknown (its daemon died mid-restart)"
-       " instead of counting it as restarted", RUN, group="ledger"),
+       " instead of counting it as restarted", DECIDES, group="ledger"),
     # -- restarter --
     _s("restarter", choice("simulated", "command", "gce"), "simulated",
-       "how hosts are restarted", RUN, group="restarter"),
+       "how hosts are restarted", DECIDES, group="restarter"),
     _s("domain", domain, DEFAULT_DOMAIN, "DNS domain appended to instance names", LEDGER,
        group="restarter"),
     _s("max_attempts", positive_int, 5,
@@ -203,28 +205,28 @@ SETTINGS: tuple[Setting, ...] = (
        "gce restarter: Compute Engine API root", RUN, "URL", group="restarter"),
     # -- safety controls --
     _s("live", boolean, False,
-       "really restart with a real restarter (command, gce); without it they dry-run", RUN,
+       "really restart with a real restarter (command, gce); without it they dry-run", DECIDES,
        group="safety"),
-    _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", RUN,
+    _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", DECIDES,
        group="safety"),
     _s("min_restart_interval", duration, 7 * 86400.0,
-       "do not restart a host restarted more recently than this", RUN, group="safety"),
+       "do not restart a host restarted more recently than this", DECIDES, group="safety"),
     _s("exclude", patterns, (), "never restart hosts matching these globs (comma list)",
-       RUN, "GLOBS", group="safety"),
+       DECIDES, "GLOBS", group="safety"),
     _s("only", patterns, (), "restart only hosts matching these globs (comma list)",
-       RUN, "GLOBS", group="safety"),
+       DECIDES, "GLOBS", group="safety"),
     _s("weekdays", optional(parse_weekdays), None,
-       "restart only on these days, e.g. mon-fri", RUN, "DAYS", group="safety"),
+       "restart only on these days, e.g. mon-fri", DECIDES, "DAYS", group="safety"),
     _s("hours", optional(parse_hours), (),
-       "restart only in these hours, e.g. 09:00-17:00", RUN, "HH:MM-HH:MM", group="safety"),
-    _s("timezone", zone, "UTC", "time zone of --weekdays and --hours", RUN, "ZONE",
+       "restart only in these hours, e.g. 09:00-17:00", DECIDES, "HH:MM-HH:MM", group="safety"),
+    _s("timezone", zone, "UTC", "time zone of --weekdays and --hours", DECIDES, "ZONE",
        group="safety"),
     _s("max_concurrent_restarts", optional_positive_int, None,
-       "restarts under way at once in this daemon", RUN, "N", group="safety"),
+       "restarts under way at once in this daemon", DECIDES, "N", group="safety"),
     _s("max_restarts", optional_positive_int, None,
-       "fleet rate limit: restarts per --max-restarts-window across all daemons", RUN, "N",
+       "fleet rate limit: restarts per --max-restarts-window across all daemons", DECIDES, "N",
        group="safety"),
-    _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN,
+    _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", DECIDES,
        group="safety"),
     # -- shutdown --
     _s("grace", duration, 10.0, "time in-flight work gets to finish at shutdown", RUN,
@@ -254,8 +256,8 @@ SETTINGS: tuple[Setting, ...] = (
        "serve /metrics, /healthz, /readyz on HOST:PORT, and the status page (/status) unless"
        " --status-addr is given (off unless given)", RUN, "HOST:PORT", group="observability"),
     _s("status_addr", http_addr, None,
-       "serve the status page (/status, /status.json) on HOST:PORT rather than on"
-       " --metrics-addr (off unless one of them is given)", RUN, "HOST:PORT",
+       "serve the status page (/status, /status.json, /explain?host=) on HOST:PORT rather"
+       " than on --metrics-addr (off unless one of them is given)", RUN, "HOST:PORT",
        group="observability"),
     _s("debug", boolean, False,
        "asyncio debug mode / trio step timing, slow steps from 20 ms, debug logs", RUN,

@@ -239,7 +239,35 @@ class ReplayConfig:
     flags: ReplayFlags
 
 
-CommandConfig = RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig
+@dataclass(frozen=True, kw_only=True)
+class ExplainFlags:
+    """``explain``'s own flags, as given (the command checks them)."""
+
+    GROUP: ClassVar[str] = COMMAND_FLAGS
+    host: str | None
+    json: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainConfig:
+    """``mandrill explain HOST``: would a message for HOST restart it now, and why not.
+    It takes the daemon's settings of its decisions (give it the daemon's ``--config``)."""
+
+    backend: str
+    logs: LogConfig
+    ledger: str
+    domain: str
+    #: With ``live`` and ``dry_run``, whether the daemon dry-runs.
+    restarter: str
+    retry_unknown: bool
+    instance_timeout: float
+    safety: SafetyConfig
+    flags: ExplainFlags
+
+
+CommandConfig = (
+    RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig | ExplainConfig
+)
 
 #: Each command's configuration.
 COMMANDS: dict[str, type[CommandConfig]] = {
@@ -248,6 +276,7 @@ COMMANDS: dict[str, type[CommandConfig]] = {
     "setup": SetupConfig,
     "history": HistoryConfig,
     "replay": ReplayConfig,
+    "explain": ExplainConfig,
 }
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""What the ledger says of the fleet, for the status page: read-only queries
+"""What the ledger says of the fleet, for the status page and ``explain``: read-only queries
 shared by SQLite and PostgreSQL, one cursor in, plain data out.
 
 They run through :meth:`SQLLedger.read <mandrill.ledger.sqlledger.SQLLedger.read>`, on a
@@ -9,7 +9,7 @@ PostgreSQL), as in the decisions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mandrill.ledger import claims
 from mandrill.ledger.schema import Cursor, Dialect
@@ -121,6 +121,18 @@ class FleetView:
     dead_letters: list[DeadLetterRow]
     fleet_restarts: FleetRestarts | None = None
     scanned_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """What the ledger knows that decides a new message for one host."""
+
+    hostname: str
+    #: When the host's last restart that counts began (see :class:`~mandrill.policy.Prior`),
+    #: claims whose owner is gone included, as the next claim would resolve them.
+    last_restart: float | None
+    under_way: list[UnderWayRow] = field(default_factory=list)
+    fleet_restarts: FleetRestarts | None = None
 
 
 def counted_outcomes(rules: Rules) -> tuple[Outcome, ...]:
@@ -255,7 +267,30 @@ def fleet_restarts(
     return FleetRestarts(int(count), oldest)
 
 
+def host_facts(cur: Cursor, d: Dialect, now: float, hostname: str, rules: Rules,
+               instance_timeout: float) -> HostFacts:
+    """What a claim on ``hostname`` would find now (see :func:`claims.claim_many
+    <mandrill.ledger.claims.claim_many>`): its last counted restart, its claims under way,
+    and the fleet's count under a rate limit."""
+    outcomes = counted_outcomes(rules)
+    cur.execute(
+        d.sql(
+            "SELECT MAX(decided_at) FROM restarts WHERE hostname = ? AND outcome IN"
+            f" ({', '.join('?' * len(outcomes))})"
+        ),
+        (hostname, *outcomes),
+    )
+    (last,) = cur.fetchone()
+    claimed = under_way(cur, d, hostname)
+    if not rules.retry_unknown:
+        # A claim whose owner is gone becomes unknown, counted, as the next claim sees it.
+        for row in claimed:
+            if row.orphaned(now, instance_timeout):
+                last = row.since if last is None else max(last, row.since)
+    return HostFacts(hostname, last, claimed, fleet_restarts(cur, d, now, rules.rate_limit))
+
+
 __all__ = [
     "CooldownRow", "DaemonRow", "DeadLetterRow", "DecisionRow", "FleetRestarts", "FleetView",
-    "UnderWayRow", "fleet_view",
+    "HostFacts", "UnderWayRow", "fleet_view", "host_facts",
 ]

@@ -1,5 +1,5 @@
 """The HTTP server of ``/metrics``, ``/healthz`` and ``/readyz``, and of the status page
-(``/status``, ``/status.json``).
+(``/status``, ``/status.json``, ``/explain?host=``, ``/explain.json?host=``).
 
 A few dozen lines on anyio's own sockets rather than prometheus-client's threaded server:
 it runs as a task of the daemon's task group (on asyncio and trio alike), so no thread
@@ -10,6 +10,7 @@ request head, a deadline per connection and a bound on concurrent connections.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from mandrill.errors import ConfigError, LedgerError
 from mandrill.obs.address import parse_addr
 from mandrill.obs.health import Health
 from mandrill.obs.status import StatusBoard
-from mandrill.obs.status_html import REFRESH, render_status
+from mandrill.obs.status_html import REFRESH, render_explanation, render_status
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ async def serve_http(
         if registry is not None:
             log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", shown, bound)
         if status is not None:
-            log.info("status page on http://%s:%d/status (also /status.json)",
+            log.info("status page on http://%s:%d/status (also /status.json, /explain)",
                      shown, bound)
         task_status.started(bound)
         await listener.serve(handler)
@@ -221,7 +222,7 @@ async def _route(
     return _Response(404, f"not found: try {', '.join(found)}\n".encode())
 
 
-_STATUS_PATHS = frozenset({"/", "/status", "/status.json"})
+_STATUS_PATHS = frozenset({"/", "/status", "/status.json", "/explain", "/explain.json"})
 
 
 async def _status_page(path: str, query: Mapping[str, str], status: StatusBoard) -> _Response:
@@ -236,7 +237,22 @@ async def _status_page(path: str, query: Mapping[str, str], status: StatusBoard)
         else:
             page = render_status(await status.snapshot(), refresh).encode()
         return _Response(200, page, _HTML)
-    raise AssertionError(path)
+    host = query.get("host", "").strip()
+    if path == "/explain.json":
+        if not host:
+            return _Response(400, b"explain.json needs ?host=HOST\n")
+        try:
+            explanation = await status.explain(host)
+        except ValueError as exc:
+            return _Response(400, f"{exc}\n".encode())
+        return _Response(200, json.dumps(explanation.to_json()).encode(), _JSON)
+    if not host:
+        return _Response(200, render_explanation(None, "").encode(), _HTML)
+    try:
+        explanation = await status.explain(host)
+    except ValueError as exc:
+        return _Response(400, render_explanation(None, host, str(exc)).encode(), _HTML)
+    return _Response(200, render_explanation(explanation, host).encode(), _HTML)
 
 
 def _refresh(value: str | None) -> int:

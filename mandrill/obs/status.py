@@ -1,5 +1,5 @@
-"""The status page's data (:class:`StatusBoard`): the fleet as the ledger records it and
-the controls in force; read at most once a second however many clients ask.
+"""The status page's data (:class:`StatusBoard`): the fleet as the ledger records it, the
+controls in force, and ``/explain``; read at most once a second however many clients ask.
 
 The board reads through :meth:`Ledger.read <mandrill.ledger.base.Ledger.read>`: a
 connection of its own, off the message path, opened by the first page anyone asks for. A
@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from mandrill.controls import Controls
+from mandrill.explain import Explanation, explain, host_message
 from mandrill.ledger.base import Ledger
 from mandrill.ledger.fleet import FleetView, fleet_view
 from mandrill.policy import format_duration
@@ -100,7 +101,7 @@ class Snapshot:
 
 
 class StatusBoard:
-    """Snapshots of the fleet for ``/status`` and ``/status.json``."""
+    """Snapshots of the fleet for ``/status`` and ``/status.json``, and ``/explain``."""
 
     def __init__(
         self,
@@ -171,6 +172,13 @@ class StatusBoard:
 
     async def json(self) -> bytes:
         return await self.rendered("json", _json)
+
+    async def explain(self, host: str) -> Explanation:
+        """``/explain?host=``: raises ``ValueError`` (one line) for a bad host, and
+        :class:`~mandrill.errors.LedgerError`."""
+        message = host_message(host, self.controls.domain)
+        return await explain(self.ledger, message, self.controls, wall_clock=self._wall_clock)
+
 
 def _read_fleet(rules: Any, earlier: FleetView | None, cur: Any, d: Any,
                 now: float) -> FleetView:

@@ -1,4 +1,4 @@
-"""The status page as HTML: server-rendered with the standard
+"""The status page and the explain page as HTML: server-rendered with the standard
 library (``string.Template``, every value through ``html.escape``), styled inline, and
 refreshing itself with a ``<meta http-equiv="refresh">``. Nothing external loads: no
 script, no font, no stylesheet, no absolute URL; links are relative to the page's server.
@@ -10,7 +10,9 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from string import Template
 from typing import Any
+from urllib.parse import quote
 
+from mandrill.explain import Explanation
 from mandrill.obs.status import Snapshot
 
 #: Seconds between refreshes unless the page is asked for another (``?refresh=N``).
@@ -40,6 +42,7 @@ code { font: 12px ui-monospace, monospace; }
 .outcome-failed, .outcome-unknown, .state-silent, .no { color: #b00020; }
 .outcome-skipped, .outcome-dry_run, .outcome-cancelled, .state-stopped { color: #8a5a00; }
 .outcome-restarting { color: #0050b0; }
+form { margin: .6em 0; }
 </style>
 </head>
 <body>
@@ -68,6 +71,7 @@ def render_status(snapshot: Snapshot, refresh: int = REFRESH) -> str:
     scanned = f" · as of {data['scanned_at'][11:19]}" if data["scanned_at"] else ""
     body = "\n".join([
         f'<p class="meta">{meta}</p>',
+        _explain_form(""),
         _section("daemons", f"Daemons of the fleet ({len(data['daemons'])})",
                  ("instance", "host", "pid", "backend", "version", "state", "last heartbeat",
                   "started"),
@@ -114,6 +118,29 @@ def render_status(snapshot: Snapshot, refresh: int = REFRESH) -> str:
     return _page("mandrill status", body, banner, refresh)
 
 
+def render_explanation(explanation: Explanation | None, host: str, error: str = "") -> str:
+    """The explain page: a form, and for a host its verdict and every rule that says no."""
+    parts = ['<p class="meta"><a href="/status">back to the status</a></p>',
+             _explain_form(host)]
+    if error:
+        parts.append(f'<p class="no">{_e(error)}</p>')
+    if explanation is not None:
+        data = explanation.to_json()
+        verdict = "ok" if data["would_restart"] else "no"
+        parts.append(f'<p id="verdict" class="{verdict}"><strong>{_e(data["host"])}</strong>:'
+                     f" {_e(data['verdict'])}</p>")
+        parts.append(_section(
+            "findings", "Rules that say no", ("rule", "reason", "detail", "until", "by"),
+            [(_e(f["rule"]), _reason(f["reason"]), _e(f["detail"]), _e(f["until"] or ""),
+              _code(f["by"]) if f["by"] else "")
+             for f in data["findings"]],
+            "none",
+        ))
+        parts.append(f'<p class="meta">checked at {_e(data["at"])}: '
+                     f"{_e(', '.join(data['checked']))}</p>")
+    return _page("mandrill explain", "\n".join(parts), "", 0)
+
+
 def _controls(controls: dict[str, Any], breaker: dict[str, Any] | None) -> list[Sequence[str]]:
     window = controls["window"]
     rate_limit = controls["rate_limit"]
@@ -158,13 +185,19 @@ def _section(ident: str, title: str, columns: Sequence[str], rows: Iterable[Sequ
             "</table></section>")
 
 
+def _explain_form(host: str) -> str:
+    return ('<form action="/explain" method="get"><label>Would a message restart host'
+            f' <input name="host" value="{_e(host)}" size="32" required></label>'
+            " <button>explain</button></form>")
+
+
 def _page(title: str, body: str, banner: str, refresh: int) -> str:
     tag = f'<meta http-equiv="refresh" content="{int(refresh)}">\n' if refresh else ""
     return _PAGE.substitute(title=_e(title), refresh=tag, banner=banner, body=body)
 
 
 def _host(host: str) -> str:
-    return _e(host)
+    return f'<a href="/explain?host={escape(quote(host, safe=""))}">{_e(host)}</a>'
 
 
 def _reason(code: str) -> str:
@@ -187,4 +220,4 @@ def _e(value: object) -> str:
     return escape("" if value is None else str(value))
 
 
-__all__ = ["REFRESH", "render_status"]
+__all__ = ["REFRESH", "render_explanation", "render_status"]

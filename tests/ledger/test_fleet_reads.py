@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
+from functools import partial
 
 import anyio
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from mandrill.errors import LedgerError
 from mandrill.ledger import SQLLedger
 from mandrill.ledger.base import DeadLetterRecord, Request
-from mandrill.ledger.fleet import FleetView, fleet_view
+from mandrill.ledger.fleet import FleetView, fleet_view, host_facts
 from mandrill.ledger.reader import Reads
 from mandrill.message import Delivery
 from mandrill.policy import Outcome, RateLimit, Reason, Refusal, Rules
@@ -96,6 +97,42 @@ async def test_cooldown_ends_with_the_interval_and_unknown_counts_unless_retried
     assert [row.hostname for row in (await view(ledger, retrying)).cooldown] == ["a.example.net"]
     clock.now = T0 + WEEK + 1
     assert [row.hostname for row in (await view(ledger)).cooldown] == ["b.example.net"]
+
+
+async def test_host_facts_are_what_a_claim_would_find(ledger: SQLLedger, clock: Clock) -> None:
+    await finish(ledger, await decide_one(ledger, message("m1", "a")), Outcome.RESTARTED)
+    clock.now = T0 + 60
+    claim = await decide_one(ledger, message("m2", "b"))
+    read = partial(host_facts, rules=RULES, instance_timeout=30)
+    a = await ledger.read(lambda cur, d, now: read(cur, d, now, "a.example.net"))
+    b = await ledger.read(lambda cur, d, now: read(cur, d, now, "b.example.net"))
+    assert (a.last_restart, a.under_way) == (T0, [])
+    assert b.last_restart is None
+    assert [(row.message_id, row.owner) for row in b.under_way] == [
+        ("m2", ledger.instance.instance_id)
+    ]
+    assert claim.claim is not None
+    # The rate limit's count: restarts begun within its window, under way included.
+    assert b.fleet_restarts is not None
+    assert (b.fleet_restarts.count, b.fleet_restarts.oldest) == (2, T0)
+
+
+async def test_a_dead_daemons_claim_counts_as_the_next_claim_would_count_it(
+    durable_url: str, clock: Clock
+) -> None:
+    async with running(durable_url, clock) as gone:
+        claim = await decide_one(gone, message("m1", "a"))
+        assert claim.claim is not None
+        gone.owned.settled([claim.claim])  # its stop must not resolve it: it "dies"
+        async with running(durable_url, clock) as alive:
+            clock.now = T0 + 60  # past the instance timeout
+            await alive._beat()
+            facts = await alive.read(
+                lambda cur, d, now: host_facts(cur, d, now, "a.example.net", RULES, 30)
+            )
+    (row,) = facts.under_way
+    assert row.orphaned(T0 + 60, 30)
+    assert facts.last_restart == T0
 
 
 async def test_a_read_does_not_wait_for_the_message_paths_transactions(

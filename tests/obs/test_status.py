@@ -122,6 +122,7 @@ async def test_the_html_loads_nothing_external_and_escapes_everything(
     assert '<meta http-equiv="refresh" content="2">' in page
     assert 'id="dry-run"' in page
     assert '<code class="reason">interval</code>' in page
+    assert 'href="/explain?host=web-1.example.net"' in page
 
 
 async def test_no_banner_without_a_dry_run_and_the_refresh_can_be_chosen(
@@ -162,6 +163,30 @@ async def test_many_clients_at_once_cost_one_read(ledger: SQLLedger) -> None:
     board.scan_max_age = 0
     await board.snapshot()
     assert board.scans == 2
+
+
+async def test_explain_on_the_status_server(ledger: SQLLedger) -> None:
+    async with serving(board_for(ledger)) as client:
+        found = (await client.get("/explain.json", params={"host": "web-1"})).json()
+        page = await client.get("/explain", params={"host": "db-1"})
+        form = await client.get("/explain")
+        bad = await client.get("/explain.json", params={"host": "web_1"})
+        bad_page = await client.get("/explain", params={"host": "<b>"})
+        missing = await client.get("/explain.json")
+    assert found["would_restart"] is False
+    assert [f["reason"] for f in found["findings"]] == ["interval"]
+    assert page.status_code == 200
+    assert "would NOT be restarted now" in page.text
+    assert '<code class="reason">excluded</code>' in page.text
+    assert form.status_code == 200
+    assert '<form action="/explain"' in form.text
+    assert bad.status_code == 400
+    assert bad.text == ("'web_1' is not an instance name or a hostname (an RFC 1123 label,"
+                        " or LABEL.example.net)\n")
+    assert bad_page.status_code == 400
+    assert "&lt;b&gt;" in bad_page.text
+    assert "<b>" not in bad_page.text
+    assert missing.status_code == 400
 
 
 async def test_a_ledger_that_cannot_be_read_is_a_503_and_the_server_goes_on() -> None:
