@@ -58,6 +58,7 @@ COMMANDS = {
     "history": "show what the ledger says was restarted, skipped, failed or dead-lettered",
     "replay": "republish saved messages from the ledger",
     "status": "show the daemons alive, the restarts under way and the hosts in cooldown",
+    "explain": "would a message for HOST restart it now? if not, every rule that says no",
 }
 
 
@@ -79,7 +80,8 @@ def build_parser(log_format: str = "auto") -> argparse.ArgumentParser:
     )
     for name, help_text in COMMANDS.items():
         sub = commands.add_parser(
-            name, help=help_text, description=help_text, usage=f"mandrill {name} [OPTIONS]",
+            name, help=help_text, description=help_text,
+            usage=f"mandrill {name} [OPTIONS]{' HOST' if name == 'explain' else ''}",
             log_format=log_format,
             epilog="Every setting is also a MANDRILL_* environment variable and a key of the"
             " --config file; flags win over the environment, which wins over the file.",
@@ -107,6 +109,11 @@ def build_parser(log_format: str = "auto") -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true",
                              help="one JSON object per line, each with its kind (daemon,"
                              " claim, cooldown)")
+
+        if name == "explain":
+            sub.add_argument("host", nargs="?", metavar="HOST",
+                             help="an instance name (with --domain) or a full hostname")
+            sub.add_argument("--json", action="store_true", help="one JSON object")
         if name == "replay":
             sub.add_argument("--until", metavar="DURATION",
                              help=f"only messages older than DURATION ago"
@@ -207,6 +214,9 @@ def _dispatch(cfg: config.CommandConfig) -> int:
             return _run(commands.replay, cfg)
         case config.StatusConfig():
             return _run(commands.status, cfg)
+
+        case config.ExplainConfig():
+            return _run(commands.explain, cfg)
 
 
 def _run(command: Callable[[C], Awaitable[int]], cfg: C) -> int:

@@ -8,6 +8,7 @@ import os
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mandrill.config import (
     HISTORY_OUTCOMES,
+    ExplainConfig,
     HistoryConfig,
     PublishConfig,
     PubSubConfig,
@@ -33,6 +35,8 @@ from mandrill.message import is_valid_label
 from mandrill.output import print_json_lines, print_rows
 from mandrill.parts import (
     check_google_credentials,
+    controls,
+    explain_controls,
     open_parts,
     service_settings,
     worker_settings,
@@ -47,6 +51,9 @@ if TYPE_CHECKING:
     from mandrill.obs.systemd import NotifySettings
 
 log = logging.getLogger("mandrill")
+
+if TYPE_CHECKING:
+    from mandrill.obs.status import StatusBoard
 
 T = TypeVar("T")
 
@@ -63,6 +70,7 @@ async def run(cfg: RunConfig) -> int:
         counters=Counters(),
         shutdown=Shutdown(),
         metrics_addr=cfg.observability.metrics_addr,
+        status_addr=cfg.observability.status_addr,
         slow_callback_ms=debug.slow_callback_ms(
             cfg.observability.debug, cfg.observability.slow_callback_ms
         ),
@@ -77,6 +85,8 @@ async def run(cfg: RunConfig) -> int:
         observability.running(),
         open_parts(cfg, observability.counters, observability.health) as parts,
     ):
+        if observability.wants_status:
+            observability.status = status_board(cfg, parts.ledger)
         log.info(
             "mandrill running on %s: source %s, ledger %s, restarter %s, up to %d in flight",
             cfg.backend, cfg.source.kind, cfg.ledger.url, cfg.restarter.kind, cfg.max_in_flight,
@@ -111,6 +121,16 @@ def systemd_settings() -> NotifySettings | None:
         log.info("systemd: notifying readiness%s",
                  f", watchdog pinged every {interval:g}s" if interval else "")
     return settings
+def status_board(cfg: RunConfig, ledger: Ledger) -> StatusBoard:
+    """The status page's board over the daemon's ledger and its controls."""
+    from mandrill.obs.status import StatusBoard
+    from mandrill.version import version
+
+    instance = getattr(ledger, "instance", None)
+    return StatusBoard(
+        ledger, controls(cfg), instance_id=getattr(instance, "instance_id", ""),
+        backend=cfg.backend, version=version(),
+    )
 
 
 async def history(cfg: HistoryConfig) -> int:
@@ -160,6 +180,29 @@ async def history(cfg: HistoryConfig) -> int:
         [(_iso(row.decided_at), row.hostname, row.outcome, row.detail, row.message_id)
          for row in rows],
     )
+    return 0
+
+
+async def explain(cfg: ExplainConfig) -> int:
+    """Would a message for HOST restart it now, with the settings given (the daemon's
+    ``--config``), and if not, every rule that says no: text, or one JSON object."""
+    from mandrill.explain import explain as explain_host
+    from mandrill.explain import host_message
+
+    args = cfg.flags
+    if args.host is None:
+        raise ConfigError("explain needs a HOST: an instance name or a hostname")
+    message = _flag(partial(host_message, domain=cfg.domain), args.host, "HOST")
+    controls = explain_controls(cfg)
+    ledger = await open_existing_ledger(cfg.ledger)
+    try:
+        explanation = await explain_host(ledger, message, controls)
+    finally:
+        await ledger.aclose()
+    if args.json:
+        print_json_lines([explanation.to_json()])
+    else:
+        print(explanation.text())
     return 0
 
 

@@ -14,18 +14,20 @@ from typing import TYPE_CHECKING
 from mandrill.blockers import Blocker, Blockers
 from mandrill.config import (
     BlockersConfig,
+    ExplainConfig,
     NotifyConfig,
     RestarterConfig,
     RunConfig,
     SafetyConfig,
     SourceConfig,
 )
+from mandrill.controls import Controls
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
 from mandrill.ledger.base import DeadLetterRecord, Ledger
 from mandrill.message import Message
 from mandrill.obs.counters import Counters
-from mandrill.policy import Outcome, RateLimit
+from mandrill.policy import Outcome, RateLimit, Rules
 from mandrill.publisher import publish_chaos
 from mandrill.restarters.base import Restarter
 from mandrill.safety import SafetyControls, TimeWindow, parse_timezone
@@ -46,7 +48,11 @@ REAL_RESTARTERS = frozenset({"command", "gce"})
 
 
 def is_dry_run(restarter: RestarterConfig, safety: SafetyConfig) -> bool:
-    return safety.dry_run or (restarter.kind in REAL_RESTARTERS and not safety.live)
+    return _dry_run(restarter.kind, safety)
+
+
+def _dry_run(restarter: str, safety: SafetyConfig) -> bool:
+    return safety.dry_run or (restarter in REAL_RESTARTERS and not safety.live)
 
 
 def service_settings(cfg: RunConfig) -> ServiceSettings:
@@ -69,10 +75,42 @@ def worker_settings(cfg: RunConfig) -> WorkerSettings:
         max_attempts=cfg.restarter.max_attempts,
         dry_run=is_dry_run(cfg.restarter, safety),
         max_concurrent_restarts=safety.max_concurrent_restarts,
-        rate_limit=RateLimit(safety.max_restarts, safety.max_restarts_window)
-        if safety.max_restarts
-        else None,
+        rate_limit=rate_limit(safety),
         skip_checks=[controls.skip_reason] if controls is not None else [],
+    )
+
+
+def rate_limit(safety: SafetyConfig) -> RateLimit | None:
+    """The fleet's rate limit (``--max-restarts`` per ``--max-restarts-window``), if any."""
+    if not safety.max_restarts:
+        return None
+    return RateLimit(safety.max_restarts, safety.max_restarts_window)
+
+
+def controls(cfg: RunConfig) -> Controls:
+    """The controls the daemon decides by, for its status page and ``/explain``."""
+    workers = worker_settings(cfg)
+    return Controls(
+        rules=workers.rules,
+        safety=safety_controls(cfg.safety),
+        dry_run=workers.dry_run,
+        max_concurrent_restarts=workers.max_concurrent_restarts,
+        max_attempts=workers.max_attempts,
+        instance_timeout=cfg.ledger.instance_timeout,
+        domain=workers.domain,
+    )
+
+
+def explain_controls(cfg: ExplainConfig) -> Controls:
+    """The controls a daemon with ``cfg``'s settings decides by (``mandrill explain``)."""
+    safety = cfg.safety
+    return Controls(
+        rules=Rules(safety.min_restart_interval, rate_limit(safety), cfg.retry_unknown),
+        safety=safety_controls(safety),
+        dry_run=_dry_run(cfg.restarter, safety),
+        max_concurrent_restarts=safety.max_concurrent_restarts,
+        instance_timeout=cfg.instance_timeout,
+        domain=cfg.domain,
     )
 
 

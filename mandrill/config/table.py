@@ -22,9 +22,9 @@ from mandrill.config.values import (
     domain,
     duration,
     fraction,
+    http_addr,
     is_duration,
     limit_or_forever,
-    metrics_addr,
     new_file,
     notify_headers,
     notify_template,
@@ -125,10 +125,12 @@ PUBSUB = frozenset({"run", "publish", "setup", "replay"})
 SUBSCRIPTION = frozenset({"run", "setup"})
 #: The topic: run pulls from the subscription and never publishes.
 TOPIC = frozenset({"publish", "setup", "replay"})
-LEDGER = frozenset({"run", "history", "replay", "status"})
-ALL = frozenset({"run", "publish", "setup", "history", "replay", "status"})
+LEDGER = frozenset({"run", "history", "replay", "status", "explain"})
+ALL = frozenset({"run", "publish", "setup", "history", "replay", "status", "explain"})
 #: What ``status`` needs to tell a live daemon and a host in cooldown, as ``run`` does.
 RUN_AND_STATUS = frozenset({"run", "status"})
+#: What ``explain`` checks a host against: the daemon's own settings of its decisions.
+DECIDES = RUN | {"explain"}
 
 #: The groups of ``--help``, in order; "general" is argparse's own list of options.
 GROUPS = {
@@ -225,14 +227,14 @@ SETTINGS: tuple[Setting, ...] = (
        group="ledger"),
     _s("instance_timeout", positive_duration, 30.0,
        "a daemon silent in the ledger this long is dead: its restart claims are resolved as"
-       " 'unknown' by the others (it heartbeats 6 times as often)", RUN_AND_STATUS,
+       " 'unknown' by the others (it heartbeats 6 times as often)", DECIDES | RUN_AND_STATUS,
        group="ledger"),
     _s("retry_unknown", boolean, False,
        "restart again a host whose restart outcome is unknown (its daemon died mid-restart)"
-       " instead of counting it as restarted", RUN_AND_STATUS, group="ledger"),
+       " instead of counting it as restarted", DECIDES | RUN_AND_STATUS, group="ledger"),
     # -- restarter --
     _s("restarter", choice("simulated", "command", "gce"), "simulated",
-       "how hosts are restarted", RUN, group="restarter"),
+       "how hosts are restarted", DECIDES, group="restarter"),
     _s("domain", domain, DEFAULT_DOMAIN, "DNS domain appended to instance names", LEDGER,
        group="restarter"),
     _s("max_attempts", positive_int, 5,
@@ -254,35 +256,35 @@ SETTINGS: tuple[Setting, ...] = (
        "gce restarter: Compute Engine API root", RUN, "URL", group="restarter"),
     # -- safety controls --
     _s("live", boolean, False,
-       "really restart with a real restarter (command, gce); without it they dry-run", RUN,
+       "really restart with a real restarter (command, gce); without it they dry-run", DECIDES,
        group="safety"),
-    _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", RUN,
+    _s("dry_run", boolean, False, "decide and record, restart nothing (any restarter)", DECIDES,
        group="safety"),
     _s("min_restart_interval", duration, 7 * 86400.0,
-       "do not restart a host restarted more recently than this", RUN_AND_STATUS,
+       "do not restart a host restarted more recently than this", DECIDES | RUN_AND_STATUS,
        group="safety"),
     _s("exclude", patterns, (), "never restart hosts matching these globs (comma list)",
-       RUN, "GLOBS", group="safety"),
+       DECIDES, "GLOBS", group="safety"),
     _s("only", patterns, (), "restart only hosts matching these globs (comma list)",
-       RUN, "GLOBS", group="safety"),
+       DECIDES, "GLOBS", group="safety"),
     _s("weekdays", optional(parse_weekdays), None,
-       "restart only on these days, e.g. mon-fri", RUN, "DAYS", group="safety"),
+       "restart only on these days, e.g. mon-fri", DECIDES, "DAYS", group="safety"),
     _s("hours", optional(parse_hours), (),
-       "restart only in these hours, e.g. 09:00-17:00", RUN, "HH:MM-HH:MM", group="safety"),
+       "restart only in these hours, e.g. 09:00-17:00", DECIDES, "HH:MM-HH:MM", group="safety"),
     _s("skip_dates", dates, frozenset(),
-       "never restart on these dates, e.g. 2026-12-24,2026-12-31 (in --timezone)", RUN,
+       "never restart on these dates, e.g. 2026-12-24,2026-12-31 (in --timezone)", DECIDES,
        "DATES", group="safety"),
     _s("skip_dates_file", dates_file, frozenset(),
        "never restart on the dates of this file: one YYYY-MM-DD a line, # comments"
-       " (in --timezone; read at start)", RUN, "PATH", group="safety"),
-    _s("timezone", zone, "UTC", "time zone of --weekdays, --hours and the skip dates", RUN,
+       " (in --timezone; read at start)", DECIDES, "PATH", group="safety"),
+    _s("timezone", zone, "UTC", "time zone of --weekdays, --hours and the skip dates", DECIDES,
        "ZONE", group="safety"),
     _s("max_concurrent_restarts", optional_positive_int, None,
-       "restarts under way at once in this daemon", RUN, "N", group="safety"),
+       "restarts under way at once in this daemon", DECIDES, "N", group="safety"),
     _s("max_restarts", optional_positive_int, None,
-       "fleet rate limit: restarts per --max-restarts-window across all daemons", RUN, "N",
+       "fleet rate limit: restarts per --max-restarts-window across all daemons", DECIDES, "N",
        group="safety"),
-    _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN,
+    _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", DECIDES,
        group="safety"),
     # -- blockers --
     _s("block_on_alerts", alerts_url, None,
@@ -325,8 +327,12 @@ SETTINGS: tuple[Setting, ...] = (
        "log format; auto: text on a terminal, JSON otherwise", ALL, group="observability"),
     _s("log_level", choice("debug", "info", "warning", "error"), "info", "log level", ALL,
        group="observability"),
-    _s("metrics_addr", metrics_addr, None,
-       "serve /metrics, /healthz, /readyz on HOST:PORT (off unless given)", RUN, "HOST:PORT",
+    _s("metrics_addr", http_addr, None,
+       "serve /metrics, /healthz, /readyz on HOST:PORT, and the status page (/status) unless"
+       " --status-addr is given (off unless given)", RUN, "HOST:PORT", group="observability"),
+    _s("status_addr", http_addr, None,
+       "serve the status page (/status, /status.json, /explain?host=) on HOST:PORT rather"
+       " than on --metrics-addr (off unless one of them is given)", RUN, "HOST:PORT",
        group="observability"),
     _s("debug", boolean, False,
        "asyncio debug mode / trio step timing, slow steps from 20 ms, debug logs", RUN,

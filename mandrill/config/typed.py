@@ -154,6 +154,7 @@ class ObservabilityConfig:
 
     GROUP: ClassVar[str] = "observability"
     metrics_addr: str | None
+    status_addr: str | None
     debug: bool
     slow_callback_ms: float | None
     profile: str | None
@@ -282,8 +283,35 @@ class StatusConfig:
     flags: StatusFlags
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExplainFlags:
+    """``explain``'s own flags, as given (the command checks them)."""
+
+    GROUP: ClassVar[str] = COMMAND_FLAGS
+    host: str | None
+    json: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainConfig:
+    """``mandrill explain HOST``: would a message for HOST restart it now, and why not.
+    It takes the daemon's settings of its decisions (give it the daemon's ``--config``)."""
+
+    backend: str
+    logs: LogConfig
+    ledger: str
+    domain: str
+    #: With ``live`` and ``dry_run``, whether the daemon dry-runs.
+    restarter: str
+    retry_unknown: bool
+    instance_timeout: float
+    safety: SafetyConfig
+    flags: ExplainFlags
+
+
 CommandConfig = (
     RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig | StatusConfig
+    | ExplainConfig
 )
 
 #: Each command's configuration.
@@ -294,6 +322,7 @@ COMMANDS: dict[str, type[CommandConfig]] = {
     "history": HistoryConfig,
     "replay": ReplayConfig,
     "status": StatusConfig,
+    "explain": ExplainConfig,
 }
 
 T = TypeVar("T")

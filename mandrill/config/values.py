@@ -221,7 +221,8 @@ def zone(value: object) -> str:
     return name
 
 
-def metrics_addr(value: object) -> str | None:
+def http_addr(value: object) -> str | None:
+    """``HOST:PORT`` to listen on (``--metrics-addr``, ``--status-addr``), or ``None``."""
     if value in (None, ""):
         return None
     parse_addr(str(value))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from anyio.abc import TaskStatus
 
+from mandrill.ledger.schema import Dialect
 from mandrill.message import Delivery, Message
 from mandrill.policy import Decision, Outcome, Reason, Refusal, Rules
+
+T = TypeVar("T")
 
 # The values that travel along the message path are NamedTuples: as immutable as a frozen
 # dataclass, and built without a setattr call per field (measured: a few thousand
@@ -232,6 +235,10 @@ class Ledger(Protocol):
         """The daemons that have not stopped, the claims under way and the hosts in their
         interval's cooldown, at the ledger's time (see
         :func:`mandrill.ledger.reads.fleet_status`)."""
+    async def read(self, fn: Callable[[Any, Dialect, float], T]) -> T:
+        """``fn(cursor, dialect, now)`` (``now``: the ledger's time) in one read-only
+        snapshot, off the message path (the status page, ``explain``; the queries are in
+        :mod:`mandrill.ledger.fleet`)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -48,6 +48,7 @@ class SQLiteDatabase:
     deadline = 2 * BUSY_TIMEOUT_MS / 1000
 
     def __init__(self, path: str) -> None:
+        self._path = path
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         #: Whether a batch can run without waiting for another connection: always in
@@ -137,6 +138,38 @@ class SQLiteDatabase:
 
     def close(self) -> None:
         self._conn.close()
+
+    def reader(self) -> SQLiteReader | None:
+        """A connection of its own for reads (``None`` for ``:memory:``, a database no
+        other connection sees): in WAL mode, reads and writes do not wait for each other."""
+        return None if self._path == ":memory:" else SQLiteReader(self._path)
+
+
+class SQLiteReader:
+    """A read-only connection to the ledger's file, opened by its first read (see
+    :mod:`mandrill.ledger.reader`)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def read(self, fn: Callable[[Any], T]) -> T:
+        if self._conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only = ON")
+            self._conn = conn
+        cur = self._conn.cursor()
+        cur.execute("BEGIN")  # one snapshot for every query of the read
+        try:
+            return fn(cur)
+        finally:
+            cur.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _busy(error: sqlite3.OperationalError) -> bool:

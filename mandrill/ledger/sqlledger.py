@@ -37,6 +37,7 @@ from mandrill.ledger.base import (
 )
 from mandrill.ledger.journal import KeptOutcome, OutcomeJournal
 from mandrill.ledger.owned import OwnedClaims
+from mandrill.ledger.reader import Reads
 from mandrill.ledger.transactions import Database, Transactions
 from mandrill.policy import Decision, Outcome, Rules, Verdict
 
@@ -110,6 +111,11 @@ class SQLLedger:
         #: Outcomes that neither the database nor the journal could take: kept here and
         #: offered again at each heartbeat.
         self._unrecorded: list[Finish] = []
+        opener: Callable[[], Any] | None = getattr(db, "reader", None)
+        reader = opener() if opener is not None else None
+        #: Reads on a connection of their own (the status page, explain); none where the
+        #: database has no second connection (``:memory:``): they share the ledger's then.
+        self._reads = Reads(reader, db.deadline) if reader is not None else None
 
     def now(self, cur: Any) -> float:
         """The ledger's time, inside a transaction (see the class docstring)."""
@@ -472,7 +478,22 @@ class SQLLedger:
             lambda cur: reads.fleet_status(cur, d, self.now(cur), min_interval, retry_unknown)
         )
 
+    async def read(self, fn: Callable[[Any, sql.Dialect, float], T]) -> T:
+        """``fn(cursor, dialect, now)``, ``now`` the ledger's time, in one read-only
+        snapshot on a connection of its own (opened by the first read): neither waiting for
+        the message path's transactions nor holding them up. Raises :class:`LedgerError`."""
+        d = self._d
+
+        def with_time(cur: Any) -> T:
+            return fn(cur, d, self.now(cur))
+
+        if self._reads is None:
+            return await self._tx.query(with_time)
+        return await self._reads.run(with_time)
+
     async def aclose(self) -> None:
+        if self._reads is not None:
+            await self._reads.aclose()
         if self._tx.stuck:
             # A thread is still inside a transaction that hangs and holds the connection:
             # closing it would wait for that, or break it. The process exit closes it.

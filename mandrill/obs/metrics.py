@@ -1,6 +1,6 @@
 """What ``run`` turns on to watch the daemon (:class:`Observability`): the lag probe, the
-task dump, the slow-step watchdog, the metrics server and systemd's notifications: the
-probes ``serve()`` starts.
+task dump, the slow-step watchdog, the metrics server, the status page and systemd's
+notifications: the probes ``serve()`` starts.
 
 The pieces live beside it: :mod:`~mandrill.obs.collector` (the Prometheus view of the
 counters), :mod:`~mandrill.obs.http` (the server), :mod:`~mandrill.obs.health` (the
@@ -21,12 +21,13 @@ from mandrill.obs.collector import build_registry
 from mandrill.obs.counters import Counters
 from mandrill.obs.debug import watch_slow_steps
 from mandrill.obs.health import Health, ServiceHealth
-from mandrill.obs.http import serve_http
+from mandrill.obs.http import StatusSource, serve_http
 from mandrill.obs.lag import DEFAULT_SLOW_CALLBACK_MS, LagProbe
 from mandrill.obs.systemd import NotifySettings, SystemdNotifier
 from mandrill.obs.taskdump import dump_tasks_on_signal
 
 if TYPE_CHECKING:
+    from mandrill.obs.status import StatusBoard
     from mandrill.shutdown import Shutdown
 
 
@@ -39,11 +40,13 @@ def metrics_task(
     in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
     backend: str | None = None,
+    status: StatusSource | None = None,
 ) -> Callable[..., Any]:
-    """A task for ``root.start``: a fresh registry over ``counters`` and its server."""
+    """A task for ``root.start``: a fresh registry over ``counters`` and its server (with
+    the status page, given a ``status`` board)."""
     registry = build_registry(counters, in_flight=in_flight, in_flight_limit=in_flight_limit,
                               probe=probe, health=health, backend=backend)
-    return partial(serve_http, addr, registry, health)
+    return partial(serve_http, addr, registry, health, status=status)
 
 
 #: The name of the metrics server's task.
@@ -77,6 +80,11 @@ class Observability:
     systemd: NotifySettings | None = None
     #: ``--backend``, for ``mandrill_build_info``.
     backend: str | None = None
+    #: Where the status page is served, when not on the metrics server.
+    status_addr: str | None = None
+    #: The status page's board: given once the ledger is open, when either address is set
+    #: (the servers start before: until then the page answers 503).
+    status: StatusBoard | None = None
     probe: LagProbe = field(init=False)
     health: ServiceHealth = field(init=False)
     #: True while :meth:`running` runs the probes (then ``serve()`` does not start them).
@@ -123,11 +131,27 @@ class Observability:
             found.append((
                 METRICS_SERVER,
                 metrics_task(self.metrics_addr, self.counters, in_flight=in_flight,
-                                in_flight_limit=self.max_in_flight, health=self.health,
-                                probe=self.probe, backend=self.backend),
+                             in_flight_limit=self.max_in_flight, health=self.health,
+                             probe=self.probe, backend=self.backend,
+                             status=self._board if self.status_addr is None else None),
+            ))
+        if self.status_addr is not None:
+            found.append((
+                "status server",
+                partial(serve_http, self.status_addr, None, self.health, status=self._board,
+                        flag="--status-addr"),
             ))
         if self.systemd is not None:
             notifier = SystemdNotifier(self.systemd, self.health, self.shutdown)
             found.append(("systemd notifier", notifier.run))
         return found
+
+    def _board(self) -> StatusBoard | None:
+        return self.status
+
+    @property
+    def wants_status(self) -> bool:
+        """Whether a status page is to be served (``--status-addr`` or
+        ``--metrics-addr``): else no board is built, and nothing of it runs."""
+        return self.status_addr is not None or self.metrics_addr is not None
 
