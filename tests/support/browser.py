@@ -2,20 +2,17 @@
 line (``--dump-dom``, ``--screenshot``), no Python dependency.
 
 A test calls :func:`chromium` first: where the browser is missing it skips, with the
-package that brings it, except under ``CI=true``, where it fails (a run that skipped it did
-not check what it claims to). When ``tests/support/tools.py`` (one list of the Debian tools
-the tests run) is there, this becomes ``tools.require("chromium")`` with a line
-``Tool("chromium", "chromium", ...)`` in its list.
+package that brings it, except under ``CI=true``, where it fails (tests.support.tools, whose
+list the test command installs).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import anyio
-import pytest
+
+from tests.support import tools
 
 #: Bound on one run of the browser (its first start on a busy machine takes seconds).
 BROWSER_TIMEOUT = 60.0
@@ -23,14 +20,8 @@ BROWSER_TIMEOUT = 60.0
 
 def chromium() -> str:
     """The path of ``chromium``; skips the calling test where it is missing (fails it
-    under ``CI=true``)."""
-    path = shutil.which("chromium")
-    if path is not None:
-        return path
-    why = "chromium missing (Debian package chromium: apt-get install -y chromium)"
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{why}: CI=true, so this test may not be skipped", pytrace=False)
-    pytest.skip(why)
+    under ``CI=true``): see tests.support.tools."""
+    return tools.require("chromium")
 
 
 def _argv(browser: str, profile: Path, *args: str) -> list[str]:

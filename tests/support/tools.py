@@ -35,6 +35,10 @@ TOOLS: tuple[Tool, ...] = (
     Tool("tini", "tini", "the image's init, reaping orphans as PID 1 (test_image_init.py)"),
     Tool("prometheus", "promtool", "checks and unit-tests the alert rules (test_deploy.py)"),
     Tool("systemd", "systemd-analyze", "verifies the systemd unit (test_deploy.py)"),
+    Tool("prometheus", "prometheus", "a real Prometheus whose firing alert blocks restarts"
+         " (tests/blockers/)"),
+    Tool("chromium", "chromium", "loads the status page in a headless browser"
+         " (test_status_fleet.py)"),
 )
 
 #: Answers "do not start services" to the packages' install scripts (the prometheus
