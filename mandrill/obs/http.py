@@ -86,7 +86,7 @@ async def serve_http(
     registry: CollectorRegistry | None,
     health: Health,
     *,
-    status: StatusSource | None = None,
+    status: StatusBoard | StatusSource | None = None,
     flag: str = "--metrics-addr",
     connection_timeout: float = CONNECTION_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
@@ -104,6 +104,9 @@ async def serve_http(
     """
     host, port = parse_addr(addr)
     limiter = anyio.CapacityLimiter(max_connections)
+    if isinstance(status, StatusBoard):
+        board = status
+        status = lambda: board  # noqa: E731
     handler = partial(_handle, pages=_Pages(registry, health, status), limiter=limiter,
                       connection_timeout=connection_timeout)
     try:
