@@ -54,6 +54,7 @@ COMMANDS = {
     "setup": "create the Pub/Sub topic, subscription and dead-letter topic",
     "history": "show what the ledger says was restarted, skipped, failed or dead-lettered",
     "replay": "republish saved messages from the ledger",
+    "resume": "close the restart-storm breaker: every daemon of the fleet restarts again",
 }
 
 
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--limit", default="50", metavar="N",
                              help="rows to show (default 50)")
             sub.add_argument("--json", action="store_true", help="one JSON object per line")
+        if name == "resume":
+            sub.add_argument("--by", metavar="NAME",
+                             help="who resumes, as the ledger records it (default $USER)")
         if name == "replay":
             sub.add_argument("--until", metavar="DURATION",
                              help="only messages older than DURATION ago")
@@ -177,6 +181,8 @@ def _dispatch(cfg: config.CommandConfig) -> int:
             return _run(commands.history, cfg)
         case config.ReplayConfig():
             return _run(commands.replay, cfg)
+        case config.ResumeConfig():
+            return _run(commands.resume, cfg)
 
 
 def _run(command: Callable[[C], Awaitable[int]], cfg: C) -> int:

@@ -17,12 +17,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mandrill.message import Message
 
+if TYPE_CHECKING:
+    from mandrill.ledger.breaker import Breaker
+
 #: The placeholders a body template may use, in the order the README lists them.
 FIELDS = ("host", "message_id", "outcome", "detail", "time")
+#: The outcome of the notification that says the restart-storm breaker opened.
+BREAKER_OPEN = "breaker_open"
 #: A template file is a small document; anything larger is surely the wrong file.
 MAX_TEMPLATE_BYTES = 64 * 1024
 
@@ -46,6 +51,13 @@ class Notification:
         cls, message: Message, outcome: str, detail: str, time: datetime
     ) -> Notification:
         return cls(message.hostname, message.message_id, str(outcome), detail, time)
+
+    @classmethod
+    def for_breaker(cls, breaker: Breaker) -> Notification:
+        """The fleet's restart-storm breaker opened: no host and no message, outcome
+        ``breaker_open``, the reason as the detail."""
+        detail = f"{breaker.why}; every restart waits for `mandrill resume`"
+        return cls("", "", BREAKER_OPEN, detail, datetime.fromtimestamp(breaker.opened_at, UTC))
 
     def fields(self) -> dict[str, str]:
         """The placeholders' values; time in ISO 8601 with its offset."""

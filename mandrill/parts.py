@@ -20,9 +20,10 @@ from mandrill.config import (
 from mandrill.errors import ConfigError
 from mandrill.ledger import open_ledger
 from mandrill.ledger.base import Ledger
+from mandrill.ledger.breaker import Breaker
 from mandrill.message import Message
 from mandrill.obs.counters import Counters
-from mandrill.policy import Outcome, RateLimit
+from mandrill.policy import BreakerRule, Outcome, RateLimit
 from mandrill.publisher import publish_chaos
 from mandrill.restarters.base import Restarter
 from mandrill.safety import SafetyControls, TimeWindow, parse_timezone
@@ -69,7 +70,25 @@ def worker_settings(cfg: RunConfig) -> WorkerSettings:
         if safety.max_restarts
         else None,
         skip_checks=[controls.skip_reason] if controls is not None else [],
+        breaker=breaker_rule(safety),
     )
+
+
+#: The restart-storm breaker's window unless ``--breaker-window`` says otherwise.
+BREAKER_WINDOW = 3600.0
+
+
+def breaker_rule(safety: SafetyConfig) -> BreakerRule | None:
+    """The breaker the ``breaker_*`` settings describe, or None (off); raises
+    ``ConfigError`` for a window given without a limit (a breaker that could never open)."""
+    if safety.breaker_failures is None and safety.breaker_unknown is None:
+        if safety.breaker_window is not None:
+            raise ConfigError(
+                "--breaker-window needs --breaker-failures or --breaker-unknown"
+            )
+        return None
+    return BreakerRule(safety.breaker_failures, safety.breaker_unknown,
+                       safety.breaker_window or BREAKER_WINDOW)
 
 
 def ledger_subscription(source: SourceConfig) -> str:
@@ -259,8 +278,12 @@ def add_notifier(parts: Parts, notifier: Notifier) -> None:
     def on_decision(message: Message, outcome: Outcome, detail: str) -> None:
         notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))
 
+    def on_breaker(breaker: Breaker) -> None:
+        notifier.notify(Notification.for_breaker(breaker))
+
     parts.companions = [*parts.companions, notifier.run]
     parts.on_decision = on_decision
+    parts.on_breaker = on_breaker
 
 
 def _project(cfg: SourceConfig) -> str:

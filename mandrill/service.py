@@ -45,6 +45,7 @@ from mandrill.decider import Decider
 from mandrill.holdings import Holdings
 from mandrill.lease import LeaseKeeper
 from mandrill.ledger.base import DeadLetterRecord, Finish, Ledger
+from mandrill.ledger.breaker import Breaker
 from mandrill.message import Delivery, Message
 from mandrill.obs.counters import Counters
 from mandrill.obs.metrics import Observability
@@ -95,6 +96,8 @@ class Parts:
     companions: Sequence[LongLived] = field(default_factory=list)
     #: Called with (message, outcome, detail) for every restart decision (notifications).
     on_decision: Callable[[Message, Outcome, str], None] | None = None
+    #: Called when this daemon's decision opens the fleet's restart-storm breaker.
+    on_breaker: Callable[[Breaker], None] | None = None
 
 
 @dataclass
@@ -181,7 +184,11 @@ async def serve(
                 )
                 if observability is not None:
                     # Started first, so the lag probe and the metrics server watch start-up.
-                    for name, probe in observability.probes(in_flight=holdings.__len__):
+                    probes = observability.probes(
+                        in_flight=holdings.__len__,
+                        breaker_open=lambda: parts.ledger.breaker() is not None,
+                    )
+                    for name, probe in probes:
                         await lasting.start(probe, name=name)
                 await lasting.start(parts.ledger.run, name="ledger")
                 settled = anyio.Event()
@@ -305,7 +312,7 @@ async def _process(
     decider = Decider(
         ledger=parts.ledger, settings=worker_settings, counters=counters, shutdown=shutdown,
         outbox=outbox.clone(), restarts=claimed.clone(), dead_letters=lettered.clone(),
-        on_decision=parts.on_decision,
+        on_decision=parts.on_decision, on_breaker=parts.on_breaker,
     )
     dead_letters = DeadLetters(
         source=parts.source, ledger=parts.ledger, counters=counters, outbox=outbox.clone()

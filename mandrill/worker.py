@@ -28,6 +28,7 @@ from mandrill.obs.counters import Counters
 from mandrill.policy import (
     INTERRUPTED_DETAIL,
     NOT_STARTED_DETAIL,
+    BreakerRule,
     Outcome,
     RateLimit,
     Reason,
@@ -60,6 +61,8 @@ class WorkerSettings:
     dry_run: bool = False
     max_concurrent_restarts: int | None = None
     rate_limit: RateLimit | None = None
+    #: When the fleet's restart-storm breaker opens (never without one).
+    breaker: BreakerRule | None = None
     skip_checks: list[Callable[[Message, datetime], Refusal | None]] = field(
         default_factory=list
     )
@@ -69,7 +72,8 @@ class WorkerSettings:
 
     @property
     def rules(self) -> Rules:
-        return Rules(self.min_restart_interval, self.rate_limit, self.retry_unknown)
+        return Rules(self.min_restart_interval, self.rate_limit, self.retry_unknown,
+                     self.breaker)
 
 
 class Claimed(NamedTuple):

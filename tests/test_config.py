@@ -43,6 +43,9 @@ def test_flat_toml_with_dashes_is_accepted(tmp_path):
         ({}, {}, "not toml [", "is not valid TOML"),
         ({"rate": "-5"}, {}, "", "--rate: '-5' must be a rate"),
         ({"domain": "-bad-.com"}, {}, "", "not a valid DNS domain"),
+        ({"breaker_failures": "-1"}, {}, "", "--breaker-failures: '-1' must be 0 or more"),
+        ({}, {"MANDRILL_BREAKER_UNKNOWN": "x"}, "", "'x' is not a whole number"),
+        ({"breaker_window": "0"}, {}, "", "--breaker-window: '0' must be a duration > 0"),
     ],
 )
 def test_invalid_values_are_one_line_errors(tmp_path, flags, env, toml, message):

@@ -21,8 +21,10 @@ from mandrill.config.values import (
     notify_headers,
     notify_template,
     optional,
+    optional_count,
     optional_int,
     optional_ms,
+    optional_positive_duration,
     optional_positive_int,
     optional_rate,
     optional_text,
@@ -83,7 +85,8 @@ class Setting:
             return self.metavar
         kinds: dict[Callable[[object], Any], str] = {
             duration: "DURATION", positive_int: "N", optional_positive_int: "N",
-            optional_int: "N", fraction: "FRACTION",
+            optional_int: "N", fraction: "FRACTION", optional_count: "N",
+            optional_positive_duration: "DURATION",
         }
         return kinds.get(self.parse, self.name.upper())
 
@@ -105,7 +108,7 @@ SUBSCRIPTION = frozenset({"run", "setup"})
 #: The topic: run pulls from the subscription and never publishes.
 TOPIC = frozenset({"publish", "setup", "replay"})
 LEDGER = frozenset({"run", "history", "replay"})
-ALL = frozenset({"run", "publish", "setup", "history", "replay"})
+ALL = frozenset({"run", "publish", "setup", "history", "replay", "resume"})
 
 #: The groups of ``--help``, in order; "general" is argparse's own list of options.
 GROUPS = {
@@ -165,7 +168,7 @@ SETTINGS: tuple[Setting, ...] = (
        group="source"),
     # -- ledger --
     _s("ledger", text, "mandrill.db",
-       "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER, "URL",
+       "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER | {"resume"}, "URL",
        group="ledger"),
     _s("ledger_outage_limit", duration, 60.0,
        "how long the ledger may be unreachable before the daemon stops", RUN, group="ledger"),
@@ -226,6 +229,16 @@ SETTINGS: tuple[Setting, ...] = (
        group="safety"),
     _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", RUN,
        group="safety"),
+    _s("breaker_failures", optional_count, None,
+       "restart-storm breaker: when more than N restarts fail within --breaker-window,"
+       " across all daemons, every daemon stops restarting (messages are deferred) until"
+       " `mandrill resume` (off unless given)", RUN, group="safety"),
+    _s("breaker_unknown", optional_count, None,
+       "restart-storm breaker: the same when more than N restarts end with an unknown"
+       " outcome (their daemon died mid-restart)", RUN, group="safety"),
+    _s("breaker_window", optional_positive_duration, None,
+       "restart-storm breaker: the window the failures are counted in (1h unless given)",
+       RUN, group="safety"),
     # -- shutdown --
     _s("grace", duration, 10.0, "time in-flight work gets to finish at shutdown", RUN,
        group="shutdown"),

@@ -109,6 +109,9 @@ class SafetyConfig:
     max_concurrent_restarts: int | None
     max_restarts: int | None
     max_restarts_window: float
+    breaker_failures: int | None
+    breaker_unknown: int | None
+    breaker_window: float | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,7 +241,27 @@ class ReplayConfig:
     flags: ReplayFlags
 
 
-CommandConfig = RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig
+@dataclass(frozen=True, kw_only=True)
+class ResumeFlags:
+    """``resume``'s own flags, as given (the command checks them)."""
+
+    GROUP: ClassVar[str] = COMMAND_FLAGS
+    by: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeConfig:
+    """``mandrill resume``: close the fleet's restart-storm breaker."""
+
+    backend: str
+    logs: LogConfig
+    ledger: str
+    flags: ResumeFlags
+
+
+CommandConfig = (
+    RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig | ResumeConfig
+)
 
 #: Each command's configuration.
 COMMANDS: dict[str, type[CommandConfig]] = {
@@ -247,6 +270,7 @@ COMMANDS: dict[str, type[CommandConfig]] = {
     "setup": SetupConfig,
     "history": HistoryConfig,
     "replay": ReplayConfig,
+    "resume": ResumeConfig,
 }
 
 T = TypeVar("T")

@@ -67,6 +67,20 @@ def optional_positive_int(value: object) -> int | None:
     return None if value in (None, "", "none") else positive_int(value)
 
 
+def optional_count(value: object) -> int | None:
+    """A whole number >= 0, or none (not given)."""
+    if value in (None, "", "none"):
+        return None
+    number = _int(value)
+    if number < 0:
+        raise ValueError(f"{value!r} must be 0 or more")
+    return number
+
+
+def optional_positive_duration(value: object) -> float | None:
+    return None if value in (None, "", "none") else positive_duration(value)
+
+
 def fraction(value: object) -> float:
     number = _float(value)
     if not 0 <= number <= 1:

@@ -16,6 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mandrill.ledger.breaker import Breaker
 from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.ledger.sql import insert_many
 from mandrill.message import Message
@@ -32,8 +33,9 @@ from mandrill.policy import (
     format_duration,
 )
 
-#: The lock name that serialises rate-limited decisions across the fleet. It sorts before
-#: every ``host:`` and ``message:`` key, so batches always take it first (no deadlock).
+#: The lock name that serialises rate-limited decisions (and the breaker's) across the
+#: fleet. It sorts before every ``host:`` and ``message:`` key, so batches always take it
+#: first (no deadlock).
 FLEET_LOCK = "*fleet*"
 
 
@@ -91,15 +93,17 @@ def _order(row: _Row) -> int:
 
 def lock_hosts(cur: Cursor, d: Dialect, messages: Collection[Message], rules: Rules) -> None:
     """Take the locks :func:`claim_many` decides under, until the transaction ends: the
-    fleet's first (with a rate limit), then every host's, in name order. First in the
+    fleet's first (with a rate limit or a breaker), then every host's, in name order. First in the
     transaction, so that every daemon takes its locks in one order (see
     :mod:`mandrill.ledger.postgres`)."""
     hosts = sorted({message.hostname for message in messages})
-    d.lock_hosts(cur, [FLEET_LOCK, *hosts] if rules.rate_limit is not None else hosts)
+    fleet = rules.rate_limit is not None or rules.breaker is not None
+    d.lock_hosts(cur, [FLEET_LOCK, *hosts] if fleet else hosts)
 
 
 def claim_many(
-    cur: Cursor, d: Dialect, owner: Owner, now: float, rules: Rules, messages: list[Message]
+    cur: Cursor, d: Dialect, owner: Owner, now: float, rules: Rules, messages: list[Message],
+    *, breaker: Breaker | None = None,
 ) -> list[tuple[Decision, int | None]]:
     """Decide, for each of ``messages``, whether it restarts its host, inside the caller's
     transaction, with :func:`mandrill.policy.decide_restart` over what the ledger knows (the
@@ -110,6 +114,9 @@ def claim_many(
     The caller holds the hosts' locks (:func:`lock_hosts`), so that daemons decide on one
     host one at a time. Resolves a host's orphaned claims (their owner stopped heartbeating)
     as ``unknown`` first; they count as restarts unless ``rules.retry_unknown``.
+
+    An open ``breaker`` (read under the fleet lock: :mod:`mandrill.ledger.breaker`) holds
+    back every restart: the message is deferred (``BUSY``, ``BREAKER_OPEN``), no row written.
 
     In a few statements however many messages there are: one read of what the ledger knows
     of all of their messages and hosts (and one of the fleet's recent restarts, with a rate
@@ -228,8 +235,12 @@ def claim_many(
                 fleet_count += added
             prior = Prior(decisions, last, fleet_count, busy_with)
             decision = decide_restart(prior, now, rules)
-        decisions_made.append(decision)
         verdict = decision.verdict
+        if verdict is _RESTART and breaker is not None:
+            decision = Decision(Verdict.BUSY, Reason.BREAKER_OPEN, breaker.held_detail(),
+                                decision.failures)
+            verdict = decision.verdict
+        decisions_made.append(decision)
         if verdict is _RESTART:
             new = _Row(next_order, None, subscription, message_id, hostname, restarting, now,
                        instance_id, None, None)

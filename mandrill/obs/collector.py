@@ -38,8 +38,10 @@ class CountersCollector:
         in_flight_limit: int | None = None,
         probe: LagProbe | None = None,
         health: Health | None = None,
+        breaker_open: Callable[[], bool] | None = None,
     ) -> None:
         self._counters = counters
+        self._breaker_open = breaker_open
         self._in_flight = in_flight
         self._in_flight_limit = in_flight_limit
         self._probe = probe
@@ -101,6 +103,13 @@ class CountersCollector:
         if self._health is not None:
             ready, _ = self._health.ready()
             yield _gauge("ready", "1 when /readyz answers 200.", float(ready))
+        if self._breaker_open is not None:
+            yield _gauge(
+                "breaker_open",
+                "1 while the fleet's restart-storm breaker is open (no restart until"
+                " `mandrill resume`), as this daemon last read the ledger.",
+                float(self._breaker_open()),
+            )
 
 
 def build_registry(
@@ -110,13 +119,15 @@ def build_registry(
     in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
     health: Health | None = None,
+    breaker_open: Callable[[], bool] | None = None,
 ) -> CollectorRegistry:
     """A fresh registry (never the global one) holding one :class:`CountersCollector` and
     prometheus_client's process (``process_*``: CPU, memory, open files), platform
     (``python_info``) and garbage collector (``python_gc_*``) collectors."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CountersCollector(
-        counters, in_flight=in_flight, in_flight_limit=in_flight_limit, probe=probe, health=health
+        counters, in_flight=in_flight, in_flight_limit=in_flight_limit, probe=probe,
+        health=health, breaker_open=breaker_open,
     ))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

@@ -33,10 +33,11 @@ def metrics_task(
     health: Health,
     in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
+    breaker_open: Callable[[], bool] | None = None,
 ) -> Callable[..., Any]:
     """A task for ``root.start``: a fresh registry over ``counters`` and its server."""
     registry = build_registry(counters, in_flight=in_flight, in_flight_limit=in_flight_limit,
-                              probe=probe, health=health)
+                              probe=probe, health=health, breaker_open=breaker_open)
     return partial(serve_http, addr, registry, health)
 
 
@@ -65,8 +66,12 @@ class Observability:
         self.probe = LagProbe(slow_callback_ms=self.slow_callback_ms)
         self.health = ServiceHealth(shutdown=self.shutdown, probe=self.probe)
 
-    def probes(self, *, in_flight: Callable[[], int]) -> list[tuple[str, Callable[..., Any]]]:
-        """``(task name, task)`` pairs, each to be started with ``root.start``."""
+    def probes(
+        self, *, in_flight: Callable[[], int], breaker_open: Callable[[], bool] | None = None
+    ) -> list[tuple[str, Callable[..., Any]]]:
+        """``(task name, task)`` pairs, each to be started with ``root.start``;
+        ``breaker_open`` says whether the fleet's restart-storm breaker is open (as the
+        ledger last read it)."""
         found: list[tuple[str, Callable[..., Any]]] = [("lag probe", self.probe.run)]
         if self.task_dump:
             found.append(("task dump", dump_tasks_on_signal))
@@ -77,7 +82,7 @@ class Observability:
                 "metrics server",
                 metrics_task(self.metrics_addr, self.counters, in_flight=in_flight,
                                 in_flight_limit=self.max_in_flight, health=self.health,
-                                probe=self.probe),
+                                probe=self.probe, breaker_open=breaker_open),
             ))
         return found
 
