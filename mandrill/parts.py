@@ -18,6 +18,7 @@ from mandrill.config import (
     SourceConfig,
 )
 from mandrill.errors import ConfigError
+from mandrill.grouping import GroupLimit
 from mandrill.ledger import open_ledger
 from mandrill.ledger.base import Ledger
 from mandrill.ledger.breaker import Breaker
@@ -71,7 +72,21 @@ def worker_settings(cfg: RunConfig) -> WorkerSettings:
         else None,
         skip_checks=[controls.skip_reason] if controls is not None else [],
         breaker=breaker_rule(safety),
+        groups=group_limit(safety),
     )
+
+
+def group_limit(safety: SafetyConfig) -> GroupLimit | None:
+    """The limit per group the settings describe, or None; raises ``ConfigError`` for one
+    of the two settings without the other."""
+    by, limit = safety.group_by, safety.max_concurrent_restarts_per_group
+    if by is None and limit is None:
+        return None
+    if by is None:
+        raise ConfigError("--max-concurrent-restarts-per-group needs --group-by")
+    if limit is None:
+        raise ConfigError("--group-by needs --max-concurrent-restarts-per-group")
+    return GroupLimit(by, limit)
 
 
 #: The restart-storm breaker's window unless ``--breaker-window`` says otherwise.

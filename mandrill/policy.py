@@ -8,8 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from mandrill.sources.limits import MAX_ACK_DEADLINE_SECONDS
+
+if TYPE_CHECKING:
+    from mandrill.grouping import GroupLimit
 
 
 class Outcome(StrEnum):
@@ -41,7 +45,8 @@ class Verdict(StrEnum):
     DUPLICATE = "duplicate"  # this message was already decided
     #: A restart of this message's host is under way (for this message or another one, in
     #: this daemon or another), or a fleet-wide control holds restarts back (the breaker is
-    #: open): handed back, decided again once it comes back.
+    #: open, the host's group is at its limit): handed back, decided again once it comes
+    #: back.
     BUSY = "busy"
 
 
@@ -66,6 +71,8 @@ class Reason(StrEnum):
     LEDGER_UNAVAILABLE = "ledger_unavailable"
     #: The fleet's restart-storm breaker is open: no restart until ``mandrill resume``.
     BREAKER_OPEN = "breaker_open"
+    #: The message's group has as many restarts under way as it may have at once.
+    GROUP_LIMIT = "group_limit"
     # Dead letters: mandrill_messages_dead_lettered_total{reason}.
     INVALID = "invalid"
     MAX_ATTEMPTS = "max_attempts"
@@ -147,13 +154,15 @@ def _restarts(count: int) -> str:
 @dataclass(frozen=True, slots=True)
 class Rules:
     """What a claim is decided by: the interval rule, the fleet's rate limit, whether a
-    restart of unknown outcome counts (the default) or is retried, and when the fleet's
-    restart-storm breaker opens (never without a ``breaker``)."""
+    restart of unknown outcome counts (the default) or is retried, when the fleet's
+    restart-storm breaker opens (never without a ``breaker``), and how many restarts each
+    group of hosts may have under way at once (``groups``)."""
 
     min_interval: float
     rate_limit: RateLimit | None = None
     retry_unknown: bool = False
     breaker: BreakerRule | None = None
+    groups: GroupLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)

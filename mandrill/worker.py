@@ -22,6 +22,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mandrill.errors import RestartFailed
+from mandrill.grouping import GroupLimit
 from mandrill.ledger.base import Claim, DeadLetterRecord, Finish
 from mandrill.message import DEFAULT_DOMAIN, Delivery, Message
 from mandrill.obs.counters import Counters
@@ -63,6 +64,8 @@ class WorkerSettings:
     rate_limit: RateLimit | None = None
     #: When the fleet's restart-storm breaker opens (never without one).
     breaker: BreakerRule | None = None
+    #: Restarts under way at once in each group of hosts, fleet-wide (no limit without).
+    groups: GroupLimit | None = None
     skip_checks: list[Callable[[Message, datetime], Refusal | None]] = field(
         default_factory=list
     )
@@ -73,7 +76,7 @@ class WorkerSettings:
     @property
     def rules(self) -> Rules:
         return Rules(self.min_restart_interval, self.rate_limit, self.retry_unknown,
-                     self.breaker)
+                     self.breaker, self.groups)
 
 
 class Claimed(NamedTuple):

@@ -96,6 +96,19 @@ def test_settings_for_serve_and_the_worker():
     assert worker_settings(run_config()).rate_limit is None
 
 
+def test_a_limit_per_group_needs_both_settings():
+    assert worker_settings(run_config()).rules.groups is None
+    groups = worker_settings(run_config(
+        group_by="pattern:^[^.]+\\.([^.]+)\\.", max_concurrent_restarts_per_group="2"
+    )).rules.groups
+    assert groups is not None
+    assert (str(groups.by), groups.limit) == ("pattern:^[^.]+\\.([^.]+)\\.", 2)
+    with pytest.raises(ConfigError, match=r"^--group-by needs --max-concurrent-restarts-per"):
+        worker_settings(run_config(group_by="attribute:zone"))
+    with pytest.raises(ConfigError, match=r"^--max-concurrent-restarts-per-group needs --gr"):
+        worker_settings(run_config(max_concurrent_restarts_per_group="2"))
+
+
 def test_the_breaker_is_off_unless_a_limit_is_given():
     assert worker_settings(run_config()).breaker is None
     assert worker_settings(run_config()).rules.breaker is None

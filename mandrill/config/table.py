@@ -16,6 +16,7 @@ from mandrill.config.values import (
     domain,
     duration,
     fraction,
+    group_by,
     metrics_addr,
     new_file,
     notify_headers,
@@ -239,6 +240,14 @@ SETTINGS: tuple[Setting, ...] = (
     _s("breaker_window", optional_positive_duration, None,
        "restart-storm breaker: the window the failures are counted in (1h unless given)",
        RUN, group="safety"),
+    _s("group_by", group_by, None,
+       "groups of hosts for --max-concurrent-restarts-per-group: attribute:NAME (a message"
+       " attribute, e.g. attribute:zone) or pattern:REGEX (its one capture group in the host"
+       " name, e.g. 'pattern:^[^.]+\\.([^.]+)\\.')", RUN,
+       "attribute:NAME|pattern:REGEX", group="safety"),
+    _s("max_concurrent_restarts_per_group", optional_positive_int, None,
+       "restarts under way at once in each --group-by group, across all daemons", RUN, "N",
+       group="safety"),
     # -- shutdown --
     _s("grace", duration, 10.0, "time in-flight work gets to finish at shutdown", RUN,
        group="shutdown"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, TypeVar
 
 # Imported at run time, not only for mypy: build() reads the fields' types.
+from mandrill.grouping import GroupBy
 from mandrill.notification import BodyTemplate
 from mandrill.safety import HoursWindow
 
@@ -112,6 +113,8 @@ class SafetyConfig:
     breaker_failures: int | None
     breaker_unknown: int | None
     breaker_window: float | None
+    group_by: GroupBy | None
+    max_concurrent_restarts_per_group: int | None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from mandrill import safety
 from mandrill.errors import ConfigError
+from mandrill.grouping import GroupBy, parse_group_by
 from mandrill.message import validate_domain
 from mandrill.notification import BodyTemplate, parse_headers
 from mandrill.obs.address import parse_addr
@@ -75,6 +76,13 @@ def optional_count(value: object) -> int | None:
     if number < 0:
         raise ValueError(f"{value!r} must be 0 or more")
     return number
+
+
+def group_by(value: object) -> GroupBy | None:
+    """``--group-by``: ``attribute:NAME`` or ``pattern:REGEX`` (see :mod:`mandrill.grouping`)."""
+    if value in (None, ""):
+        return None
+    return parse_group_by(str(value))
 
 
 def optional_positive_duration(value: object) -> float | None:

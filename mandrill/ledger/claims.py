@@ -14,8 +14,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from mandrill.ledger import groups
 from mandrill.ledger.breaker import Breaker
 from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.ledger.sql import insert_many
@@ -93,12 +95,15 @@ def _order(row: _Row) -> int:
 
 def lock_hosts(cur: Cursor, d: Dialect, messages: Collection[Message], rules: Rules) -> None:
     """Take the locks :func:`claim_many` decides under, until the transaction ends: the
-    fleet's first (with a rate limit or a breaker), then every host's, in name order. First in the
-    transaction, so that every daemon takes its locks in one order (see
-    :mod:`mandrill.ledger.postgres`)."""
-    hosts = sorted({message.hostname for message in messages})
-    fleet = rules.rate_limit is not None or rules.breaker is not None
-    d.lock_hosts(cur, [FLEET_LOCK, *hosts] if fleet else hosts)
+    fleet's first (with a rate limit or a breaker), then every group's (with a limit per
+    group), then every host's, each in name order. First in the transaction, so that every
+    daemon takes its locks in one order (see :mod:`mandrill.ledger.postgres`)."""
+    keys = sorted({message.hostname for message in messages})
+    if rules.groups is not None:
+        keys[:0] = groups.lock_keys(rules.groups, messages)
+    if rules.rate_limit is not None or rules.breaker is not None:
+        keys.insert(0, FLEET_LOCK)
+    d.lock_hosts(cur, keys)
 
 
 def claim_many(
@@ -117,6 +122,8 @@ def claim_many(
 
     An open ``breaker`` (read under the fleet lock: :mod:`mandrill.ledger.breaker`) holds
     back every restart: the message is deferred (``BUSY``, ``BREAKER_OPEN``), no row written.
+    With ``rules.groups``, so does a group with as many live claims as its limit
+    (``GROUP_LIMIT``; :mod:`mandrill.ledger.groups`), and every row records its group.
 
     In a few statements however many messages there are: one read of what the ledger knows
     of all of their messages and hosts (and one of the fleet's recent restarts, with a rate
@@ -176,6 +183,13 @@ def claim_many(
             by_message.setdefault(row.message_id, []).append(row)
         if row.hostname in host_set:
             by_host.setdefault(row.hostname, []).append(row)
+    group_of = rules.groups.by.group_of if rules.groups is not None else None
+    under_way_in: groups.UnderWay | None = None
+    if rules.groups is not None and breaker is None:
+        under_way_in = groups.UnderWay.read(
+            cur, d, rules.groups, {rules.groups.by.group_of(m) for m in messages},
+            partial(_orphaned, owner),
+        )
     fleet: list[float] = []
     if rate_limit is not None:
         cur.execute(
@@ -236,9 +250,13 @@ def claim_many(
             prior = Prior(decisions, last, fleet_count, busy_with)
             decision = decide_restart(prior, now, rules)
         verdict = decision.verdict
-        if verdict is _RESTART and breaker is not None:
-            decision = Decision(Verdict.BUSY, Reason.BREAKER_OPEN, breaker.held_detail(),
-                                decision.failures)
+        group = None if group_of is None else group_of(message)
+        if verdict is _RESTART:
+            if breaker is not None:
+                decision = Decision(Verdict.BUSY, Reason.BREAKER_OPEN, breaker.held_detail(),
+                                    decision.failures)
+            elif under_way_in is not None:
+                decision = under_way_in.hold(group or "", decision)
             verdict = decision.verdict
         decisions_made.append(decision)
         if verdict is _RESTART:
@@ -251,13 +269,13 @@ def claim_many(
             added += 1
             inserted_by.append(len(decisions_made) - 1)
             inserts.append((subscription, message_id, hostname, now, None, restarting, "",
-                            instance_id, ""))
+                            instance_id, "", group))
         elif verdict is _SKIP:
             new = _Row(next_order, None, subscription, message_id, hostname, _SKIPPED, now,
                        None, None, None)
             inserted_by.append(None)
             inserts.append((subscription, message_id, hostname, now, now, _SKIPPED,
-                            decision.detail, None, decision.reason))
+                            decision.detail, None, decision.reason, group))
         else:
             continue
         next_order += 1

@@ -165,8 +165,12 @@ def _v3(d: Dialect) -> list[str]:
 def _v4(d: Dialect) -> list[str]:
     """The fleet's restart-storm breaker: a row each time it opened (``closed_at`` NULL
     while open), and the recent failed and unknown restarts it counts, found by their
-    end."""
+    end; each decision's group of hosts (``--group-by``; NULL without), and the claims
+    under way in each group, counted by every claim in it."""
     return [
+        "ALTER TABLE restarts ADD COLUMN group_name TEXT",
+        "CREATE INDEX restarts_under_way_by_group ON restarts (group_name)"
+        " WHERE outcome = 'restarting'",
         f"""CREATE TABLE breakers (
             id {d.id_column},
             opened_at DOUBLE PRECISION NOT NULL,

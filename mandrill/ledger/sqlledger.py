@@ -264,10 +264,12 @@ class SQLLedger:
             claims.lock_hosts(cur, d, to_claim, rules)
         rows = [sql.message_row(subscription, request.message, now) for request in requests]
         saved = _each(cur, rows, partial(sql.write_messages, cur, d))
+        group_of = rules.groups.by.group_of if rules.groups is not None else None
         skips = [
             sql.restart_row(subscription, request.message, now, Outcome.SKIPPED,
                             request.refusal.detail, finished=True, owner=None,
-                            reason=request.refusal.reason)
+                            reason=request.refusal.reason,
+                            group=None if group_of is None else group_of(request.message))
             for request in requests if request.refusal is not None
         ]
         skipped = _each(cur, skips, partial(sql.insert_many, cur, d))

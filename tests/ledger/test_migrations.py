@@ -235,9 +235,10 @@ async def test_the_cli_says_a_newer_ledger_is_refused_in_one_line(tmp_path: Path
     assert f"ledger schema version 99 is newer than this mandrill's ({SCHEMA_VERSION})" in line
 
 
-async def test_a_version_3_ledger_gains_the_breaker(old_ledger: OldLedger) -> None:
+async def test_a_version_3_ledger_gains_the_breaker_and_groups(old_ledger: OldLedger) -> None:
     """The ledger of the mandrill before the breaker: its rows kept, the breaker's table
-    added (closed), its restarts counted by the breaker from then on."""
+    added (closed), its restarts counted by the breaker from then on; the group column
+    added."""
     dialect = POSTGRES if old_ledger.is_postgres else SQLITE
 
     def create_v3() -> None:
@@ -261,6 +262,10 @@ async def test_a_version_3_ledger_gains_the_breaker(old_ledger: OldLedger) -> No
         held = await decide_one(ledger, message("m2", "db-1"), rule)
         assert held.decision is not None
         assert held.decision.reason is Reason.BREAKER_OPEN
+    # The group column, empty on the rows from before.
+    assert await anyio.to_thread.run_sync(
+        old_ledger.run, "SELECT message_id, group_name FROM restarts"
+    ) == [("m1", None)]
     assert await anyio.to_thread.run_sync(
         old_ledger.run, "SELECT version FROM schema_version"
     ) == [(SCHEMA_VERSION,)]
