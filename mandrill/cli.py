@@ -23,6 +23,7 @@ import anyio
 from mandrill import config
 from mandrill.errors import ConfigError, MandrillError
 from mandrill.obs.logs import configured_logging
+from mandrill.usage import print_error, requested_log_format
 from mandrill.version import version
 
 log = logging.getLogger("mandrill.cli")
@@ -31,16 +32,18 @@ C = TypeVar("C", bound=config.CommandConfig)
 
 
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, log_format: str = "auto", **kwargs: Any) -> None:
         # No abbreviations: `run --li` must not silently mean `--live`. Set here so that
         # every subparser gets it too (argparse does not pass it down).
         kwargs["allow_abbrev"] = False
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.log_format = log_format
 
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block; `mandrill COMMAND --help` shows usage.
-        self.exit(2, f"mandrill: error: {message} (see --help)\n")
+        print_error(f"{message} (see --help)", self.log_format)
+        self.exit(2)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -54,13 +57,17 @@ COMMANDS = {
     "setup": "create the Pub/Sub topic, subscription and dead-letter topic",
     "history": "show what the ledger says was restarted, skipped, failed or dead-lettered",
     "replay": "republish saved messages from the ledger",
+    "status": "show the daemons alive, the restarts under way and the hosts in cooldown",
+    "explain": "would a message for HOST restart it now? if not, every rule that says no",
     "resume": "close the restart-storm breaker: every daemon of the fleet restarts again",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(log_format: str = "auto") -> argparse.ArgumentParser:
+    """The command line; ``log_format`` is how its usage errors are said (see
+    :mod:`mandrill.usage`)."""
     parser = _Parser(
-        prog="mandrill",
+        prog="mandrill", log_format=log_format,
         description="Restart the hosts named in chaos messages from Pub/Sub (or an embedded"
         " demo broker), on asyncio or trio.",
         epilog="exit codes: 0 done (run: also after a graceful stop); 1 the service failed;"
@@ -74,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, help_text in COMMANDS.items():
         sub = commands.add_parser(
-            name, help=help_text, description=help_text, usage=f"mandrill {name} [OPTIONS]",
+            name, help=help_text, description=help_text,
+            usage=f"mandrill {name} [OPTIONS]{' HOST' if name == 'explain' else ''}",
+            log_format=log_format,
             epilog="Every setting is also a MANDRILL_* environment variable and a key of the"
             " --config file; flags win over the environment, which wins over the file.",
         )
@@ -84,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
             for group, title in config.GROUPS.items()
         }
         for setting in config.settings_for(name):
-            _add_setting(groups[setting.group], setting)
+            _add_setting(groups[setting.group], setting, name)
         if name in ("history", "replay"):
             sub.add_argument("--host", help="only this host: an instance name (with --domain)"
                              " or a full hostname")
             sub.add_argument("--since", metavar="DURATION",
-                             help="only the last DURATION (e.g. 1d)")
+                             help=f"only the last DURATION ({config.DURATION_UNITS})")
         if name == "history":
             sub.add_argument("--outcome", metavar="OUTCOMES",
                              help="only these outcomes, a comma list of "
@@ -97,25 +106,47 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--limit", default="50", metavar="N",
                              help="rows to show (default 50)")
             sub.add_argument("--json", action="store_true", help="one JSON object per line")
+        if name == "status":
+            sub.add_argument("--json", action="store_true",
+                             help="one JSON object per line, each with its kind (daemon,"
+                             " claim, cooldown)")
+
+        if name == "explain":
+            sub.add_argument("host", nargs="?", metavar="HOST",
+                             help="an instance name (with --domain) or a full hostname")
+            sub.add_argument("--json", action="store_true", help="one JSON object")
         if name == "resume":
             sub.add_argument("--by", metavar="NAME",
                              help="who resumes, as the ledger records it (default $USER)")
         if name == "replay":
             sub.add_argument("--until", metavar="DURATION",
-                             help="only messages older than DURATION ago")
+                             help=f"only messages older than DURATION ago"
+                             f" ({config.DURATION_UNITS})")
             sub.add_argument("--dead-letters", action="store_true",
                              help="replay dead-lettered messages instead of received ones")
+            sub.add_argument("--dry-run", action="store_true",
+                             help="list the messages that would be republished; publish"
+                             " nothing")
+            sub.add_argument("--limit", metavar="N",
+                             help="republish at most N messages, the oldest first")
+            sub.add_argument("--all", action="store_true",
+                             help="replay every saved message: without it, replay wants"
+                             " --host, --since or --until")
     return parser
 
 
-def _add_setting(group: argparse._ActionsContainer, setting: config.Setting) -> None:
-    """One flag of ``setting``; its help says the default as a user would write it."""
+def _add_setting(
+    group: argparse._ActionsContainer, setting: config.Setting, command: str
+) -> None:
+    """One flag of ``setting`` for ``command``; its help says what the setting means to
+    that command, the default as a user would write it and, for a duration, the units."""
     notes = [f"env {setting.env}"]
     shown = setting.shown_default
     if shown is not None:
         notes.insert(0, f"default {shown}")
+    units = f" ({config.DURATION_UNITS})" if setting.is_duration else ""
     # argparse %-formats help text.
-    help_text = f"{setting.help} [{'; '.join(notes)}]".replace("%", "%%")
+    help_text = f"{setting.help_for(command)}{units} [{'; '.join(notes)}]".replace("%", "%%")
     if setting.is_boolean:
         group.add_argument(setting.flag, dest=setting.name, default=None,
                            action=argparse.BooleanOptionalAction, help=help_text)
@@ -126,14 +157,18 @@ def _add_setting(group: argparse._ActionsContainer, setting: config.Setting) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    error_format = requested_log_format(argv, os.environ)
+    args = build_parser(error_format).parse_args(argv)
     try:
         cfg = config.command_config(args.command, vars(args), os.environ, args.config)
     except ConfigError as exc:
-        print(f"mandrill: error: {exc}", file=sys.stderr)
+        print_error(str(exc), error_format)
         return 2
     debugging = isinstance(cfg, config.RunConfig) and cfg.observability.debug
     with configured_logging(cfg.logs.log_format, "debug" if debugging else cfg.logs.log_level):
+        for warning in config.unknown_variables(os.environ):
+            log.warning(warning)
         code = _dispatch(cfg)
         stuck = _threads_still_blocked()
     try:
@@ -181,6 +216,11 @@ def _dispatch(cfg: config.CommandConfig) -> int:
             return _run(commands.history, cfg)
         case config.ReplayConfig():
             return _run(commands.replay, cfg)
+        case config.StatusConfig():
+            return _run(commands.status, cfg)
+
+        case config.ExplainConfig():
+            return _run(commands.explain, cfg)
         case config.ResumeConfig():
             return _run(commands.resume, cfg)
 
@@ -202,12 +242,12 @@ def _run(command: Callable[[C], Awaitable[int]], cfg: C) -> int:
         if profile is not None and exc.filename == profile:
             log.error("error: cannot write profile %s: %s", exc.filename, exc.strerror)
             return 2
-        return _report(exc)
+        return _report(exc, cfg.logs.log_format)
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130
     except BaseException as exc:  # the process boundary: report, choose the exit code
-        return _report(exc)
+        return _report(exc, cfg.logs.log_format)
 
 
 #: The exit status of a command whose reader went away (`mandrill history | head`): what
@@ -227,8 +267,9 @@ def _reader_gone() -> int:
     return EXIT_BROKEN_PIPE
 
 
-def _report(exc: BaseException) -> int:
-    """One line for an error the user can act on; the traceback only at debug level."""
+def _report(exc: BaseException, log_format: str) -> int:
+    """One line for an error the user can act on; the traceback only at debug level.
+    A configuration error is said as a bad flag is (JSON with ``--log-format json``)."""
     leaves = list(_leaves(exc))
     if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         return 130
@@ -237,7 +278,7 @@ def _report(exc: BaseException) -> int:
     for leaf in leaves:
         if isinstance(leaf, ConfigError):
             # The same one line as a bad flag, wherever the value was found to be wrong.
-            print(f"mandrill: error: {leaf}", file=sys.stderr)
+            print_error(str(leaf), log_format)
             return 2
     for leaf in leaves:
         if isinstance(leaf, MandrillError):

@@ -8,7 +8,8 @@ import os
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from rich.console import Console
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mandrill.config import (
     HISTORY_OUTCOMES,
+    ExplainConfig,
     HistoryConfig,
     PublishConfig,
     PubSubConfig,
@@ -23,6 +25,7 @@ from mandrill.config import (
     ResumeConfig,
     RunConfig,
     SetupConfig,
+    StatusConfig,
     parse_since,
     positive_int,
 )
@@ -33,6 +36,8 @@ from mandrill.message import is_valid_label
 from mandrill.output import print_json_lines, print_rows
 from mandrill.parts import (
     check_google_credentials,
+    controls,
+    explain_controls,
     open_parts,
     service_settings,
     worker_settings,
@@ -43,7 +48,13 @@ from mandrill.sources.base import Topic
 from mandrill.sources.bridge import open_asyncio_bridge
 from mandrill.sources.limits import MAX_SUBSCRIPTION_ACK_DEADLINE, MIN_SUBSCRIPTION_ACK_DEADLINE
 
+if TYPE_CHECKING:
+    from mandrill.obs.systemd import NotifySettings
+
 log = logging.getLogger("mandrill")
+
+if TYPE_CHECKING:
+    from mandrill.obs.status import StatusBoard
 
 T = TypeVar("T")
 
@@ -55,17 +66,28 @@ async def run(cfg: RunConfig) -> int:
     from mandrill.shutdown import Shutdown
 
     workers = worker_settings(cfg)
+    systemd = systemd_settings()
     observability = Observability(
         counters=Counters(),
         shutdown=Shutdown(),
         metrics_addr=cfg.observability.metrics_addr,
+        status_addr=cfg.observability.status_addr,
         slow_callback_ms=debug.slow_callback_ms(
             cfg.observability.debug, cfg.observability.slow_callback_ms
         ),
         debug=cfg.observability.debug,
         max_in_flight=cfg.max_in_flight,
+        systemd=systemd,
+        backend=cfg.backend,
     )
-    async with open_parts(cfg, observability.counters) as parts:
+    # The probes answer from here on: while Pub/Sub cannot be reached at start, /healthz
+    # says alive and /readyz not ready, with the reason.
+    async with (
+        observability.running(),
+        open_parts(cfg, observability.counters, observability.health) as parts,
+    ):
+        if observability.wants_status:
+            observability.status = status_board(cfg, parts.ledger)
         log.info(
             "mandrill running on %s: source %s, ledger %s, restarter %s, up to %d in flight",
             cfg.backend, cfg.source.kind, cfg.ledger.url, cfg.restarter.kind, cfg.max_in_flight,
@@ -81,6 +103,35 @@ async def run(cfg: RunConfig) -> int:
     if workers.dry_run:
         log.warning("DRY RUN: %d restarts would have happened", counters.dry_run)
     return 0
+
+
+def systemd_settings() -> NotifySettings | None:
+    """What systemd's variables ask of a ``Type=notify`` daemon (None when not run so),
+    taken out of the environment so that restart commands do not inherit them (as
+    sd_notify's ``unset_environment`` does). Raises ``ConfigError`` for a malformed one."""
+    from mandrill.obs import systemd
+
+    try:
+        settings = systemd.notify_settings(os.environ, os.getpid())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for name in systemd.ENVIRONMENT:
+        os.environ.pop(name, None)
+    if settings is not None:
+        interval = settings.watchdog_interval
+        log.info("systemd: notifying readiness%s",
+                 f", watchdog pinged every {interval:g}s" if interval else "")
+    return settings
+def status_board(cfg: RunConfig, ledger: Ledger) -> StatusBoard:
+    """The status page's board over the daemon's ledger and its controls."""
+    from mandrill.obs.status import StatusBoard
+    from mandrill.version import version
+
+    instance = getattr(ledger, "instance", None)
+    return StatusBoard(
+        ledger, controls(cfg), instance_id=getattr(instance, "instance_id", ""),
+        backend=cfg.backend, version=version(),
+    )
 
 
 async def history(cfg: HistoryConfig) -> int:
@@ -130,6 +181,29 @@ async def history(cfg: HistoryConfig) -> int:
         [(_iso(row.decided_at), row.hostname, row.outcome, row.detail, row.message_id)
          for row in rows],
     )
+    return 0
+
+
+async def explain(cfg: ExplainConfig) -> int:
+    """Would a message for HOST restart it now, with the settings given (the daemon's
+    ``--config``), and if not, every rule that says no: text, or one JSON object."""
+    from mandrill.explain import explain as explain_host
+    from mandrill.explain import host_message
+
+    args = cfg.flags
+    if args.host is None:
+        raise ConfigError("explain needs a HOST: an instance name or a hostname")
+    message = _flag(partial(host_message, domain=cfg.domain), args.host, "HOST")
+    controls = explain_controls(cfg)
+    ledger = await open_existing_ledger(cfg.ledger)
+    try:
+        explanation = await explain_host(ledger, message, controls)
+    finally:
+        await ledger.aclose()
+    if args.json:
+        print_json_lines([explanation.to_json()])
+    else:
+        print(explanation.text())
     return 0
 
 
@@ -279,12 +353,21 @@ def resumed_by(flag: str | None, environ: Mapping[str, str]) -> str:
 
 
 async def replay(cfg: ReplayConfig) -> int:
-    """Republish saved messages (received, or dead-lettered with --dead-letters)."""
+    """Republish saved messages (received, or dead-lettered with --dead-letters): those
+    the filters choose, or every one with ``--all``; with ``--dry-run``, list them."""
     args = cfg.flags
-    _project(cfg.pubsub)  # a missing --project is said before the ledger is read
+    if not args.dry_run:
+        _project(cfg.pubsub)  # a missing --project is said before the ledger is read
     since = parse_since(args.since, "--since")
     until = parse_since(args.until, "--until")
     hostname = host_filter(args.host, cfg.domain)
+    limit = None if args.limit is None else _flag(positive_int, args.limit, "--limit")
+    if not args.all and hostname is None and since is None and until is None:
+        # Every message ever received, republished, would restart the whole fleet again.
+        raise ConfigError(
+            "replay: no --host, --since or --until given: pass --all to replay every saved"
+            " message (try --dry-run first)"
+        )
     ledger = await open_existing_ledger(cfg.ledger)
     try:
         saved = await ledger.saved_messages(
@@ -292,9 +375,18 @@ async def replay(cfg: ReplayConfig) -> int:
             since=since,
             until=until,
             status="dead_letter" if args.dead_letters else "received",
+            limit=limit,
         )
     finally:
         await ledger.aclose()
+    if args.dry_run:
+        print_rows(
+            ("first seen (UTC)", "host", "message", "reason"),
+            [(_iso(m.first_seen), m.hostname or "", m.message_id, m.reason) for m in saved],
+        )
+        log.info("dry run: %d messages would be replayed to %s; none was", len(saved),
+                 cfg.topic)
+        return 0
     messages = [
         (m.data, {**m.attributes, "mandrill_replay_of": m.message_id}) for m in saved
     ]
@@ -303,6 +395,19 @@ async def replay(cfg: ReplayConfig) -> int:
             await t.publish(messages[start : start + MAX_BATCH])
     log.info("replayed %d messages to %s", len(messages), cfg.topic)
     print(len(messages))
+    return 0
+
+
+async def status(cfg: StatusConfig) -> int:
+    """The daemons alive, the restarts under way, the hosts in cooldown (:mod:`mandrill.status`)."""
+    from mandrill.status import print_status
+
+    ledger = await open_existing_ledger(cfg.ledger)
+    try:
+        fleet = await ledger.fleet_status(cfg.min_restart_interval, cfg.retry_unknown)
+    finally:
+        await ledger.aclose()
+    print_status(fleet, cfg.instance_timeout, as_json=cfg.flags.json)
     return 0
 
 

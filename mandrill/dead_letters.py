@@ -15,6 +15,7 @@ may then get it twice (its ``mandrill_original_message_id`` attribute tells them
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -32,12 +33,21 @@ class DeadLetters:
     """Keeps and settles dead letters, from :meth:`run`."""
 
     def __init__(
-        self, *, source: Source, ledger: Ledger, counters: Counters, outbox: Outbox
+        self,
+        *,
+        source: Source,
+        ledger: Ledger,
+        counters: Counters,
+        outbox: Outbox,
+        on_dead_letter: Callable[[DeadLetterRecord], None] | None = None,
     ) -> None:
+        """``on_dead_letter`` is told of each message dead-lettered for good (published
+        and recorded), synchronously: it must only queue (notifications)."""
         self._source = source
         self._ledger = ledger
         self._counters = counters
         self._outbox = outbox
+        self._on_dead_letter = on_dead_letter
 
     async def run(self, letters: MemoryObjectReceiveStream[DeadLetterRecord]) -> None:
         """Keep and settle what ``letters`` brings until it ends."""
@@ -72,6 +82,8 @@ class DeadLetters:
             return
         self._counters.dead_lettered += 1
         self._counters.dead_letter_reasons[letter.reason] += 1
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(letter)
         self._outbox.settle(delivery, Settlement.ACK)
 
     async def _record_outcome(self, letter: DeadLetterRecord) -> None:

@@ -146,6 +146,14 @@ class Decider:
 
     def _hand_on(self, delivery: Delivery, message: Message, result: Decided) -> None:
         counters = self._counters
+        if result.conflict:
+            # Real Pub/Sub never reuses an id; a restarted emulator does, from 1.
+            counters.message_id_conflicts += 1
+            log.warning(
+                "message id %s reused: the ledger holds it for %s, this message is for %s;"
+                " decided as a new message", message.message_id, result.conflict,
+                message.hostname, extra=_context(message),
+            )
         if not result.saved:
             # The talk's rule: a failed save is logged, not retried.
             counters.save_failed += 1
@@ -165,9 +173,13 @@ class Decider:
         if decision.verdict is Verdict.DUPLICATE:
             counters.duplicates += 1
             # A dead daemon's restart settled with an unknown outcome deserves more than info.
-            level = logging.WARNING if decision.reason is Reason.UNKNOWN_COUNTED else logging.INFO
-            log.log(level, "duplicate message %s (%s)", message.message_id, decision.detail,
-                    extra=_context(message))
+            unknown = decision.reason is Reason.UNKNOWN_COUNTED
+            log.log(logging.WARNING if unknown else logging.INFO, "duplicate message %s (%s)",
+                    message.message_id, decision.detail, extra=_context(message))
+            if unknown and self._on_decision is not None:
+                # The first this daemon hears of it: the restart's daemon stopped without
+                # an outcome (its claim resolved as unknown by the ledger), so told no one.
+                self._on_decision(message, Outcome.UNKNOWN, decision.detail)
         elif decision.verdict is Verdict.BUSY:
             # Deferred, not decided: it comes back once the restart under way has an outcome
             # (or its daemon is found dead), and is decided then.

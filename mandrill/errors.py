@@ -39,9 +39,19 @@ class RestartFailed(MandrillError):
     """A host restart did not succeed; the message is nacked so that it is redelivered."""
 
 
+class BlockerError(MandrillError):
+    """A blocker cannot tell whether a restart may go ahead (its server answers an error, or
+    nothing in time; its command cannot run): the restart is blocked, failing closed."""
+
+
 class SourceError(MandrillError):
     """The message source is gone past its retries, or refuses us for good (403, 404)."""
 
 
 class LedgerError(MandrillError):
     """The ledger cannot be reached or written."""
+
+
+class LedgerPathError(ConfigError, LedgerError):
+    """The SQLite ledger's path cannot be used as it is (a directory that is not writable,
+    a file that cannot be read, or is not SQLite): the configuration's to fix (exit 2)."""

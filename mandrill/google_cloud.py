@@ -1,23 +1,28 @@
 """What every Google Cloud adapter (Pub/Sub, Compute Engine) shares: reading Google's
-error bodies, sorting HTTP failures into transient and permanent, and credentials (where
-they come from, and the start-up check that one access token can be had).
+error bodies, sorting HTTP failures into transient and permanent, credentials (where
+they come from, and the start-up check that one access token can be had), and the default
+project (where it comes from when no flag names one).
 
 Imported only by those adapters (it loads aiohttp).
 """
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import json
 import os
+import re
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 
-from mandrill.errors import CredentialsError, one_line
+from mandrill.errors import ConfigError, CredentialsError, one_line
 from mandrill.retry import GaveUp, RetryPolicy, retry
 
 if TYPE_CHECKING:
@@ -68,6 +73,27 @@ def is_transient(exc: BaseException) -> bool:
         return is_transient_status(status)
     # TimeoutError and aiohttp's socket timeouts are OSErrors.
     return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | OSError)
+
+
+def retry_after(exc: BaseException, now: Callable[[], float] = time.time) -> float | None:
+    """The seconds an answer's ``Retry-After`` header asks to wait (RFC 9110: a number of
+    seconds, or an HTTP date, from ``now()`` on); ``None`` without one, or with one that is
+    neither. gcloud-aio raises aiohttp's ``ClientResponseError`` with the answer's headers."""
+    if not isinstance(exc, aiohttp.ClientResponseError) or not exc.headers:
+        return None
+    value = exc.headers.get("Retry-After")
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP date is in GMT, and says so
+    return max(0.0, when.timestamp() - now())
 
 
 def describe_error(exc: BaseException) -> str:
@@ -203,3 +229,112 @@ async def check_credentials(
             f"no Google Cloud access token from {credentials_source(service_file, why=True)}:"
             f" {failure}; {_WHAT_TO_DO}"
         )
+
+
+# -- the default project ----------------------------------------------------------------------
+
+#: Where gcloud and Google's client libraries take a default project from, in their order.
+PROJECT_VARIABLES: Final = ("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT")
+#: How long the metadata server may take to name the project. Off Google Cloud its name
+#: does not resolve, or nothing answers: the daemon goes on without it after this.
+METADATA_PROJECT_SECONDS: Final = 3.0
+#: The longest answer read from the metadata server (a project id has at most 30 characters;
+#: domain-scoped ones a few more).
+_MAX_METADATA_ANSWER: Final = 256
+_HOW_TO_SET: Final = (
+    "set {flag}, or GOOGLE_CLOUD_PROJECT, or run on Google Cloud, where the metadata server"
+    " names it (a service account key file's project_id counts too)"
+)
+
+# Project ids ("my-project-123"), optionally domain-scoped ("example.com:my-project").
+_PROJECT = re.compile(r"^(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+
+
+def check_project(project: str) -> str:
+    """``project`` if it is a Google Cloud project id; raises ``ValueError`` (one line) if
+    not."""
+    if not _PROJECT.match(project):
+        raise ValueError(f"refusing project {project[:80]!r}: not a GCE project id")
+    return project
+
+
+@dataclass(frozen=True)
+class DefaultProject:
+    """A project no flag named, and where it came from (words for a log line)."""
+
+    project: str
+    source: str
+
+
+def _key_file_project() -> DefaultProject | None:
+    # gcloud-aio-auth's key file (or application default credentials): a service account's
+    # has project_id. One that cannot be read is said when the token is made, not here.
+    path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or _adc_path()
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except (OSError, ValueError):
+        return None
+    project = data.get("project_id") if isinstance(data, dict) else None
+    if not isinstance(project, str) or not project:
+        return None
+    return DefaultProject(project, f"the credentials file {path}")
+
+
+async def _ask_metadata(url: str) -> tuple[int, str]:
+    # No proxy (aiohttp ignores the proxy variables unless trust_env): the metadata server
+    # is link-local, as Google's libraries reach it.
+    headers = {"Metadata-Flavor": "Google"}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as answer:
+        body = await answer.content.read(_MAX_METADATA_ANSWER)
+        return answer.status, body.decode("utf-8", "replace").strip()
+
+
+async def _metadata_project(bridge: AsyncioBridge, seconds: float) -> DefaultProject | str:
+    """The metadata server's project, or why there is none (one line)."""
+    # gcloud-aio-auth read GCE_METADATA_HOST (or GCE_METADATA_ROOT) when it was imported,
+    # as it does for tokens: the project comes from the same server.
+    from gcloud.aio.auth import token
+
+    where = f"the metadata server {_metadata_host()}"
+    with anyio.move_on_after(seconds):
+        try:
+            status, text = await bridge.call(_ask_metadata, token.GCE_ENDPOINT_PROJECT)
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"{where}: {describe_error(exc)}"
+        if status != 200:
+            return f"{where}: HTTP {status} {one_line(text)[:_MAX_RAW_ERROR]}"
+        if not text:
+            return f"{where}: an empty answer"
+        return DefaultProject(text, where)
+    return f"{where}: no answer within {seconds:g} s"
+
+
+async def find_default_project(
+    bridge: AsyncioBridge, flag: str, *, metadata_seconds: float = METADATA_PROJECT_SECONDS
+) -> DefaultProject:
+    """The project to use when ``flag`` (or its variable, or the config file) names none,
+    from the first of, as Google's libraries look: ``GOOGLE_CLOUD_PROJECT`` (or
+    ``GCLOUD_PROJECT``), the key file's ``project_id``, the metadata server (asked through
+    ``bridge``, for at most ``metadata_seconds``).
+
+    Raises ``ConfigError`` (one line, starting with ``flag``) naming every way to set one
+    and why the metadata server gave none if none does, or for a value that is no project
+    id. Blocks for at most ``metadata_seconds``; cancellable.
+    """
+    found: DefaultProject | str | None = None
+    for variable in PROJECT_VARIABLES:
+        if os.environ.get(variable):
+            found = DefaultProject(os.environ[variable], variable)
+            break
+    else:
+        found = _key_file_project() or await _metadata_project(bridge, metadata_seconds)
+    if isinstance(found, str):
+        raise ConfigError(
+            f"{flag}: no default project: {_HOW_TO_SET.format(flag=flag)} ({found})"
+        )
+    try:
+        check_project(found.project)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {found.source}: {exc}") from None
+    return found

@@ -1,8 +1,9 @@
 """What a notification says, and the request headers it carries: pure, no I/O but reading
 a template file, validated once at start.
 
-A :class:`Notification` is one restart decision. By default it is sent as the JSON
-document ``{"host", "message_id", "outcome", "detail", "time"}``; a :class:`BodyTemplate`
+A :class:`Notification` is one restart decision (``restarted``, ``failed``, ``skipped``,
+``dry_run``, ``unknown``) or one dead letter (``dead_letter``). By default it is sent as
+the JSON document ``{"host", "message_id", "outcome", "detail", "time"}``; a :class:`BodyTemplate`
 reshapes it for a receiver that wants its own document (Slack's and Google Chat's incoming
 webhooks take ``{"text": "…"}``). :func:`parse_header` turns ``NAME=VALUE`` into a request
 header, taking secrets such as tokens from the environment (``${VAR}``), so that they stay
@@ -22,12 +23,15 @@ from typing import TYPE_CHECKING, Any
 from mandrill.message import Message
 
 if TYPE_CHECKING:
+    from mandrill.ledger.base import DeadLetterRecord
     from mandrill.ledger.breaker import Breaker
 
 #: The placeholders a body template may use, in the order the README lists them.
 FIELDS = ("host", "message_id", "outcome", "detail", "time")
 #: The outcome of the notification that says the restart-storm breaker opened.
 BREAKER_OPEN = "breaker_open"
+#: The outcome a dead letter's notification carries (as ``mandrill history`` names it).
+DEAD_LETTER = "dead_letter"
 #: A template file is a small document; anything larger is surely the wrong file.
 MAX_TEMPLATE_BYTES = 64 * 1024
 
@@ -58,6 +62,13 @@ class Notification:
         ``breaker_open``, the reason as the detail."""
         detail = f"{breaker.why}; every restart waits for `mandrill resume`"
         return cls("", "", BREAKER_OPEN, detail, datetime.fromtimestamp(breaker.opened_at, UTC))
+
+    @classmethod
+    def for_dead_letter(cls, letter: DeadLetterRecord, time: datetime) -> Notification:
+        """Outcome ``dead_letter``; the host is empty for a message too broken to name
+        one (an invalid payload)."""
+        host = letter.finish.claim.hostname if letter.finish is not None else ""
+        return cls(host, letter.delivery.message_id, DEAD_LETTER, letter.detail, time)
 
     def fields(self) -> dict[str, str]:
         """The placeholders' values; time in ISO 8601 with its offset."""

@@ -33,6 +33,7 @@ from anyio.abc import TaskStatus
 
 from mandrill.errors import one_line
 from mandrill.notification import BodyTemplate, Notification
+from mandrill.obs.counters import Counters
 from mandrill.retry import GaveUp, RetryPolicy, retry
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class Notifier:
     logged once per overflow). Each is tried under ``retry_policy`` on a connection error,
     a request taking over ``request_timeout`` seconds, 429 or 5xx; any other answer outside
     2xx fails it at once. Delivered and given-up notifications are counted in :attr:`sent`
-    and :attr:`failed`.
+    and :attr:`failed`; all three counts live in ``counters`` (``notifications_*``: the
+    daemon's metrics), a fresh :class:`Counters` if none is given.
 
     Call :meth:`notify` from the event loop's thread only. Raises ``ValueError`` at
     construction for a URL that is not http(s) or for bad limits.
@@ -111,6 +113,7 @@ class Notifier:
         retry_policy: RetryPolicy = DEFAULT_RETRY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         final_flush: float = DEFAULT_FINAL_FLUSH,
+        counters: Counters | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -142,9 +145,19 @@ class Notifier:
         self._overflowing = False
         self._running = False
         self._outage: _Outage | None = None
-        self.sent = 0
-        self.failed = 0
-        self.dropped = 0
+        self.counters = counters if counters is not None else Counters()
+
+    @property
+    def sent(self) -> int:
+        return self.counters.notifications_sent
+
+    @property
+    def failed(self) -> int:
+        return self.counters.notifications_failed
+
+    @property
+    def dropped(self) -> int:
+        return self.counters.notifications_dropped
 
     def notify(self, notification: Notification) -> None:
         """Queue ``notification``; never blocks. Full queue: the oldest is dropped.
@@ -162,7 +175,7 @@ class Notifier:
             self._count_drop()
 
     def _count_drop(self) -> None:
-        self.dropped += 1
+        self.counters.notifications_dropped += 1
         if not self._overflowing:
             self._overflowing = True
             log.warning(
@@ -280,11 +293,11 @@ class Notifier:
             problem = self._describe(exc)
         else:
             self._in_hand.remove(notification)
-            self.sent += 1
+            self.counters.notifications_sent += 1
             self._delivered()
             return
         self._in_hand.remove(notification)
-        self.failed += 1
+        self.counters.notifications_failed += 1
         outage = self._failing(problem)
         outage.failed += 1
         outage.failed_attempts += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -10,21 +11,25 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 
+from mandrill.blockers import Blocker, Blockers
 from mandrill.config import (
+    BlockersConfig,
+    ExplainConfig,
     NotifyConfig,
     RestarterConfig,
     RunConfig,
     SafetyConfig,
     SourceConfig,
 )
+from mandrill.controls import Controls
 from mandrill.errors import ConfigError
 from mandrill.grouping import GroupLimit
 from mandrill.ledger import open_ledger
-from mandrill.ledger.base import Ledger
+from mandrill.ledger.base import DeadLetterRecord, Ledger
 from mandrill.ledger.breaker import Breaker
 from mandrill.message import Message
 from mandrill.obs.counters import Counters
-from mandrill.policy import BreakerRule, Outcome, RateLimit
+from mandrill.policy import BreakerRule, Outcome, RateLimit, Rules
 from mandrill.publisher import publish_chaos
 from mandrill.restarters.base import Restarter
 from mandrill.safety import SafetyControls, TimeWindow, parse_timezone
@@ -36,6 +41,7 @@ from mandrill.worker import WorkerSettings
 
 if TYPE_CHECKING:
     from mandrill.notify import Notifier
+    from mandrill.obs.health import ServiceHealth
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,11 @@ REAL_RESTARTERS = frozenset({"command", "gce"})
 
 
 def is_dry_run(restarter: RestarterConfig, safety: SafetyConfig) -> bool:
-    return safety.dry_run or (restarter.kind in REAL_RESTARTERS and not safety.live)
+    return _dry_run(restarter.kind, safety)
+
+
+def _dry_run(restarter: str, safety: SafetyConfig) -> bool:
+    return safety.dry_run or (restarter in REAL_RESTARTERS and not safety.live)
 
 
 def service_settings(cfg: RunConfig) -> ServiceSettings:
@@ -67,9 +77,7 @@ def worker_settings(cfg: RunConfig) -> WorkerSettings:
         max_attempts=cfg.restarter.max_attempts,
         dry_run=is_dry_run(cfg.restarter, safety),
         max_concurrent_restarts=safety.max_concurrent_restarts,
-        rate_limit=RateLimit(safety.max_restarts, safety.max_restarts_window)
-        if safety.max_restarts
-        else None,
+        rate_limit=rate_limit(safety),
         skip_checks=[controls.skip_reason] if controls is not None else [],
         breaker=breaker_rule(safety),
         groups=group_limit(safety),
@@ -106,6 +114,41 @@ def breaker_rule(safety: SafetyConfig) -> BreakerRule | None:
                        safety.breaker_window or BREAKER_WINDOW)
 
 
+def rate_limit(safety: SafetyConfig) -> RateLimit | None:
+    """The fleet's rate limit (``--max-restarts`` per ``--max-restarts-window``), if any."""
+    if not safety.max_restarts:
+        return None
+    return RateLimit(safety.max_restarts, safety.max_restarts_window)
+
+
+def controls(cfg: RunConfig) -> Controls:
+    """The controls the daemon decides by, for its status page and ``/explain``."""
+    workers = worker_settings(cfg)
+    return Controls(
+        rules=workers.rules,
+        safety=safety_controls(cfg.safety),
+        dry_run=workers.dry_run,
+        max_concurrent_restarts=workers.max_concurrent_restarts,
+        max_attempts=workers.max_attempts,
+        instance_timeout=cfg.ledger.instance_timeout,
+        domain=workers.domain,
+    )
+
+
+def explain_controls(cfg: ExplainConfig) -> Controls:
+    """The controls a daemon with ``cfg``'s settings decides by (``mandrill explain``)."""
+    safety = cfg.safety
+    return Controls(
+        rules=Rules(safety.min_restart_interval, rate_limit(safety), cfg.retry_unknown,
+                    breaker_rule(safety), group_limit(safety)),
+        safety=safety_controls(safety),
+        dry_run=_dry_run(cfg.restarter, safety),
+        max_concurrent_restarts=safety.max_concurrent_restarts,
+        instance_timeout=cfg.instance_timeout,
+        domain=cfg.domain,
+    )
+
+
 def ledger_subscription(source: SourceConfig) -> str:
     """What the ledger records messages under: message ids are unique per subscription."""
     if source.kind != "pubsub":
@@ -117,8 +160,10 @@ def ledger_subscription(source: SourceConfig) -> str:
 
 def safety_controls(safety: SafetyConfig) -> SafetyControls | None:
     window = None
-    if safety.weekdays is not None or safety.hours:
-        window = TimeWindow(safety.weekdays, safety.hours, parse_timezone(safety.timezone))
+    skip_dates = safety.skip_dates | safety.skip_dates_file
+    if safety.weekdays is not None or safety.hours or skip_dates:
+        window = TimeWindow(safety.weekdays, safety.hours, parse_timezone(safety.timezone),
+                            skip_dates)
     if not (safety.exclude or safety.only or window):
         return None
     return SafetyControls(exclude=safety.exclude, only=safety.only, window=window)
@@ -130,20 +175,27 @@ async def open_source(
     backend: str,
     counters: Counters | None = None,
     bridge: AsyncioBridge | None = None,
+    health: ServiceHealth | None = None,
 ) -> AsyncIterator[tuple[Source, Topic | None]]:
     """The source to pull from and, for the embedded broker, the topic feeding it;
-    Pub/Sub's clients run on ``bridge`` (else on a bridge of their own, on ``backend``)."""
+    Pub/Sub's clients run on ``bridge`` (else on a bridge of their own, on ``backend``).
+    Pub/Sub's outage is one of ``health``'s readiness checks from its first call on."""
     if cfg.kind == "memory":
         broker = MemoryBroker(ack_deadline=cfg.ack_deadline)
         yield broker, broker
         return
-    from mandrill.sources.pubsub import describe_error, open_pubsub_source
+    from mandrill.outage import Outage
+    from mandrill.sources.pubsub import OUTAGE_RETRY, describe_error, open_pubsub_source
 
     def on_transient_error(what: str, error: BaseException, delay: float) -> None:
+        # The outage logs its beginning and its end; each failure only at debug level.
         if counters is not None:
             counters.pull_errors += 1
-        log.warning("%s failed, retrying in %.1fs: %s", what, delay, describe_error(error))
+        log.debug("%s failed, retrying in %.1fs: %s", what, delay, describe_error(error))
 
+    outage = Outage("Pub/Sub", limit=cfg.outage_limit, setting="--source-outage-limit")
+    if health is not None:
+        health.add_checks({"source": outage.problem})
     async with open_pubsub_source(
         project=_project(cfg),
         subscription=cfg.subscription,
@@ -151,7 +203,9 @@ async def open_source(
         dead_letter_topic=cfg.dead_letter_topic,
         bridge=bridge,
         api_root=cfg.pubsub.pubsub_api_root,
+        retry=OUTAGE_RETRY,
         on_transient_error=on_transient_error,
+        outage=outage,
     ) as source:
         yield source, None
 
@@ -182,8 +236,9 @@ async def open_restarter(
             if bridge is None:
                 bridge = await stack.enter_async_context(open_asyncio_bridge(backend))
             try:
+                project = _required(cfg.gce_project, "--gce-project", "--restarter gce")
                 gce = GceRestarter(
-                    bridge, project=cfg.gce_project, zone=cfg.gce_zone, api_root=cfg.gce_api_root
+                    bridge, project=project, zone=cfg.gce_zone, api_root=cfg.gce_api_root
                 )
                 await stack.enter_async_context(gce)
             except GceSettingError as exc:
@@ -195,17 +250,21 @@ async def open_restarter(
 
 
 @contextlib.asynccontextmanager
-async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncIterator[Parts]:
+async def open_parts(
+    cfg: RunConfig, counters: Counters | None = None, health: ServiceHealth | None = None
+) -> AsyncIterator[Parts]:
     """Open the source, ledger, restarter and notifier ``cfg`` names; close them in
-    reverse order. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
+    reverse order; the source's readiness is one of ``health``'s checks as soon as it
+    opens. Raises ``ConfigError`` or ``LedgerError``/``SourceError`` with one line."""
     rng = random.Random(cfg.source.seed)
-    notifier = make_notifier(cfg.notify)
+    notifier = make_notifier(cfg.notify, counters)
     pubsub, gce = cfg.source.kind == "pubsub", cfg.restarter.kind == "gce"
     async with contextlib.AsyncExitStack() as stack:
         bridge = None
         if pubsub or gce:
             # One asyncio thread (on trio) for every Google client; it closes last.
             bridge = await stack.enter_async_context(open_asyncio_bridge(cfg.backend))
+            cfg = await with_default_projects(cfg, bridge)
             await check_google_credentials(
                 bridge,
                 pubsub=pubsub,
@@ -219,12 +278,13 @@ async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncI
         )
         stack.push_async_callback(ledger.aclose)
         source, topic = await stack.enter_async_context(
-            open_source(cfg.source, cfg.backend, counters, bridge)
+            open_source(cfg.source, cfg.backend, counters, bridge, health)
         )
         restarter = await stack.enter_async_context(
             open_restarter(cfg.restarter, cfg.backend, rng, bridge)
         )
-        parts = Parts(source, ledger, restarter)
+        blockers = await stack.enter_async_context(open_blockers(cfg.blockers))
+        parts = Parts(source, ledger, restarter, blockers=blockers or None)
         if topic is not None and cfg.source.publish:
             parts.publisher = partial(
                 publish_chaos, topic, count=cfg.count, rate=cfg.source.rate, rng=rng
@@ -232,6 +292,64 @@ async def open_parts(cfg: RunConfig, counters: Counters | None = None) -> AsyncI
         if notifier is not None:
             add_notifier(parts, notifier)
         yield parts
+
+
+async def with_default_projects(cfg: RunConfig, bridge: AsyncioBridge) -> RunConfig:
+    """``cfg`` with the Google Cloud projects it needs and names none of (Pub/Sub's
+    ``--project``, the gce restarter's ``--gce-project``) taken from the environment, the
+    key file or the metadata server (:func:`~mandrill.google_cloud.find_default_project`,
+    asked once for both), and one info line saying where from.
+
+    Raises ``ConfigError`` (one line, naming every way to set it) if none is found. Blocks
+    for a few seconds at most while the metadata server does not answer; cancellable."""
+    missing = []
+    if cfg.source.kind == "pubsub" and not cfg.source.pubsub.project:
+        missing.append("--project")
+    if cfg.restarter.kind == "gce" and not cfg.restarter.gce_project:
+        missing.append("--gce-project")
+    if not missing:
+        return cfg
+    from mandrill.google_cloud import find_default_project
+
+    flags = " and ".join(missing)
+    found = await find_default_project(bridge, flags)
+    log.info("%s not given: project %s, from %s", flags, found.project, found.source)
+    source, restarter = cfg.source, cfg.restarter
+    if "--project" in missing:
+        pubsub = dataclasses.replace(source.pubsub, project=found.project)
+        source = dataclasses.replace(source, pubsub=pubsub)
+    if "--gce-project" in missing:
+        restarter = dataclasses.replace(restarter, gce_project=found.project)
+    return dataclasses.replace(cfg, source=source, restarter=restarter)
+
+@contextlib.asynccontextmanager
+async def open_blockers(cfg: BlockersConfig) -> AsyncIterator[Blockers]:
+    """The blockers ``cfg`` names (none: an empty, false :class:`Blockers`), open until the
+    block ends. Raises ``ConfigError`` (one line). ``mandrill explain`` asks them too:
+    ``async with open_blockers(cfg.blockers) as blockers: await blockers.every(message)``."""
+    if cfg.alert_filter and not cfg.alerts_url:
+        raise ConfigError("--block-alert-filter needs --block-on-alerts")
+    async with contextlib.AsyncExitStack() as stack:
+        found: list[Blocker] = []
+        if cfg.alerts_url:
+            from mandrill.blockers.alerts import AlertsBlocker
+            from mandrill.blockers.matchers import parse_alerts_url, parse_filter
+
+            try:
+                alerts = AlertsBlocker(parse_alerts_url(cfg.alerts_url),
+                                       parse_filter(cfg.alert_filter or ""),
+                                       time_limit=cfg.timeout)
+            except ValueError as exc:
+                raise ConfigError(f"--block-on-alerts: {exc}") from None
+            found.append(await stack.enter_async_context(alerts))
+        if cfg.command:
+            from mandrill.blockers.command import CommandBlocker
+
+            try:
+                found.append(CommandBlocker(cfg.command, time_limit=cfg.timeout))
+            except ValueError as exc:
+                raise ConfigError(f"--block-on-command: {exc}") from None
+        yield Blockers(found)
 
 
 async def check_google_credentials(
@@ -265,9 +383,10 @@ async def check_google_credentials(
     await check_credentials(bridge, scopes, on_retry=on_retry)
 
 
-def make_notifier(cfg: NotifyConfig) -> Notifier | None:
-    """The notifier the ``notify_*`` settings describe, or None; raises ``ConfigError``
-    (one line) for settings it cannot work with. Called before anything is opened."""
+def make_notifier(cfg: NotifyConfig, counters: Counters | None = None) -> Notifier | None:
+    """The notifier the ``notify_*`` settings describe (counting into ``counters``), or
+    None; raises ``ConfigError`` (one line) for settings it cannot work with. Called before
+    anything is opened."""
     if not cfg.url:
         if cfg.headers or cfg.template is not None:
             given = "--notify-header" if cfg.headers else "--notify-template"
@@ -281,13 +400,15 @@ def make_notifier(cfg: NotifyConfig) -> Notifier | None:
             headers=cfg.headers,
             template=cfg.template,
             request_timeout=cfg.timeout,
+            counters=counters,
         )
     except ValueError as exc:
         raise ConfigError(f"--notify-url: {exc}") from None
 
 
 def add_notifier(parts: Parts, notifier: Notifier) -> None:
-    """Run ``notifier`` beside the service and tell it every restart decision."""
+    """Run ``notifier`` beside the service and tell it every restart decision (an
+    ``unknown`` outcome included) and every dead letter."""
     from mandrill.notify import Notification
 
     def on_decision(message: Message, outcome: Outcome, detail: str) -> None:
@@ -296,9 +417,13 @@ def add_notifier(parts: Parts, notifier: Notifier) -> None:
     def on_breaker(breaker: Breaker) -> None:
         notifier.notify(Notification.for_breaker(breaker))
 
+    def on_dead_letter(letter: DeadLetterRecord) -> None:
+        notifier.notify(Notification.for_dead_letter(letter, datetime.now(UTC)))
+
     parts.companions = [*parts.companions, notifier.run]
     parts.on_decision = on_decision
     parts.on_breaker = on_breaker
+    parts.on_dead_letter = on_dead_letter
 
 
 def _project(cfg: SourceConfig) -> str:

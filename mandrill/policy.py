@@ -61,6 +61,7 @@ class Reason(StrEnum):
     NOT_ALLOWED = "not_allowed"
     OUTSIDE_DAYS = "outside_days"
     OUTSIDE_HOURS = "outside_hours"
+    BLACKOUT_DATE = "blackout_date"
     RATE_LIMIT = "rate_limit"
     # Duplicates: a redelivery of a message already decided.
     ALREADY_DECIDED = "already_decided"
@@ -80,12 +81,14 @@ class Reason(StrEnum):
     DAEMON_LOST = "daemon_lost"  # unknown: its daemon stopped heartbeating mid-restart
     INTERRUPTED = "interrupted"  # unknown: its daemon cancelled it after it began
     NOT_STARTED = "not_started"  # cancelled: claimed, but its restart never began
+    #: Cancelled: a blocker said no (or could not tell) just before it began; deferred.
+    BLOCKED = "blocked"
 
 
 #: The reasons of skips, and of dead letters: the labels their counters always show.
 SKIP_REASONS = (
     Reason.INTERVAL, Reason.EXCLUDED, Reason.NOT_ALLOWED, Reason.OUTSIDE_DAYS,
-    Reason.OUTSIDE_HOURS, Reason.RATE_LIMIT,
+    Reason.OUTSIDE_HOURS, Reason.BLACKOUT_DATE, Reason.RATE_LIMIT,
 )
 DEAD_LETTER_REASONS = (Reason.INVALID, Reason.MAX_ATTEMPTS)
 
@@ -223,6 +226,8 @@ UNKNOWN_DETAIL = "restart outcome unknown (its daemon stopped mid-restart); coun
 NOT_STARTED_DETAIL = (
     "claimed, but the restart never began ({why}); not counted, the message is redelivered"
 )
+#: The detail of a claim a blocker held back (``{block}``: which blocker, and why).
+BLOCKED_DETAIL = "blocked by {block}; not started, the message comes back later"
 INTERRUPTED_DETAIL = (
     "interrupted after it began ({why}); the restart may or may not have happened"
 )
@@ -264,16 +269,20 @@ def settlement_for(decision: Decision) -> Settlement:
 
 
 def settlement_after(outcome: Outcome, failures: int, max_attempts: int, *,
-                     retry_unknown: bool = False) -> Settlement:
-    """How a message whose claimed restart ended with ``outcome`` is settled.
+                     retry_unknown: bool = False, reason: Reason | None = None) -> Settlement:
+    """How a message whose claimed restart ended with ``outcome`` (for ``reason``) is
+    settled.
 
     ``failures`` counts this message's earlier failed restarts. A failed restart is
     redelivered, or dead-lettered once it failed ``max_attempts`` times; a restart that was
     interrupted after it began (``UNKNOWN``) counts as done unless ``retry_unknown``; one
-    that never began (``CANCELLED``) is redelivered.
+    that never began (``CANCELLED``) is redelivered: after a pause if a blocker held it
+    back (``BLOCKED``: asking again at once would only be told no again), else at once.
     """
     if outcome is Outcome.FAILED:
         return Settlement.DEAD_LETTER if failures + 1 >= max_attempts else Settlement.NACK
+    if outcome is Outcome.CANCELLED and reason is Reason.BLOCKED:
+        return Settlement.DEFER
     if outcome is Outcome.CANCELLED or (outcome is Outcome.UNKNOWN and retry_unknown):
         return Settlement.NACK
     return Settlement.ACK

@@ -1,4 +1,5 @@
-"""Safety controls checked before any restart: which hosts, on which days and hours.
+"""Safety controls checked before any restart: which hosts, on which days and hours, and
+never on the blackout dates.
 
 Pure functions over plain data (h11-style): no I/O and no clock reads; callers pass the time
 as an aware ``datetime``. The ``parse_*`` functions turn flag values into those data and
@@ -13,7 +14,7 @@ import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import date, datetime, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mandrill.message import Message
@@ -23,6 +24,7 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _FULL_WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _MINUTES_PER_DAY = 24 * 60
 _CLOCK = re.compile(r"^(\d{1,2}):(\d{2})$")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 # --- hosts -------------------------------------------------------------------------------
@@ -169,18 +171,68 @@ def parse_timezone(name: str) -> tzinfo:
         raise ValueError(f"unknown time zone {name!r}") from None
 
 
+# --- blackout dates ----------------------------------------------------------------------
+
+
+def parse_date(text: str) -> date:
+    """``"2026-12-24"`` → that date; only ``YYYY-MM-DD`` (not the week or ordinal forms
+    ``date.fromisoformat`` also takes). Raises ``ValueError`` naming the text."""
+    item = text.strip()
+    try:
+        if _ISO_DATE.match(item):
+            return date.fromisoformat(item)
+    except ValueError:
+        pass
+    raise ValueError(f"{item!r} is not a date (YYYY-MM-DD)")
+
+
+def parse_dates(spec: str | Iterable[str]) -> frozenset[date]:
+    """Dates from ``"2026-12-24,2026-12-31"`` or a list of such strings (TOML). Raises
+    ``ValueError`` naming the first bad date."""
+    items = [spec] if isinstance(spec, str) else [str(item) for item in spec]
+    dates: set[date] = set()
+    for item in items:
+        for raw in item.split(","):
+            if not raw.strip():
+                raise ValueError(f"empty date in {item!r}")
+            dates.add(parse_date(raw))
+    return frozenset(dates)
+
+
+def parse_dates_text(text: str, name: str) -> frozenset[date]:
+    """The dates of a file's ``text``: one ``YYYY-MM-DD`` per line; ``#`` starts a comment,
+    blank lines are ignored. Raises ``ValueError`` naming the file (``name``) and the line."""
+    dates: set[date] = set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        item = line.partition("#")[0].strip()
+        if not item:
+            continue
+        try:
+            dates.add(parse_date(item))
+        except ValueError as exc:
+            raise ValueError(f"{name} line {number}: {exc}") from None
+    return frozenset(dates)
+
+
+def format_dates(dates: Iterable[date]) -> str:
+    return ",".join(day.isoformat() for day in sorted(dates))
+
+
 @dataclass(frozen=True, slots=True)
 class TimeWindow:
     """When restarts are allowed: on ``weekdays`` (all if ``None``) during ``hours`` (all
-    day if empty), in the zone ``tz``.
+    day if empty), never on ``skip_dates``, in the zone ``tz``.
 
     Like chaoskube, each check uses the weekday of the moment checked: with ``fri`` and
-    ``22:00-06:00``, Saturday 01:00 is outside the window.
+    ``22:00-06:00``, Saturday 01:00 is outside the window. A blackout date is the local
+    day of the moment checked too: 2026-12-24 in Europe/Paris begins at 23:00 UTC the day
+    before.
     """
 
     weekdays: frozenset[int] | None = None
     hours: tuple[HoursWindow, ...] = ()
     tz: tzinfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    skip_dates: frozenset[date] = frozenset()
 
     def skip_reason(self, now: datetime) -> Refusal | None:
         """Why ``now`` (aware) is outside the window; ``ValueError`` if ``now`` is naive."""
@@ -188,6 +240,9 @@ class TimeWindow:
             raise ValueError("the time checked against a window must be timezone-aware")
         local = now.astimezone(self.tz)
         zone = str(self.tz)
+        if local.date() in self.skip_dates:
+            return Refusal(Reason.BLACKOUT_DATE,
+                           f"blackout date: it is {local.date().isoformat()} ({zone})")
         if self.weekdays is not None and local.weekday() not in self.weekdays:
             allowed = format_weekdays(self.weekdays)
             return Refusal(

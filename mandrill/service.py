@@ -8,7 +8,9 @@ outer group, and every shield carries a deadline.
     serve
     └── lasting (task group: outlives the workers; cancelled last)
         ├── signal watcher      first signal: graceful stop; second: force
-        ├── probes              lag probe, metrics server, task dump (when configured)
+        ├── probes              lag probe, metrics server, task dump, systemd notifier (each
+        │                       when configured; not when the caller runs them already, as
+        │                       ``run`` does)
         ├── ledger              heartbeat, sweep of claims nobody holds, kept outcomes
         ├── settler             outcomes recorded, then acks and nacks, in batches
         ├── companions (task group: notifier …; stopped as the final settlement begins)
@@ -40,6 +42,7 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from mandrill.blockers import Blockers
 from mandrill.dead_letters import DeadLetters
 from mandrill.decider import Decider
 from mandrill.holdings import Holdings
@@ -98,6 +101,10 @@ class Parts:
     on_decision: Callable[[Message, Outcome, str], None] | None = None
     #: Called when this daemon's decision opens the fleet's restart-storm breaker.
     on_breaker: Callable[[Breaker], None] | None = None
+    #: Called with each message dead-lettered for good (notifications).
+    on_dead_letter: Callable[[DeadLetterRecord], None] | None = None
+    #: Asked just before each restart (``--block-on-alerts``, ``--block-on-command``).
+    blockers: Blockers | None = None
 
 
 @dataclass
@@ -159,6 +166,10 @@ async def serve(
     shutdown = shutdown or Shutdown()
     counters = counters if counters is not None else Counters()
     holdings = Holdings(settings.max_in_flight)
+
+    def breaker_open() -> bool:
+        return parts.ledger.breaker() is not None
+
     to_settler, settling = settle_stream()
     outbox = Outbox(to_settler, holdings)
     settler = Settler(
@@ -183,10 +194,13 @@ async def serve(
                     name="start-up watcher",
                 )
                 if observability is not None:
+                    observability.count_in_flight(holdings.__len__)
+                    observability.watch_breaker(breaker_open)
+                if observability is not None and not observability.started:
                     # Started first, so the lag probe and the metrics server watch start-up.
                     probes = observability.probes(
                         in_flight=holdings.__len__,
-                        breaker_open=lambda: parts.ledger.breaker() is not None,
+                        breaker_open=breaker_open,
                     )
                     for name, probe in probes:
                         await lasting.start(probe, name=name)
@@ -205,7 +219,9 @@ async def serve(
                     await daemon.start(keeper.run, name="lease keeper")
                     task_status.started(shutdown)
                     if observability is not None:
-                        observability.health.set_serving({"ledger": parts.ledger.problem})
+                        observability.health.set_serving(
+                            {"source": parts.source.problem, "ledger": parts.ledger.problem}
+                        )
                     log.info("ready: consuming with up to %d in flight", settings.max_in_flight)
                     await _process(
                         settings, worker_settings, parts, counters, holdings, outbox, streams,
@@ -315,7 +331,8 @@ async def _process(
         on_decision=parts.on_decision, on_breaker=parts.on_breaker,
     )
     dead_letters = DeadLetters(
-        source=parts.source, ledger=parts.ledger, counters=counters, outbox=outbox.clone()
+        source=parts.source, ledger=parts.ledger, counters=counters, outbox=outbox.clone(),
+        on_dead_letter=parts.on_dead_letter,
     )
     slots = min(settings.max_in_flight,
                 worker_settings.max_concurrent_restarts or settings.max_in_flight)
@@ -328,7 +345,7 @@ async def _process(
             worker = Worker(
                 restarter=parts.restarter, settings=worker_settings, counters=counters,
                 shutdown=shutdown, outbox=outbox.clone(), dead_letters=lettered.clone(),
-                on_decision=parts.on_decision,
+                on_decision=parts.on_decision, blockers=parts.blockers,
             )
             work.start_soon(worker.run, to_restart.clone(), name=f"worker-{number}")
         work.start_soon(dead_letters.run, to_keep.clone(), name="dead letters")

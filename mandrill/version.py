@@ -7,8 +7,8 @@ import functools
 import importlib.metadata
 
 #: The distribution mandrill is installed as (the import package and command are
-#: ``mandrill``).
-DISTRIBUTION = "mandrill"
+#: ``mandrill``; ``mandrill`` on the public index is another project).
+DISTRIBUTION = "mayhem-mandrill"
 
 
 @functools.cache

@@ -4,7 +4,10 @@ host, and hands the outcome on to be recorded and settled. Nothing comes back to
 A claim the worker takes once shutdown has begun is not started: it goes on as
 ``cancelled`` (never began: not counted, the message is redelivered). A worker cancelled
 mid-restart (after ``--grace``) hands its claim on as ``unknown``: the restart began and
-may have happened, as for a daemon killed at that point. Handing on is a ``send_nowait`` on
+may have happened, as for a daemon killed at that point. A claim whose restart a blocker
+holds back (asked just before it would begin) goes on as ``cancelled`` too, for the
+reason ``blocked``, and its message is deferred: it comes back later, to be asked again.
+Handing on is a ``send_nowait`` on
 an unbounded stream, which a cancelled task can still do; the settler, which outlives the
 workers, records it.
 """
@@ -21,12 +24,14 @@ from typing import NamedTuple
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from mandrill.blockers import Block, Blockers
 from mandrill.errors import RestartFailed
 from mandrill.grouping import GroupLimit
 from mandrill.ledger.base import Claim, DeadLetterRecord, Finish
 from mandrill.message import DEFAULT_DOMAIN, Delivery, Message
 from mandrill.obs.counters import Counters
 from mandrill.policy import (
+    BLOCKED_DETAIL,
     INTERRUPTED_DETAIL,
     NOT_STARTED_DETAIL,
     BreakerRule,
@@ -104,9 +109,10 @@ class Worker:
         outbox: Outbox,
         dead_letters: MemoryObjectSendStream[DeadLetterRecord],
         on_decision: Callable[[Message, Outcome, str], None] | None = None,
+        blockers: Blockers | None = None,
     ) -> None:
         """``outbox`` and ``dead_letters`` are this worker's own (clones): :meth:`run`
-        closes them when it ends."""
+        closes them when it ends. ``blockers`` are asked just before each restart."""
         self._restarter = restarter
         self.settings = settings
         self._counters = counters
@@ -114,6 +120,7 @@ class Worker:
         self._outbox = outbox
         self._dead_letters = dead_letters
         self._on_decision = on_decision
+        self._blockers = blockers or None
 
     def close(self) -> None:
         """Close this worker's ways on (its outbox and dead letters)."""
@@ -134,10 +141,22 @@ class Worker:
         """Restart one claimed host and hand its outcome on."""
         message, claim = claimed.message, claimed.claim
         if self._shutdown.requested.is_set():
-            self._counters.restart_cancelled += 1
-            self._finish(claimed, Outcome.CANCELLED,
-                         NOT_STARTED_DETAIL.format(why=SHUTTING_DOWN), Reason.NOT_STARTED)
+            self._not_started(claimed)
             return
+        if self._blockers is not None:
+            # Before the claim begins: a blocked restart never began (not counted, not
+            # unknown), whatever the blocker took, cancellation included.
+            try:
+                block = await self._blockers.first(message)
+            except anyio.get_cancelled_exc_class():
+                self._not_started(claimed)
+                raise
+            if block is not None:
+                self._blocked(claimed, block)
+                return
+            if self._shutdown.requested.is_set():  # it came while the blockers were asked
+                self._not_started(claimed)
+                return
         claim.began = True
         if self.settings.dry_run:
             self._counters.dry_run += 1
@@ -152,8 +171,9 @@ class Worker:
             detail = await self._restarter.restart(message)
         except anyio.get_cancelled_exc_class():
             self._counters.restart_unknown += 1
-            self._finish(claimed, Outcome.UNKNOWN,
-                         INTERRUPTED_DETAIL.format(why=SHUTTING_DOWN), Reason.INTERRUPTED)
+            detail = INTERRUPTED_DETAIL.format(why=SHUTTING_DOWN)
+            self._notify(message, Outcome.UNKNOWN, detail)  # only queues: fine when cancelled
+            self._finish(claimed, Outcome.UNKNOWN, detail, Reason.INTERRUPTED)
             log.warning("restart of %s interrupted by shutdown: it may or may not have"
                         " happened, and counts as done", message.hostname,
                         extra=_context(message))
@@ -174,6 +194,24 @@ class Worker:
             log.info("restarted %s (%s)", message.hostname, detail, extra=_context(message))
         self._finish(claimed, Outcome.RESTARTED, detail)
 
+    def _not_started(self, claimed: Claimed) -> None:
+        self._counters.restart_cancelled += 1
+        self._finish(claimed, Outcome.CANCELLED, NOT_STARTED_DETAIL.format(why=SHUTTING_DOWN),
+                     Reason.NOT_STARTED)
+
+    def _blocked(self, claimed: Claimed, block: Block) -> None:
+        counters = self._counters
+        counters.blocked[block.blocker] += 1
+        if block.error:
+            counters.blocker_errors[block.blocker] += 1
+        message = claimed.message
+        (log.warning if block.error else log.info)(
+            "restart of %s blocked by %s; deferred", message.hostname, block,
+            extra=_context(message),
+        )
+        self._finish(claimed, Outcome.CANCELLED, BLOCKED_DETAIL.format(block=block),
+                     Reason.BLOCKED)
+
     def _failed(self, claimed: Claimed, detail: str) -> None:
         self._counters.restart_failed += 1
         self._notify(claimed.message, Outcome.FAILED, detail)
@@ -188,7 +226,7 @@ class Worker:
         finish = Finish(claimed.claim, outcome, detail, reason)
         settings = self.settings
         settlement = settlement_after(outcome, claimed.claim.failures, settings.max_attempts,
-                                      retry_unknown=settings.retry_unknown)
+                                      retry_unknown=settings.retry_unknown, reason=reason)
         if settlement is Settlement.DEAD_LETTER:
             failures = claimed.claim.failures + 1
             log.warning(

@@ -173,7 +173,7 @@ async def test_an_abbreviated_flag_exits_2_as_a_process():
 async def test_version():
     code, out, _ = await run_to_end(["--version"])
     assert code == 0
-    assert out == f"mandrill {importlib.metadata.version('mandrill')}\n"
+    assert out == f"mandrill {importlib.metadata.version('mayhem-mandrill')}\n"
 
 
 async def test_run_help_reads_like_the_readme():

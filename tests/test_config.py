@@ -49,6 +49,14 @@ def test_flat_toml_with_dashes_is_accepted(tmp_path):
         ({"group_by": "zone"}, {}, "", "--group-by: 'zone' is not attribute:NAME or pattern"),
         ({}, {}, "group_by = 'pattern:web'\n", "group_by: pattern 'web' has 0 capture"),
         ({"max_concurrent_restarts_per_group": "0"}, {}, "", "'0' must be at least 1"),
+        ({"block_on_alerts": "http://prom:9090"}, {}, "",
+         "--block-on-alerts: 'http://prom:9090': say whose alerts"),
+        ({}, {"MANDRILL_BLOCK_ALERT_FILTER": 'severity=="x"'}, "",
+         "MANDRILL_BLOCK_ALERT_FILTER: cannot read"),
+        ({}, {}, "block_alert_filter = 'alertname=~\"(\"'\n", "not a regular expression"),
+        ({"block_on_command": "{hostname} x"}, {}, "",
+         "--block-on-command: blocker command '{hostname}': the program name cannot"),
+        ({"block_timeout": "0s"}, {}, "", "--block-timeout: '0s' must be a duration > 0"),
     ],
 )
 def test_invalid_values_are_one_line_errors(tmp_path, flags, env, toml, message):
@@ -273,3 +281,34 @@ def test_loaded_values_have_the_fields_types(flags):
             value = getattr(value, step)
         hint = typing.get_type_hints(holder)[path[-1]]
         assert conforms(value, hint), (path, value, hint)
+
+
+def test_the_source_outage_limit_is_forever_unless_given(tmp_path):
+    import math
+
+    assert config.load("run", {}, {})["source_outage_limit"] == math.inf
+    toml = tmp_path / "m.toml"
+    toml.write_text('source_outage_limit = "10m"\n')
+    assert config.load("run", {}, {}, str(toml))["source_outage_limit"] == 600
+    env = {"MANDRILL_SOURCE_OUTAGE_LIMIT": "90s"}
+    assert config.load("run", {}, env, str(toml))["source_outage_limit"] == 90
+    assert config.load("run", {"source_outage_limit": "forever"}, env)[
+        "source_outage_limit"] == math.inf
+    cfg = config.command_config("run", {"source_outage_limit": "2m"}, {})
+    assert cfg.source.outage_limit == 120
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        ({"source_outage_limit": "0s"}, {}, "--source-outage-limit: '0s' must be a duration > 0,"
+                                            " or 'forever'"),
+        ({}, {"MANDRILL_SOURCE_OUTAGE_LIMIT": "soon"},
+         "MANDRILL_SOURCE_OUTAGE_LIMIT: 'soon' is not a duration (examples: 30s, 10m, 1h) or"
+         " 'forever'"),
+    ],
+)
+def test_a_bad_source_outage_limit_is_a_one_line_error(flags, env, message):
+    with pytest.raises(ConfigError) as info:
+        config.load("run", flags, env)
+    assert str(info.value) == message

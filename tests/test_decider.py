@@ -59,7 +59,10 @@ def _drain(stream: MemoryObjectReceiveStream[object]) -> list:
 
 
 async def make_bench(
-    ledger: SQLLedger, settings: WorkerSettings, on_breaker: Callable[[Breaker], None] | None = None
+    ledger: SQLLedger,
+    settings: WorkerSettings,
+    on_decision: Callable[[Message, Outcome, str], None] | None = None,
+    on_breaker: Callable[[Breaker], None] | None = None,
 ) -> Bench:
     await ledger._beat(forget=True)  # registered and alive, as a daemon's ledger is
     send, settled = settle_stream()
@@ -68,7 +71,7 @@ async def make_bench(
     holdings, counters, shutdown = Holdings(64), Counters(), Shutdown()
     decider = Decider(ledger=ledger, settings=settings, counters=counters, shutdown=shutdown,
                       outbox=Outbox(send, holdings), restarts=claims, dead_letters=letters,
-                      on_breaker=on_breaker)
+                      on_decision=on_decision, on_breaker=on_breaker)
     return Bench(ledger, holdings, counters, shutdown, decider, restarts, settled, lettered)
 
 
@@ -179,8 +182,8 @@ async def test_an_open_breaker_defers_every_restart_and_is_announced_once(
     settings = WorkerSettings(breaker=BreakerRule(0, None, HOUR))
     announced: list[Breaker] = []
     a, b = await open_ledger(path), await open_ledger(path)
-    one, two = (await make_bench(a, settings, announced.append),
-                await make_bench(b, settings, announced.append))
+    one, two = (await make_bench(a, settings, on_breaker=announced.append),
+                await make_bench(b, settings, on_breaker=announced.append))
     try:
         failed = await decide_one(a, message("m0", "db-1"), settings.rules)
         await finish(a, failed, Outcome.FAILED)
@@ -208,3 +211,43 @@ async def test_an_open_breaker_defers_every_restart_and_is_announced_once(
             ledger.owned.settled(ledger.owned.claims())
             await close(bench)
             await ledger.aclose()
+
+
+async def test_an_unknown_outcome_met_again_is_told_as_unknown(tmp_path: Path) -> None:
+    """A restart whose daemon stopped mid-way (its claim resolved as unknown by a peer's
+    ledger sweep, or its successor's) was told to no one: its message, redelivered, is
+    acked as a duplicate and told as ``unknown``; other duplicates are not told."""
+    told: list[tuple[str, Outcome, str]] = []
+    ledger = await open_ledger(str(tmp_path / "ledger.db"))
+    bench = await make_bench(ledger, WorkerSettings(),
+                             lambda msg, outcome, detail: told.append((msg.message_id, outcome,
+                                                                       detail)))
+    try:
+        stranded, done = await decide(ledger, message("m0", "web-1"), message("m1", "db-1"))
+        await finish(ledger, stranded, Outcome.UNKNOWN, "daemon d1 stopped mid-restart")
+        await finish(ledger, done, Outcome.RESTARTED)
+        await bench.decider.decide(bench.held(delivery("m0", "web-1"), delivery("m1", "db-1")))
+        assert bench.settlements() == {"m0": Settlement.ACK, "m1": Settlement.ACK}
+        assert [(m, o) for m, o, _ in told] == [("m0", Outcome.UNKNOWN)]
+        assert "stopped mid-restart" in told[0][2]
+    finally:
+        await close(bench)
+        await ledger.aclose()
+
+async def test_a_reused_message_id_is_said_counted_and_decided_as_new(
+    bench: Bench, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A restarted emulator numbers its messages from 1 again.
+    (earlier,) = await decide(bench.ledger, message("1", "web-1"))
+    await finish(bench.ledger, earlier, Outcome.RESTARTED)
+    await bench.decider.decide(bench.held(delivery("1", "db-7")))
+
+    (claimed,) = _drain(bench.restarts)
+    assert (claimed.message.message_id, claimed.message.hostname) == ("1", "db-7.example.net")
+    assert (bench.counters.message_id_conflicts, bench.counters.duplicates) == (1, 0)
+    (record,) = [r for r in caplog.records if "reused" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        "message id 1 reused: the ledger holds it for web-1.example.net, this message is"
+        " for db-7.example.net; decided as a new message"
+    )

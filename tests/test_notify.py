@@ -12,15 +12,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
 
 import anyio
 import pytest
 
 from mandrill import config
+from mandrill.ledger import open_ledger
 from mandrill.notification import BodyTemplate, Notification, parse_headers
 from mandrill.notify import Notifier
+from mandrill.parts import add_notifier
 from mandrill.retry import RetryPolicy
+from mandrill.service import Parts, ServiceSettings, serve
+from mandrill.shutdown import Shutdown
+from mandrill.sources.memory import MemoryBroker
+from mandrill.worker import WorkerSettings
 from tests.support.daemon import run_to_end
+from tests.support.fakes import ScriptedRestarter, payloads
 from tests.support.net import free_port
 
 TIME = datetime(2026, 1, 5, 12, 0, 30, tzinfo=timezone(timedelta(hours=1)))
@@ -255,6 +263,30 @@ async def test_a_full_queue_drops_the_oldest(receiver, caplog):
     assert [r.document["message_id"] for r in receiver.received] == ["m-3", "m-4"]
 
 
+async def test_the_metrics_count_notifications_sent_failed_and_dropped(receiver):
+    """``mandrill_notifications_total{result}``: the oldest dropped from a full queue, one
+    refused for good, the rest sent."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mandrill.obs.collector import build_registry
+    from mandrill.obs.counters import Counters
+
+    counters = Counters()
+    receiver.statuses = [400]
+    notifier = Notifier(receiver.url, capacity=3, senders=1, retry_policy=quick(1),
+                        counters=counters)
+    for n in range(1, 6):
+        notifier.notify(notification(n))
+    await deliver_all(notifier)
+    text = generate_latest(build_registry(counters, in_flight=lambda: 0)).decode()
+    found = {sample.labels["result"]: sample.value
+             for family in text_string_to_metric_families(text)
+             for sample in family.samples if sample.name == "mandrill_notifications_total"}
+    assert found == {"sent": 2, "failed": 1, "dropped": 2}
+    assert (notifier.sent, notifier.failed, notifier.dropped) == (2, 1, 2)
+
+
 async def test_notify_after_close_is_dropped():
     notifier = Notifier("http://127.0.0.1:9/")
     notifier.close()
@@ -318,6 +350,63 @@ async def test_what_is_queued_at_shutdown_is_still_sent(receiver):
     assert sorted(r.document["message_id"] for r in receiver.received) == [
         f"m-{n}" for n in range(5)
     ]
+
+
+# --- what the daemon tells: decisions, unknown outcomes, dead letters ----------------------
+
+
+async def serve_telling(
+    receiver: Receiver, broker: MemoryBroker, restarter: ScriptedRestarter, *,
+    worker: WorkerSettings | None = None, shutdown: Shutdown | None = None,
+    stop_after: int | None = None, grace: float = 1.0,
+) -> list[dict[str, str]]:
+    """serve() with the notifier as ``run`` wires it; the documents the receiver got."""
+    ledger = await open_ledger(":memory:")
+    parts = Parts(broker, ledger, restarter)
+    add_notifier(parts, Notifier(receiver.url, retry_policy=quick(1)))
+    try:
+        with anyio.fail_after(20):
+            await serve(ServiceSettings(handle_signals=False, stop_after=stop_after, grace=grace),
+                        worker or WorkerSettings(), parts, shutdown=shutdown)
+    finally:
+        await ledger.aclose()
+    return [cast(dict[str, str], r.document) for r in receiver.received]
+
+
+async def test_dead_letters_are_told(receiver):
+    """An invalid payload (no host to name) and a message whose restart failed
+    --max-attempts times: each told as ``dead_letter`` with its reason."""
+    broker = MemoryBroker()
+    await broker.publish([*payloads("db-1"), (b"{not json", {})])
+    told = await serve_telling(receiver, broker, ScriptedRestarter(always_fail=["db-1"]),
+                               worker=WorkerSettings(max_attempts=2), stop_after=2)
+    letters = [doc for doc in told if doc["outcome"] == "dead_letter"]
+    failed = [doc for doc in told if doc["outcome"] == "failed"]
+    assert len(failed) == 2
+    assert sorted((doc["host"], doc["detail"].split(":")[0]) for doc in letters) == [
+        ("", "invalid"), (failed[0]["host"], "restart failed 2 times"),
+    ]
+    assert {doc["message_id"] for doc in letters} >= {failed[0]["message_id"]}
+
+
+async def test_a_restart_cut_short_is_told_as_unknown(receiver):
+    broker = MemoryBroker(ack_deadline=600)
+    await broker.publish(payloads("hung"))
+    restarter = ScriptedRestarter(block=["hung"])
+    shutdown = Shutdown()
+    async with anyio.create_task_group() as tg:
+        async def run_and_keep() -> None:
+            told.extend(await serve_telling(receiver, broker, restarter, shutdown=shutdown,
+                                            grace=0.05))
+
+        told: list[dict[str, str]] = []
+        tg.start_soon(run_and_keep)
+        await restarter.started.wait()
+        shutdown.request("test")
+    (doc,) = told
+    assert doc["outcome"] == "unknown"
+    assert doc["host"].startswith("hung.")
+    assert "may or may not have happened" in doc["detail"]
 
 
 @pytest.mark.parametrize(

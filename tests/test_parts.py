@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from mandrill import config
+from mandrill.blockers.alerts import AlertsBlocker
+from mandrill.blockers.command import CommandBlocker
 from mandrill.errors import ConfigError
 from mandrill.ledger import SQLLedger
 from mandrill.parts import is_dry_run, open_parts, service_settings, worker_settings
@@ -70,6 +72,29 @@ async def test_a_notifier_runs_beside_the_service():
 async def test_notify_settings_need_a_url():
     with pytest.raises(ConfigError, match=r"^--notify-header needs --notify-url"):
         async with open_parts(run_config(notify_header=["X-A=b"])):
+            pass
+
+
+async def test_blockers_open_from_their_settings(tmp_path: Path):
+    async with open_parts(run_config()) as parts:
+        assert parts.blockers is None
+    cfg = run_config(block_on_alerts="prometheus+http://127.0.0.1:9", block_timeout="3s",
+                     block_alert_filter='severity="critical"', block_on_command="true")
+    assert cfg.blockers.timeout == 3.0
+    async with open_parts(cfg) as parts:
+        assert parts.blockers is not None
+        alerts, command = parts.blockers.blockers
+        assert isinstance(alerts, AlertsBlocker)
+        assert alerts.api.url == "http://127.0.0.1:9/api/v1/alerts"
+        assert str(alerts.alert_filter) == 'severity="critical"'
+        assert alerts.time_limit == 3.0
+        assert isinstance(command, CommandBlocker)
+        assert command.time_limit == 3.0
+
+
+async def test_an_alert_filter_needs_the_alerts_url():
+    with pytest.raises(ConfigError, match=r"^--block-alert-filter needs --block-on-alerts$"):
+        async with open_parts(run_config(block_alert_filter='severity="critical"')):
             pass
 
 

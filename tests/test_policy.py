@@ -116,17 +116,21 @@ def test_settlement_after_a_restart():
     assert settlement_after(Outcome.UNKNOWN, 0, 5, retry_unknown=True) is Settlement.NACK
     # Never began: redelivered.
     assert settlement_after(Outcome.CANCELLED, 0, 5) is Settlement.NACK
+    # Held back by a blocker: comes back after a pause, not at once.
+    assert settlement_after(Outcome.CANCELLED, 4, 5, reason=Reason.BLOCKED) is Settlement.DEFER
 
 
-@given(st.sampled_from(list(Outcome)), st.integers(0, 100), st.integers(1, 100), st.booleans())
+@given(st.sampled_from(list(Outcome)), st.integers(0, 100), st.integers(1, 100), st.booleans(),
+       st.sampled_from([None, *Reason]))
 def test_only_a_failure_may_dead_letter_and_a_cancelled_restart_never_acks(
-    outcome, failures, max_attempts, retry_unknown
+    outcome, failures, max_attempts, retry_unknown, reason
 ):
-    settlement = settlement_after(outcome, failures, max_attempts, retry_unknown=retry_unknown)
+    settlement = settlement_after(outcome, failures, max_attempts, retry_unknown=retry_unknown,
+                                  reason=reason)
     if settlement is Settlement.DEAD_LETTER:
         assert outcome is Outcome.FAILED
     if outcome is Outcome.CANCELLED:
-        assert settlement is Settlement.NACK
+        assert settlement is (Settlement.DEFER if reason is Reason.BLOCKED else Settlement.NACK)
 
 
 def test_leases_due():

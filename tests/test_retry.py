@@ -68,6 +68,42 @@ async def test_gives_up_before_a_wait_would_pass_the_total() -> None:
     assert fake.now <= policy.total
 
 
+async def test_a_budget_cuts_the_last_wait_and_then_gives_up() -> None:
+    # The budget (an outage's remaining time) bounds the retries whatever the policy's total.
+    fake = FakeTime()
+    policy = RetryPolicy(initial=1, cap=4, total=float("inf"), jitter=False)
+    with pytest.raises(GaveUp):
+        await retry(failing(100), policy, transient=is_flaky, budget=lambda: 10 - fake.now,
+                    sleep=fake.sleep, clock=fake.clock)
+    assert fake.sleeps == [1, 2, 4, 3]  # the last wait ends at the budget, not past it
+    assert fake.now == 10
+
+
+async def test_a_wait_the_server_asked_for_is_honoured_up_to_a_bound() -> None:
+    fake = FakeTime()
+    asked = iter([20.0, None, 3600.0, 0.0])
+    policy = RetryPolicy(initial=1, cap=4, total=float("inf"), jitter=False, max_server_wait=60)
+    await retry(failing(4), policy, transient=is_flaky, server_wait=lambda _: next(asked),
+                sleep=fake.sleep, clock=fake.clock)
+    # 20 s asked (more than the backoff's 1 s); none; an hour, cut to 60 s; 0 s, less than
+    # the backoff's 4 s, which stands.
+    assert fake.sleeps == [20, 2, 60, 4]
+
+
+async def test_a_wait_the_server_asked_for_stays_within_the_budget_and_the_total() -> None:
+    fake = FakeTime()
+    policy = RetryPolicy(initial=1, cap=4, total=float("inf"), jitter=False)
+    with pytest.raises(GaveUp):
+        await retry(failing(100), policy, transient=is_flaky, server_wait=lambda _: 30,
+                    budget=lambda: 45 - fake.now, sleep=fake.sleep, clock=fake.clock)
+    assert fake.sleeps == [30, 15]
+    fake = FakeTime()
+    with pytest.raises(GaveUp):  # a wait past the policy's total is not begun
+        await retry(failing(100), RetryPolicy(total=25), transient=is_flaky,
+                    server_wait=lambda _: 30, sleep=fake.sleep, clock=fake.clock)
+    assert fake.sleeps == []
+
+
 def test_waits_are_capped_and_fully_jittered() -> None:
     policy = RetryPolicy(initial=0.5, cap=2)
     assert [next(backoff_delays(policy, rand=lambda: 0.0)) for _ in range(2)] == [0.0, 0.0]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import re
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -15,6 +16,8 @@ from mandrill.safety import (
     SafetyControls,
     TimeWindow,
     host_skip_reason,
+    parse_dates,
+    parse_dates_text,
     parse_hours,
     parse_patterns,
     parse_timezone,
@@ -251,3 +254,61 @@ def test_safety_controls():
 def test_default_controls_never_skip():
     controls = SafetyControls()
     assert controls.skip_reason(message(), MONDAY_NOON_UTC) is None
+
+
+# --- blackout dates ---
+
+
+CHRISTMAS_EVE = date(2026, 12, 24)
+
+
+def test_a_blackout_date_is_the_local_day_of_its_zone():
+    window = TimeWindow(tz=PARIS, skip_dates=frozenset({CHRISTMAS_EVE}))
+    # 22:59 UTC on the 23rd is 23:59 in Paris: still the 23rd.
+    assert window.skip_reason(datetime(2026, 12, 23, 22, 59, tzinfo=UTC)) is None
+    # 23:00 UTC on the 23rd is midnight of the 24th in Paris.
+    assert window.skip_reason(datetime(2026, 12, 23, 23, 0, tzinfo=UTC)) == Refusal(
+        Reason.BLACKOUT_DATE, "blackout date: it is 2026-12-24 (Europe/Paris)"
+    )
+    assert window.skip_reason(datetime(2026, 12, 24, 22, 59, tzinfo=UTC)) is not None
+    # 23:00 UTC on the 24th is the 25th in Paris, while it is still the 24th in UTC.
+    assert window.skip_reason(datetime(2026, 12, 24, 23, 0, tzinfo=UTC)) is None
+    in_utc = TimeWindow(skip_dates=frozenset({CHRISTMAS_EVE}))
+    assert in_utc.skip_reason(datetime(2026, 12, 24, 23, 0, tzinfo=UTC)) is not None
+
+
+def test_a_blackout_date_wins_over_an_open_window():
+    window = TimeWindow(parse_weekdays("mon-fri"), parse_hours("09:00-17:00"), UTC,
+                        frozenset({CHRISTMAS_EVE}))  # a Thursday
+    noon = datetime(2026, 12, 24, 12, 0, tzinfo=UTC)
+    refusal = window.skip_reason(noon)
+    assert refusal is not None
+    assert refusal.reason is Reason.BLACKOUT_DATE
+    assert window.skip_reason(noon + timedelta(days=7)) is None
+
+
+def test_dates_are_parsed_from_a_list():
+    assert parse_dates("2026-12-24, 2026-12-31") == {CHRISTMAS_EVE, date(2026, 12, 31)}
+    assert parse_dates(["2026-12-24", "2026-12-24"]) == {CHRISTMAS_EVE}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("2026-12-24,2026-02-30", "'2026-02-30' is not a date (YYYY-MM-DD)"),
+        ("24/12/2026", "'24/12/2026' is not a date (YYYY-MM-DD)"),
+        ("2026-W52-4", "'2026-W52-4' is not a date"),
+        ("20261224", "'20261224' is not a date"),
+        ("2026-12-24,,2026-12-31", "empty date in"),
+    ],
+)
+def test_a_bad_date_is_named(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_dates(spec)
+
+
+def test_the_dates_of_a_file():
+    text = "# company holidays\n2026-12-24\n\n  2026-12-31  # new year's eve\n#2027-01-01\n"
+    assert parse_dates_text(text, "f") == {CHRISTMAS_EVE, date(2026, 12, 31)}
+    with pytest.raises(ValueError, match=r"^f line 3: '2026-13-01' is not a date"):
+        parse_dates_text("2026-12-24\n# x\n2026-13-01\n", "f")

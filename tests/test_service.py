@@ -14,6 +14,7 @@ import pytest
 from mandrill.errors import SourceError
 from mandrill.ledger import SQLLedger, open_ledger
 from mandrill.message import encode_payload
+from mandrill.obs.collector import build_registry
 from mandrill.obs.counters import Counters
 from mandrill.service import Parts, ServiceSettings, serve
 from mandrill.shutdown import Shutdown
@@ -44,6 +45,7 @@ async def run(
     stop_after: int | None,
     shutdown: Shutdown | None = None,
     worker: WorkerSettings | None = None,
+    counters: Counters | None = None,
     **settings: Any,
 ) -> Counters:
     settings.setdefault("grace", 1.0)
@@ -53,6 +55,7 @@ async def run(
             worker or WorkerSettings(),
             Parts(broker, ledger, restarter),
             shutdown=shutdown,
+            counters=counters,
         )
 
 
@@ -235,8 +238,9 @@ async def test_claims_not_started_at_shutdown_are_cancelled_and_redelivered(ledg
     restarter = ScriptedRestarter(block=["first"])
     shutdown = Shutdown()
     one_at_a_time = WorkerSettings(max_concurrent_restarts=1)
+    counters = Counters()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: run(broker, ledger, restarter, stop_after=None,
+        tg.start_soon(lambda: run(broker, ledger, restarter, stop_after=None, counters=counters,
                                   shutdown=shutdown, grace=0.05, worker=one_at_a_time))
         await restarter.started.wait()
         await anyio.wait_all_tasks_blocked()
@@ -245,6 +249,12 @@ async def test_claims_not_started_at_shutdown_are_cancelled_and_redelivered(ledg
     assert (broker.stats.acked, broker.stats.nacked, broker.backlog) == (1, 2, 2)
     outcomes = {row.message_id[-1]: row.outcome for row in await ledger.history()}
     assert sorted(outcomes.values()) == ["cancelled", "cancelled", "unknown"]
+    # And in mandrill_restarts_total, by outcome.
+    registry = build_registry(counters, in_flight=lambda: 0)
+    (restarts,) = [f for f in registry.collect() if f.name == "mandrill_restarts"]
+    by_outcome = {s.labels["outcome"]: s.value for s in restarts.samples
+                  if s.name == "mandrill_restarts_total"}
+    assert (by_outcome["unknown"], by_outcome["cancelled"]) == (1, 2)
 
 
 async def test_shielded_settlement_completes_while_the_caller_is_cancelled(ledger):

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 import anyio
 import pytest
 
+from mandrill.blockers import Blockers
+from mandrill.errors import BlockerError
 from mandrill.holdings import Holdings
 from mandrill.ledger import SQLLedger, open_ledger
 from mandrill.ledger.base import DeadLetterRecord
+from mandrill.message import Message
 from mandrill.obs.counters import Counters
 from mandrill.policy import Outcome, Reason, Settlement
 from mandrill.settler import Outbox, Settle, settle_stream
@@ -35,11 +38,13 @@ class Bench:
     letters: anyio.abc.ObjectSendStream[DeadLetterRecord]
     workers: list[Worker]
 
-    def worker(self, restarter: ScriptedRestarter, **settings: object) -> Worker:
+    def worker(
+        self, restarter: ScriptedRestarter, blockers: Blockers | None = None, **settings: object
+    ) -> Worker:
         worker = Worker(
             restarter=restarter, settings=WorkerSettings(**settings),  # type: ignore[arg-type]
             counters=self.counters, shutdown=self.shutdown, outbox=self.outbox.clone(),
-            dead_letters=self.letters.clone(),
+            dead_letters=self.letters.clone(), blockers=blockers,
         )
         self.workers.append(worker)
         return worker
@@ -164,3 +169,139 @@ async def test_a_worker_ends_with_its_stream_and_closes_what_it_holds(bench: Ben
         bench.settled.receive_nowait()
     with pytest.raises(anyio.EndOfStream):
         bench.lettered.receive_nowait()
+
+
+# --- blockers, asked just before a restart begins -------------------------------------------
+
+
+class ScriptedBlocker:
+    """Says ``answer`` (raises it, if an exception); with ``hold``, waits until released."""
+
+    name = "scripted"
+
+    def __init__(self, answer: str | Exception | None, hold: bool = False) -> None:
+        self.answer = answer
+        self.hold = hold
+        self.asked = anyio.Event()
+        self.release = anyio.Event()
+        self.hosts: list[str] = []
+
+    async def check(self, message: Message) -> str | None:
+        self.hosts.append(message.hostname)
+        self.asked.set()
+        if self.hold:
+            await self.release.wait()
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+async def test_a_blocked_restart_never_begins_and_its_message_comes_back_later(
+    bench: Bench,
+) -> None:
+    restarter = ScriptedRestarter()
+    blocker = ScriptedBlocker("1 firing alert: NodeDown")
+    claimed = await bench.claimed("web-1")
+    await bench.worker(restarter, Blockers([blocker])).restart(claimed)
+    assert blocker.hosts == ["web-1.example.net"]
+    assert sum(restarter.calls.values()) == 0
+    assert not claimed.claim.began
+    settled = bench.settled.receive_nowait()
+    assert settled.settlement is Settlement.DEFER  # after a pause, not at once
+    assert settled.finish is not None
+    assert (settled.finish.outcome, settled.finish.reason) == (Outcome.CANCELLED, Reason.BLOCKED)
+    assert settled.finish.detail == (
+        "blocked by scripted: 1 firing alert: NodeDown; not started, the message comes back later"
+    )
+    assert bench.counters.blocked == {"scripted": 1}
+    assert not bench.counters.blocker_errors
+    assert (bench.counters.restart_cancelled, bench.counters.restarted) == (0, 0)
+    # Recorded as never begun: the host is free, and the redelivery is decided afresh.
+    await bench.ledger.finish([settled.finish])
+    again = await bench.claimed("web-1")
+    assert again.claim.restart_id != claimed.claim.restart_id
+
+
+async def test_a_blocker_that_cannot_tell_blocks(bench: Bench) -> None:
+    restarter = ScriptedRestarter()
+    blockers = Blockers([ScriptedBlocker(BlockerError("HTTP 500 from http://prom"))])
+    claimed = await bench.claimed("web-1")
+    await bench.worker(restarter, blockers).restart(claimed)
+    assert sum(restarter.calls.values()) == 0
+    settled = bench.settled.receive_nowait()
+    assert settled.settlement is Settlement.DEFER
+    assert settled.finish is not None
+    assert settled.finish.reason is Reason.BLOCKED
+    assert "cannot tell, so blocking: HTTP 500 from http://prom" in settled.finish.detail
+    assert bench.counters.blocker_errors == {"scripted": 1}
+
+
+async def test_a_blocker_with_a_bug_blocks(bench: Bench) -> None:
+    claimed = await bench.claimed("web-1")
+    blockers = Blockers([ScriptedBlocker(ZeroDivisionError("oops"))])
+    await bench.worker(ScriptedRestarter(), blockers).restart(claimed)
+    settled = bench.settled.receive_nowait()
+    assert settled.finish is not None
+    assert "bug: ZeroDivisionError('oops')" in settled.finish.detail
+    assert bench.counters.blocker_errors == {"scripted": 1}
+
+
+async def test_blockers_that_say_yes_let_the_restart_go_ahead(bench: Bench) -> None:
+    blockers = Blockers([ScriptedBlocker(None), ScriptedBlocker(None)])
+    claimed = await bench.claimed("web-1")
+    await bench.worker(ScriptedRestarter(), blockers).restart(claimed)
+    settled = bench.settled.receive_nowait()
+    assert settled.finish is not None
+    assert (settled.settlement, settled.finish.outcome) == (Settlement.ACK, Outcome.RESTARTED)
+    assert not bench.counters.blocked
+
+
+async def test_a_dry_run_is_blocked_too(bench: Bench) -> None:
+    claimed = await bench.claimed("web-1")
+    blockers = Blockers([ScriptedBlocker("no")])
+    await bench.worker(ScriptedRestarter(), blockers, dry_run=True).restart(claimed)
+    settled = bench.settled.receive_nowait()
+    assert settled.finish is not None
+    assert (settled.finish.outcome, settled.finish.reason) == (Outcome.CANCELLED, Reason.BLOCKED)
+    assert bench.counters.dry_run == 0
+
+
+async def test_a_worker_cancelled_while_asking_hands_on_a_claim_not_started(
+    bench: Bench,
+) -> None:
+    blocker = ScriptedBlocker(None, hold=True)
+    restarter = ScriptedRestarter()
+    claimed = await bench.claimed("web-1")
+    worker = bench.worker(restarter, Blockers([blocker]))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.restart, claimed)
+        await blocker.asked.wait()
+        tg.cancel_scope.cancel()
+    assert not claimed.claim.began
+    settled = bench.settled.receive_nowait()
+    assert settled.settlement is Settlement.NACK
+    assert settled.finish is not None
+    assert (settled.finish.outcome, settled.finish.reason) == (
+        Outcome.CANCELLED, Reason.NOT_STARTED,
+    )
+    assert sum(restarter.calls.values()) == 0
+
+
+async def test_a_shutdown_that_comes_while_asking_stops_the_restart_beginning(
+    bench: Bench,
+) -> None:
+    blocker = ScriptedBlocker(None, hold=True)
+    restarter = ScriptedRestarter()
+    claimed = await bench.claimed("web-1")
+    worker = bench.worker(restarter, Blockers([blocker]))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.restart, claimed)
+        await blocker.asked.wait()
+        bench.shutdown.request("SIGTERM")
+        blocker.release.set()
+    assert sum(restarter.calls.values()) == 0
+    settled = bench.settled.receive_nowait()
+    assert settled.finish is not None
+    assert (settled.finish.outcome, settled.finish.reason) == (
+        Outcome.CANCELLED, Reason.NOT_STARTED,
+    )

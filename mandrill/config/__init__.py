@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mandrill.config.environment import unknown_variables
 from mandrill.config.loader import load
 from mandrill.config.table import (
     BY_NAME,
@@ -26,7 +27,10 @@ from mandrill.config.table import (
 )
 from mandrill.config.typed import (
     COMMANDS,
+    BlockersConfig,
     CommandConfig,
+    ExplainConfig,
+    ExplainFlags,
     HistoryConfig,
     HistoryFlags,
     LedgerConfig,
@@ -45,9 +49,12 @@ from mandrill.config.typed import (
     SetupConfig,
     ShutdownConfig,
     SourceConfig,
+    StatusConfig,
+    StatusFlags,
     build,
 )
 from mandrill.config.values import (
+    DURATION_UNITS,
     duration,
     format_duration,
     parse_since,
@@ -72,11 +79,15 @@ def command_config(
 __all__ = [
     "BY_NAME",
     "COMMANDS",
+    "DURATION_UNITS",
     "ENV_PREFIX",
     "GROUPS",
     "HISTORY_OUTCOMES",
     "SETTINGS",
+    "BlockersConfig",
     "CommandConfig",
+    "ExplainConfig",
+    "ExplainFlags",
     "HistoryConfig",
     "HistoryFlags",
     "LedgerConfig",
@@ -96,6 +107,8 @@ __all__ = [
     "SetupConfig",
     "ShutdownConfig",
     "SourceConfig",
+    "StatusConfig",
+    "StatusFlags",
     "command_config",
     "duration",
     "format_duration",
@@ -105,4 +118,5 @@ __all__ = [
     "positive_int",
     "settings_for",
     "show",
+    "unknown_variables",
 ]

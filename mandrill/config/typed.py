@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import date
 from typing import Any, ClassVar, TypeVar
 
 # Imported at run time, not only for mypy: build() reads the fields' types.
@@ -59,6 +60,8 @@ class SourceConfig:
     dead_letter_topic: str | None
     ack_deadline: float
     max_lease: float
+    #: How long Pub/Sub may fail (its calls retried) before ``run`` stops; ``inf``: never.
+    outage_limit: float = field(metadata={"setting": "source_outage_limit"})
     #: The embedded demo runs the talk's publisher.
     publish: bool
     rate: float | None
@@ -106,6 +109,9 @@ class SafetyConfig:
     only: tuple[str, ...]
     weekdays: frozenset[int] | None
     hours: tuple[HoursWindow, ...]
+    skip_dates: frozenset[date]
+    #: The dates the file named by ``--skip-dates-file`` holds.
+    skip_dates_file: frozenset[date]
     timezone: str
     max_concurrent_restarts: int | None
     max_restarts: int | None
@@ -115,6 +121,17 @@ class SafetyConfig:
     breaker_window: float | None
     group_by: GroupBy | None
     max_concurrent_restarts_per_group: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockersConfig:
+    """What is asked just before each restart, and may hold it back."""
+
+    GROUP: ClassVar[str] = "blockers"
+    alerts_url: str | None = field(metadata={"setting": "block_on_alerts"})
+    alert_filter: str | None = field(metadata={"setting": "block_alert_filter"})
+    command: str | None = field(metadata={"setting": "block_on_command"})
+    timeout: float = field(metadata={"setting": "block_timeout"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +160,7 @@ class ObservabilityConfig:
 
     GROUP: ClassVar[str] = "observability"
     metrics_addr: str | None
+    status_addr: str | None
     debug: bool
     slow_callback_ms: float | None
     profile: str | None
@@ -164,6 +182,7 @@ class RunConfig:
     ledger: LedgerConfig
     restarter: RestarterConfig
     safety: SafetyConfig
+    blockers: BlockersConfig
     shutdown: ShutdownConfig
     notify: NotifyConfig
     observability: ObservabilityConfig
@@ -229,6 +248,9 @@ class ReplayFlags:
     since: str | None
     until: str | None
     dead_letters: bool
+    dry_run: bool
+    limit: str | None
+    all: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +264,55 @@ class ReplayConfig:
     ledger: str
     domain: str
     flags: ReplayFlags
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusFlags:
+    """``status``'s own flags."""
+
+    GROUP: ClassVar[str] = COMMAND_FLAGS
+    json: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusConfig:
+    """``mandrill status``: the fleet as the ledger sees it."""
+
+    backend: str
+    logs: LogConfig
+    ledger: str
+    domain: str
+    #: As the daemons are configured: who counts as alive, which host is in cooldown.
+    instance_timeout: float
+    retry_unknown: bool
+    min_restart_interval: float
+    flags: StatusFlags
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainFlags:
+    """``explain``'s own flags, as given (the command checks them)."""
+
+    GROUP: ClassVar[str] = COMMAND_FLAGS
+    host: str | None
+    json: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainConfig:
+    """``mandrill explain HOST``: would a message for HOST restart it now, and why not.
+    It takes the daemon's settings of its decisions (give it the daemon's ``--config``)."""
+
+    backend: str
+    logs: LogConfig
+    ledger: str
+    domain: str
+    #: With ``live`` and ``dry_run``, whether the daemon dry-runs.
+    restarter: str
+    retry_unknown: bool
+    instance_timeout: float
+    safety: SafetyConfig
+    flags: ExplainFlags
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,7 +334,8 @@ class ResumeConfig:
 
 
 CommandConfig = (
-    RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig | ResumeConfig
+    RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig | StatusConfig
+    | ExplainConfig | ResumeConfig
 )
 
 #: Each command's configuration.
@@ -273,6 +345,8 @@ COMMANDS: dict[str, type[CommandConfig]] = {
     "setup": SetupConfig,
     "history": HistoryConfig,
     "replay": ReplayConfig,
+    "status": StatusConfig,
+    "explain": ExplainConfig,
     "resume": ResumeConfig,
 }
 

@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +39,29 @@ def duration(value: object) -> float:
     return seconds
 
 
+#: What a limit that never runs out is written as (``--source-outage-limit forever``).
+FOREVER = "forever"
+
+
+def limit_or_forever(value: object) -> float:
+    """A duration > 0, or ``forever`` (``math.inf``): how long to outlast an outage."""
+    if isinstance(value, str) and value.strip().lower() == FOREVER:
+        return math.inf
+    if isinstance(value, float) and math.isinf(value) and value > 0:
+        return math.inf
+    try:
+        seconds = duration(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a duration (examples: 30s, 10m, 1h) or 'forever'"
+        ) from None
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be a duration > 0, or 'forever'")
+    return seconds
+#: What ``--help`` says of every duration: the units :func:`duration` accepts.
+DURATION_UNITS = "units ms, s, m, h, d, w; a bare number is seconds"
+
+
 def parse_since(value: str | None, flag: str) -> float | None:
     """``--since 1d`` → the epoch time one day ago; raises :class:`ConfigError` naming
     ``flag``."""
@@ -55,6 +78,12 @@ def positive_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError(f"{value!r} must be a duration > 0")
     return seconds
+
+
+def is_duration(parse: Callable[[object], Any]) -> bool:
+    """Whether a setting parsed by ``parse`` is a duration (its help names the units, its
+    default shows as ``7d``)."""
+    return parse in (duration, positive_duration, optional_positive_duration, limit_or_forever)
 
 
 def positive_int(value: object) -> int:
@@ -185,13 +214,37 @@ def optional(parse: Callable[[str], Any]) -> Callable[[object], Any]:
     return parse_optional
 
 
+def dates(value: object) -> frozenset[date]:
+    """Blackout dates: ``2026-12-24,2026-12-31``, or a TOML list of them."""
+    if value in (None, ""):
+        return frozenset()
+    return safety.parse_dates(value if isinstance(value, list) else str(value))
+
+
+def dates_file(value: object) -> frozenset[date]:
+    """The blackout dates a file holds (read now: a bad date stops the start, naming its
+    line)."""
+    path = optional_text(value)
+    if path is None:
+        return frozenset()
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
+    return safety.parse_dates_text(text, path)
+
+
 def zone(value: object) -> str:
     name = str(value).strip()
     safety.parse_timezone(name)
     return name
 
 
-def metrics_addr(value: object) -> str | None:
+def http_addr(value: object) -> str | None:
+    """``HOST:PORT`` to listen on (``--metrics-addr``, ``--status-addr``), or ``None``."""
     if value in (None, ""):
         return None
     parse_addr(str(value))
@@ -219,6 +272,39 @@ def api_root(value: object) -> str | None:
     return text if parts.path else f"{text}/v1"
 
 
+def alerts_url(value: object) -> str | None:
+    """``--block-on-alerts``: a URL naming Prometheus's or Alertmanager's alerts API."""
+    if value in (None, ""):
+        return None
+    from mandrill.blockers.matchers import parse_alerts_url
+
+    text = str(value).strip()
+    parse_alerts_url(text)
+    return text
+
+
+def alert_filter(value: object) -> str | None:
+    """``--block-alert-filter``: label matchers (``alertname=~"Node.*",severity="critical"``)."""
+    if value in (None, ""):
+        return None
+    from mandrill.blockers.matchers import parse_filter
+
+    text = str(value).strip()
+    parse_filter(text)
+    return text or None
+
+
+def blocker_command(value: object) -> str | None:
+    """``--block-on-command``: an argv template, as the command restarter's."""
+    if value in (None, ""):
+        return None
+    from mandrill.restarters.command import ArgvTemplate
+
+    text = str(value).strip()
+    ArgvTemplate(text, "blocker command")
+    return text
+
+
 def notify_headers(value: object) -> tuple[tuple[str, str], ...]:
     return parse_headers(value, os.environ)
 
@@ -240,11 +326,13 @@ def optional_ms(value: object) -> float | None:
 
 def show(value: Any, parse: Callable[[object], Any] | None = None) -> str | None:
     """A setting's value as a user would write it in a flag or a TOML file."""
-    if value is None or value == () or value is False:
+    if value is None or value == () or value == frozenset() or value is False:
         return None
     if value is True:
         return "on"
-    if parse is duration:
+    if parse is limit_or_forever:
+        return FOREVER if math.isinf(value) else format_duration(float(value))
+    if parse is not None and is_duration(parse):
         return format_duration(float(value))
     if isinstance(value, float) and value.is_integer():
         return str(int(value))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from anyio.abc import TaskStatus
 
 from mandrill.ledger.breaker import Breaker
+from mandrill.ledger.schema import Dialect
 from mandrill.message import Delivery, Message
 from mandrill.policy import Decision, Outcome, Reason, Refusal, Rules
+
+T = TypeVar("T")
 
 # The values that travel along the message path are NamedTuples: as immutable as a frozen
 # dataclass, and built without a setattr call per field (measured: a few thousand
@@ -56,12 +59,16 @@ class Decided(NamedTuple):
     """The ledger's decision on one message: with a ``claim`` when it restarts its host.
     ``saved`` is false when its record (history, replay) could not be written: logged,
     not retried. ``error`` says why a message could not be decided at all (its claim failed
-    alone; the others of its transaction were decided)."""
+    alone; the others of its transaction were decided). ``conflict`` is the host of another
+    message the ledger held under this message's id (a reused id: a restarted emulator
+    numbers messages from 1 again), "" if none: this one was saved beside it and decided as
+    a new message."""
 
     decision: Decision | None
     claim: Claim | None = None
     saved: bool = True
     error: str = ""
+    conflict: str = ""
 
 
 class DeadLetterRecord(NamedTuple):
@@ -82,6 +89,48 @@ class HistoryRow:
     finished_at: float | None
     outcome: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonRow:
+    """A daemon that has not stopped, as its heartbeat left it in ``instances``."""
+
+    instance_id: str
+    host: str
+    pid: int
+    started: float
+    last_seen: float
+    backend: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRow:
+    """A restart under way: claimed by ``owner`` (a daemon's instance id) at ``since``."""
+
+    hostname: str
+    since: float
+    owner: str | None
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CooldownRow:
+    """A host the interval rule keeps from restarting until ``until``."""
+
+    hostname: str
+    last_restart: float
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStatus:
+    """What ``mandrill status`` shows, read at the ledger's time ``now``."""
+
+    now: float
+    daemons: list[DaemonRow]
+    claims: list[ClaimRow]
+    cooldowns: list[CooldownRow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,18 +243,29 @@ class Ledger(Protocol):
         since: float | None = None,
         until: float | None = None,
         status: str | None = None,
+        limit: int | None = None,
     ) -> list[SavedMessage]:
-        """Messages as saved, oldest first, for replay."""
+        """Messages as saved, oldest first, for replay (the first ``limit`` of them)."""
         ...
 
     async def counts(self) -> dict[str, int]:
         """Messages and decisions by outcome, for summaries and tests."""
         ...
 
+    async def fleet_status(self, min_interval: float, retry_unknown: bool) -> FleetStatus:
+        """The daemons that have not stopped, the claims under way and the hosts in their
+        interval's cooldown, at the ledger's time (see
+        :func:`mandrill.ledger.reads.fleet_status`)."""
+    async def read(self, fn: Callable[[Any, Dialect, float], T]) -> T:
+        """``fn(cursor, dialect, now)`` (``now``: the ledger's time) in one read-only
+        snapshot, off the message path (the status page, ``explain``; the queries are in
+        :mod:`mandrill.ledger.fleet`)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 __all__ = [
-    "Claim", "DeadLetterRecord", "Decided", "Finish", "HistoryRow", "Ledger", "Request",
-    "SavedMessage",
+    "Claim", "ClaimRow", "CooldownRow", "DaemonRow", "DeadLetterRecord", "Decided", "Finish",
+    "FleetStatus", "HistoryRow", "Ledger", "Request", "SavedMessage",
 ]

@@ -69,13 +69,13 @@ class _Row:
     """A restart row as the claims of one batch see it: read from the ledger, or inserted
     by one of them (``id`` None until it is). ``order`` is the ledger's order (the id's)."""
 
-    __slots__ = ("decided_at", "hostname", "id", "last_seen", "message_id", "order", "outcome",
-                 "owner", "stopped_at", "subscription")
+    __slots__ = ("decided_at", "generation", "hostname", "id", "last_seen", "message_id",
+                 "order", "outcome", "owner", "stopped_at", "subscription")
 
     def __init__(
         self, order: int, row_id: int | None, subscription: str, message_id: str,
         hostname: str, outcome: Outcome, decided_at: float, owner: str | None,
-        last_seen: float | None, stopped_at: float | None,
+        last_seen: float | None, stopped_at: float | None, generation: int,
     ) -> None:
         self.order = order
         self.id = row_id
@@ -87,6 +87,7 @@ class _Row:
         self.owner = owner
         self.last_seen = last_seen
         self.stopped_at = stopped_at
+        self.generation = generation
 
 
 def _order(row: _Row) -> int:
@@ -107,10 +108,11 @@ def lock_hosts(cur: Cursor, d: Dialect, messages: Collection[Message], rules: Ru
 
 
 def claim_many(
-    cur: Cursor, d: Dialect, owner: Owner, now: float, rules: Rules, messages: list[Message],
-    *, breaker: Breaker | None = None,
+    cur: Cursor, d: Dialect, owner: Owner, now: float, rules: Rules,
+    messages: list[tuple[Message, int]], *, breaker: Breaker | None = None,
 ) -> list[tuple[Decision, int | None]]:
-    """Decide, for each of ``messages``, whether it restarts its host, inside the caller's
+    """Decide, for each of ``messages`` (each with the generation of its id, see
+    :mod:`mandrill.ledger.generations`), whether it restarts its host, inside the caller's
     transaction, with :func:`mandrill.policy.decide_restart` over what the ledger knows (the
     message's decisions, the host's last counted restart and claims under way, the fleet's
     count), and record a ``restarting`` claim owned by ``owner`` when it does. Returns
@@ -134,16 +136,16 @@ def claim_many(
     """
     subscription, instance_id = owner.subscription, owner.instance_id
     rate_limit, retry_unknown = rules.rate_limit, rules.retry_unknown
-    host_set = {message.hostname for message in messages}
+    host_set = {message.hostname for message, _ in messages}
     hosts = sorted(host_set)
-    message_ids = {message.message_id: None for message in messages}
+    message_ids = {message.message_id: None for message, _ in messages}
     listed_hosts = d.list_param(hosts)
     # One round trip: the messages' decisions and the hosts' claims under way (with their
     # owners' heartbeats), then rows (id NULL) with each host's last restart and unknown.
     cur.execute(
         d.sql(
             "SELECT r.id, r.subscription, r.message_id, r.hostname, r.outcome, r.decided_at,"
-            " r.owner, i.last_seen, i.stopped_at FROM restarts r"
+            " r.owner, i.last_seen, i.stopped_at, r.generation FROM restarts r"
             " LEFT JOIN instances i ON i.instance_id = r.owner"
             f" WHERE (r.message_id {d.in_list} AND r.subscription IN (?, ''))"
             # The outcome as a literal, not a parameter: SQLite can use the partial index
@@ -151,7 +153,7 @@ def claim_many(
             # execution for a parameter (measured: 32 -> 6.5 us a claim).
             f" OR (r.hostname {d.in_list} AND r.outcome = '{Outcome.RESTARTING.value}')"
             " UNION ALL SELECT NULL, NULL, NULL, hostname, outcome, MAX(decided_at), NULL, NULL,"
-            f" NULL FROM restarts WHERE hostname {d.in_list} AND outcome IN (?, ?)"
+            f" NULL, NULL FROM restarts WHERE hostname {d.in_list} AND outcome IN (?, ?)"
             " GROUP BY hostname, outcome"
         ),
         (
@@ -176,18 +178,18 @@ def claim_many(
             loaded.append(_Row(int(row_id), int(row_id), row_subscription, message_id,
                                hostname, Outcome(outcome), decided_at, *rest))
     loaded.sort(key=_order)
-    by_message: dict[str, list[_Row]] = {}
+    by_message: dict[tuple[str, int], list[_Row]] = {}
     by_host: dict[str, list[_Row]] = {}
     for row in loaded:
         if row.message_id in message_ids and row.subscription in (subscription, ""):
-            by_message.setdefault(row.message_id, []).append(row)
+            by_message.setdefault((row.message_id, row.generation), []).append(row)
         if row.hostname in host_set:
             by_host.setdefault(row.hostname, []).append(row)
     group_of = rules.groups.by.group_of if rules.groups is not None else None
     under_way_in: groups.UnderWay | None = None
     if rules.groups is not None and breaker is None:
         under_way_in = groups.UnderWay.read(
-            cur, d, rules.groups, {rules.groups.by.group_of(m) for m in messages},
+            cur, d, rules.groups, {rules.groups.by.group_of(m) for m, _ in messages},
             partial(_orphaned, owner),
         )
     fleet: list[float] = []
@@ -205,9 +207,10 @@ def claim_many(
     inserted_by: list[int | None] = []  # per insert, the message whose claim it is
     restarting, unknown = _RESTARTING, _UNKNOWN
     decisions_made: list[Decision] = []
-    for message in messages:
+    for message, generation in messages:
         message_id, hostname = message.message_id, message.hostname
-        own = by_message.get(message_id)
+        key = (message_id, generation)
+        own = by_message.get(key)
         on_host = by_host.get(hostname)
         under_way = [row for row in on_host if row.outcome is restarting] if on_host else None
         if not under_way:
@@ -232,7 +235,8 @@ def claim_many(
                 last_unknown[row.hostname] = max(known, row.decided_at)
                 if not retry_unknown:
                     last = _latest(last, row.decided_at)
-            if row.message_id == message_id and row.subscription in (subscription, ""):
+            if (row.message_id == message_id and row.generation == generation
+                    and row.subscription in (subscription, "")):
                 decisions.append((outcome, row.decided_at))
             elif outcome is restarting:
                 busy_with = row.message_id
@@ -261,7 +265,7 @@ def claim_many(
         decisions_made.append(decision)
         if verdict is _RESTART:
             new = _Row(next_order, None, subscription, message_id, hostname, restarting, now,
-                       instance_id, None, None)
+                       instance_id, None, None, generation)
             if on_host is None:
                 by_host[hostname] = [new]
             else:
@@ -269,18 +273,18 @@ def claim_many(
             added += 1
             inserted_by.append(len(decisions_made) - 1)
             inserts.append((subscription, message_id, hostname, now, None, restarting, "",
-                            instance_id, "", group))
+                            instance_id, "", generation, group))
         elif verdict is _SKIP:
             new = _Row(next_order, None, subscription, message_id, hostname, _SKIPPED, now,
-                       None, None, None)
+                       None, None, None, generation)
             inserted_by.append(None)
             inserts.append((subscription, message_id, hostname, now, now, _SKIPPED,
-                            decision.detail, None, decision.reason, group))
+                            decision.detail, None, decision.reason, generation, group))
         else:
             continue
         next_order += 1
         if own is None:
-            by_message[message_id] = [new]
+            by_message[key] = [new]
         else:
             own.append(new)
     if resolutions:

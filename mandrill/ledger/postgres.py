@@ -239,6 +239,11 @@ class PostgresDatabase:
         if conn is not None:
             conn.close()
 
+    def reader(self) -> PostgresReader:
+        """A connection of its own for reads: they never wait behind this one's
+        transactions (see :mod:`mandrill.ledger.reader`)."""
+        return PostgresReader(self._params)
+
     def _create_schema(self) -> None:
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
@@ -252,6 +257,34 @@ class PostgresDatabase:
             # In the same transaction as the lock: an older ledger is upgraded all at
             # once or not at all, and a daemon starting meanwhile waits, then sees it done.
             schema.migrate(cur, DIALECT)
+
+
+class PostgresReader:
+    """A connection for reads, opened by the first one; each read is one read-only
+    REPEATABLE READ transaction, so that the queries of one page see one snapshot. A read
+    that fails drops the connection: the next one connects afresh."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self._params = params
+        self._conn: psycopg.Connection[TupleRow] | None = None
+
+    def read(self, fn: Callable[[Any], T]) -> T:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(**self._params, autocommit=True)
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                result = fn(cur)
+                cur.execute("COMMIT")
+        except BaseException:
+            self.close()
+            raise
+        return result
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
 
 async def open_postgres_ledger(

@@ -7,8 +7,16 @@ import json
 from collections.abc import Collection
 from typing import Any
 
-from mandrill.ledger.base import HistoryRow, SavedMessage
+from mandrill.ledger.base import (
+    ClaimRow,
+    CooldownRow,
+    DaemonRow,
+    FleetStatus,
+    HistoryRow,
+    SavedMessage,
+)
 from mandrill.ledger.schema import Cursor, Dialect
+from mandrill.policy import Outcome
 
 
 def history(
@@ -54,12 +62,19 @@ def saved_messages(
     since: float | None,
     until: float | None,
     status: str | None,
+    limit: int | None = None,
 ) -> list[SavedMessage]:
+    """Messages as saved, oldest first; the first ``limit`` of them when given."""
     where, params = _filters(hostname, since, until, status, time_column="first_seen")
+    if limit is not None:
+        where += " ORDER BY first_seen, message_id LIMIT ?"
+        params.append(limit)
+    else:
+        where += " ORDER BY first_seen, message_id"
     cur.execute(
         d.sql(
             "SELECT message_id, data, attributes, hostname, first_seen, status, reason"
-            f" FROM messages{where} ORDER BY first_seen, message_id"
+            f" FROM messages{where}"
         ),
         params,
     )
@@ -67,6 +82,40 @@ def saved_messages(
         SavedMessage(mid, bytes(data), json.loads(attrs), host, seen, status, reason)
         for mid, data, attrs, host, seen, status, reason in cur.fetchall()
     ]
+
+
+def fleet_status(
+    cur: Cursor, d: Dialect, now: float, min_interval: float, retry_unknown: bool
+) -> FleetStatus:
+    """The daemons that have not stopped (alive or silent), the restart claims under way,
+    and the hosts whose last restart that counts (a success; an unknown outcome too unless
+    ``retry_unknown``) is more recent than ``min_interval`` at ``now``."""
+    cur.execute(
+        "SELECT instance_id, host, pid, started, last_seen, backend, version FROM instances"
+        " WHERE stopped_at IS NULL ORDER BY host, started, instance_id"
+    )
+    daemons = [DaemonRow(*row) for row in cur.fetchall()]
+    cur.execute(
+        d.sql(
+            "SELECT hostname, decided_at, owner, message_id FROM restarts WHERE outcome = ?"
+            " ORDER BY decided_at, id"
+        ),
+        (Outcome.RESTARTING,),
+    )
+    claims = [ClaimRow(*row) for row in cur.fetchall()]
+    counted = [Outcome.RESTARTED] if retry_unknown else [Outcome.RESTARTED, Outcome.UNKNOWN]
+    cur.execute(
+        d.sql(
+            "SELECT hostname, MAX(decided_at) FROM restarts WHERE decided_at > ? AND outcome"
+            f" IN ({', '.join('?' * len(counted))}) GROUP BY hostname"
+        ),
+        (now - min_interval, *counted),
+    )
+    cooldowns = sorted(
+        (CooldownRow(host, last, last + min_interval) for host, last in cur.fetchall()),
+        key=lambda row: (row.until, row.hostname),
+    )
+    return FleetStatus(now, daemons, claims, cooldowns)
 
 
 def counts(cur: Cursor) -> dict[str, int]:

@@ -163,6 +163,50 @@ def _v3(d: Dialect) -> list[str]:
 
 
 def _v4(d: Dialect) -> list[str]:
+    """Messages keyed by (subscription, message id, generation): a message id the ledger
+    already holds for another message (a restarted emulator numbers its messages from 1
+    again) is saved beside it as the next generation, and its restarts name that generation
+    (see :mod:`mandrill.ledger.generations`). Every row from before is generation 0."""
+    if d.name == "sqlite":
+        # SQLite cannot change a primary key: the table is rebuilt.
+        columns = (
+            "subscription, message_id, instance_name, hostname, data, attributes,"
+            " publish_time, first_seen, deliveries, status, reason"
+        )
+        messages = [
+            f"""CREATE TABLE messages_v4 (
+                subscription TEXT NOT NULL DEFAULT '',
+                message_id TEXT NOT NULL,
+                generation INTEGER NOT NULL DEFAULT 0,
+                instance_name TEXT,
+                hostname TEXT,
+                data {d.blob_type} NOT NULL,
+                attributes TEXT NOT NULL,
+                publish_time DOUBLE PRECISION,
+                first_seen DOUBLE PRECISION NOT NULL,
+                deliveries INTEGER NOT NULL DEFAULT 1,
+                status TEXT NOT NULL,
+                reason TEXT NOT NULL DEFAULT '',
+                PRIMARY KEY (subscription, message_id, generation)
+            )""",
+            f"INSERT INTO messages_v4 ({columns}) SELECT {columns} FROM messages",
+            "DROP TABLE messages",
+            "ALTER TABLE messages_v4 RENAME TO messages",
+            "CREATE INDEX messages_by_seen ON messages (first_seen)",
+        ]
+    else:
+        messages = [
+            "ALTER TABLE messages ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE messages DROP CONSTRAINT messages_pkey",
+            "ALTER TABLE messages ADD PRIMARY KEY (subscription, message_id, generation)",
+        ]
+    return [
+        *messages,
+        "ALTER TABLE restarts ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
+    ]
+
+
+def _v5(d: Dialect) -> list[str]:
     """The fleet's restart-storm breaker: a row each time it opened (``closed_at`` NULL
     while open), and the recent failed and unknown restarts it counts, found by their
     end; each decision's group of hosts (``--group-by``; NULL without), and the claims
@@ -186,7 +230,7 @@ def _v4(d: Dialect) -> list[str]:
 
 
 #: Migration ``n`` (``MIGRATIONS[n - 1]``) takes the schema from version ``n - 1`` to ``n``.
-MIGRATIONS: tuple[Callable[[Dialect], list[str]], ...] = (_v1, _v2, _v3, _v4)
+MIGRATIONS: tuple[Callable[[Dialect], list[str]], ...] = (_v1, _v2, _v3, _v4, _v5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -24,9 +24,10 @@ from mandrill.policy import Outcome, Reason
 #: only counts the delivery; a dead letter inserts or turns the message into
 #: ``dead_letter`` with its reason.
 _WRITE_MESSAGE = (
-    "INSERT INTO messages (subscription, message_id, instance_name, hostname, data,"
-    " attributes, publish_time, first_seen, status, reason)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subscription, message_id)"
+    "INSERT INTO messages (subscription, message_id, generation, instance_name, hostname,"
+    " data, attributes, publish_time, first_seen, status, reason)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (subscription, message_id, generation)"
     " DO UPDATE SET deliveries = messages.deliveries + 1,"
     " status = CASE WHEN excluded.status = 'dead_letter' THEN excluded.status"
     " ELSE messages.status END,"
@@ -35,14 +36,18 @@ _WRITE_MESSAGE = (
 )
 
 #: A row of :data:`_WRITE_MESSAGE`'s parameters (:func:`message_row`, :func:`dead_letter_row`).
-MessageRow = tuple[str, str, str | None, str | None, bytes, str, float, float, str, str]
+MessageRow = tuple[str, str, int, str | None, str | None, bytes, str, float, float, str, str]
 
 
-def message_row(subscription: str, message: Message, now: float) -> MessageRow:
-    """The row that saves a message (a delivery of it)."""
+def message_row(
+    subscription: str, message: Message, now: float, generation: int = 0
+) -> MessageRow:
+    """The row that saves a message (a delivery of it), the ``generation`` of its id
+    (see :mod:`mandrill.ledger.generations`)."""
     return (
         subscription,
         message.message_id,
+        generation,
         message.instance_name,
         message.hostname,
         message.data,
@@ -55,12 +60,13 @@ def message_row(subscription: str, message: Message, now: float) -> MessageRow:
 
 
 def dead_letter_row(
-    subscription: str, delivery: Delivery, now: float, reason: str
+    subscription: str, delivery: Delivery, now: float, reason: str, generation: int = 0
 ) -> MessageRow:
     """The row that keeps a delivery that will never be processed, with the reason."""
     return (
         subscription,
         delivery.message_id,
+        generation,
         None,
         None,
         delivery.data,
@@ -77,13 +83,13 @@ def write_messages(cur: Cursor, d: Dialect, rows: list[MessageRow]) -> list[None
     order: the row locks a PostgreSQL upsert takes are then taken in one global order by
     every daemon (two rows of one message keep the order they came in)."""
     if len(rows) > 1:
-        rows = sorted(rows, key=_message_id)
+        rows = sorted(rows, key=_message_key)
     cur.executemany(d.sql(_WRITE_MESSAGE), rows)
     return [None] * len(rows)
 
 
-def _message_id(row: MessageRow) -> str:
-    return row[1]
+def _message_key(row: MessageRow) -> tuple[str, int]:
+    return row[1], row[2]
 
 
 def _attributes_json(attributes: Mapping[str, str]) -> str:
@@ -146,19 +152,22 @@ def forget_instances(cur: Cursor, d: Dialect, before: float) -> None:
 
 _INSERT_RESTART = (
     "INSERT INTO restarts (subscription, message_id, hostname, decided_at, finished_at,"
-    " outcome, detail, owner, reason, group_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " outcome, detail, owner, reason, generation, group_name)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
 def restart_row(
     subscription: str, message: Message, now: float, outcome: Outcome, detail: str, *,
-    finished: bool, owner: str | None, reason: Reason | None = None, group: str | None = None,
+    finished: bool, owner: str | None, reason: Reason | None = None, generation: int = 0,
+    group: str | None = None,
 ) -> tuple[Any, ...]:
     """A row of :data:`_INSERT_RESTART`: a claim (``finished`` false, with its ``owner``)
-    or a decision that is final at once (a skip); ``group``, the host's group (with
-    ``--group-by``)."""
+    or a decision that is final at once (a skip), for the ``generation`` of its message's
+    id; ``group``, the host's group (with ``--group-by``)."""
     return (subscription, message.message_id, message.hostname, now,
-            now if finished else None, outcome, detail, owner, reason or "", group)
+            now if finished else None, outcome, detail, owner, reason or "", generation,
+            group)
 
 
 def insert_many(cur: Cursor, d: Dialect, rows: list[tuple[Any, ...]]) -> list[int]:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 
-from mandrill.errors import LedgerError
+from mandrill.errors import LedgerError, LedgerPathError
 from mandrill.ledger import schema, sql
 from mandrill.ledger.journal import OutcomeJournal
 from mandrill.ledger.sqlledger import SQLLedger
@@ -46,6 +48,7 @@ class SQLiteDatabase:
     deadline = 2 * BUSY_TIMEOUT_MS / 1000
 
     def __init__(self, path: str) -> None:
+        self._path = path
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         #: Whether a batch can run without waiting for another connection: always in
@@ -136,6 +139,38 @@ class SQLiteDatabase:
     def close(self) -> None:
         self._conn.close()
 
+    def reader(self) -> SQLiteReader | None:
+        """A connection of its own for reads (``None`` for ``:memory:``, a database no
+        other connection sees): in WAL mode, reads and writes do not wait for each other."""
+        return None if self._path == ":memory:" else SQLiteReader(self._path)
+
+
+class SQLiteReader:
+    """A read-only connection to the ledger's file, opened by its first read (see
+    :mod:`mandrill.ledger.reader`)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def read(self, fn: Callable[[Any], T]) -> T:
+        if self._conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only = ON")
+            self._conn = conn
+        cur = self._conn.cursor()
+        cur.execute("BEGIN")  # one snapshot for every query of the read
+        try:
+            return fn(cur)
+        finally:
+            cur.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
 
 def _busy(error: sqlite3.OperationalError) -> bool:
     """SQLITE_BUSY: another connection holds the lock."""
@@ -155,7 +190,64 @@ async def open_sqlite_ledger(
     try:
         db = await anyio.to_thread.run_sync(SQLiteDatabase, path)
     except sqlite3.Error as exc:
+        problem = await anyio.to_thread.run_sync(path_problem, path)
+        if problem is not None:
+            raise LedgerPathError(f"SQLite ledger {path}: {problem}") from exc
         raise LedgerError(f"cannot open SQLite ledger {path!r}: {exc}") from exc
     except LedgerError as exc:
         raise LedgerError(f"SQLite ledger {path!r}: {exc}") from None
     return SQLLedger(db, DIALECT, outage_limit=outage_limit, journal=journal, **options)
+
+
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def path_problem(path: str) -> str | None:
+    """Why SQLite cannot use ``path`` as a ledger, found by trying as this process (root
+    included: permission bits do not stop it, a read-only mount does), in one line; ``None``
+    if nothing about the path explains it. Called once opening failed: the probes (a read,
+    an open for writing, a temporary file beside it) cost nothing on the way to success.
+    """
+    if path == ":memory:":
+        return None
+    absolute = os.path.abspath(path)
+    directory = os.path.dirname(absolute)
+    if os.path.isdir(absolute):
+        return "is a directory, not a file"
+    missing = _missing_directory(directory)
+    if missing is not None:
+        return missing
+    if os.path.lexists(absolute):
+        try:
+            with open(absolute, "rb") as file:
+                header = file.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        if header and header != SQLITE_HEADER:
+            return "is not a SQLite database"
+        try:
+            os.close(os.open(absolute, os.O_RDWR))
+        except OSError as exc:
+            return f"cannot be written ({exc.strerror})"
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return (
+            f"directory {directory} is not writable ({exc.strerror}): SQLite keeps its"
+            " journal beside the ledger"
+        )
+    return None
+
+
+def _missing_directory(directory: str) -> str | None:
+    """Why ``directory`` cannot hold the ledger: it or a parent is missing, or a file."""
+    parent = directory
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    if parent != directory:
+        return f"directory {directory} does not exist"
+    return None

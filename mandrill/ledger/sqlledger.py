@@ -25,18 +25,20 @@ from anyio.abc import TaskStatus
 
 from mandrill.errors import LedgerError, describe
 from mandrill.ledger import breaker as breakers
-from mandrill.ledger import claims, reads, sql
+from mandrill.ledger import claims, generations, reads, sql
 from mandrill.ledger.base import (
     Claim,
     DeadLetterRecord,
     Decided,
     Finish,
+    FleetStatus,
     HistoryRow,
     Request,
     SavedMessage,
 )
 from mandrill.ledger.journal import KeptOutcome, OutcomeJournal
 from mandrill.ledger.owned import OwnedClaims
+from mandrill.ledger.reader import Reads
 from mandrill.ledger.transactions import Database, Transactions
 from mandrill.policy import Decision, Outcome, Rules, Verdict
 
@@ -114,6 +116,11 @@ class SQLLedger:
         #: one the last decision opened.
         self._breaker: breakers.Breaker | None = None
         self._opened: breakers.Breaker | None = None
+        opener: Callable[[], Any] | None = getattr(db, "reader", None)
+        reader = opener() if opener is not None else None
+        #: Reads on a connection of their own (the status page, explain); none where the
+        #: database has no second connection (``:memory:``): they share the ledger's then.
+        self._reads = Reads(reader, db.deadline) if reader is not None else None
 
     def now(self, cur: Any) -> float:
         """The ledger's time, inside a transaction (see the class docstring)."""
@@ -254,23 +261,37 @@ class SQLLedger:
         """Save every message and decide on it, in one transaction: locks first (one order
         for every daemon: fleet, hosts, then message rows, then restart rows), then the
         message rows, the safety controls' skips, the breaker, and the claims. One failing
-        part fails alone (a savepoint each, then item by item). Returns the decisions, the
-        breaker's last row (read when there was a claim to make) and whether this
-        transaction opened it."""
+        part fails alone (a savepoint each, then item by item). A message whose id the
+        ledger holds for another message is a new one (:mod:`~mandrill.ledger.generations`).
+        Returns the decisions, the breaker's last row (read when there was a claim to make)
+        and whether this transaction opened it."""
         d, subscription = self._d, self.subscription
         now = self.now(cur)
-        to_claim = [request.message for request in requests if request.refusal is None]
-        if to_claim:
-            claims.lock_hosts(cur, d, to_claim, rules)
-        rows = [sql.message_row(subscription, request.message, now) for request in requests]
+        to_lock = [request.message for request in requests if request.refusal is None]
+        if to_lock:
+            claims.lock_hosts(cur, d, to_lock, rules)
+        identities = self._identify(cur, [
+            (message.message_id, message.hostname, message.data, message.publish_time)
+            for message in (request.message for request in requests)
+        ])
+        rows = [
+            sql.message_row(subscription, request.message, now, identity.generation)
+            for request, identity in zip(requests, identities, strict=True)
+        ]
         saved = _each(cur, rows, partial(sql.write_messages, cur, d))
         group_of = rules.groups.by.group_of if rules.groups is not None else None
         skips = [
             sql.restart_row(subscription, request.message, now, Outcome.SKIPPED,
                             request.refusal.detail, finished=True, owner=None,
-                            reason=request.refusal.reason,
+                            reason=request.refusal.reason, generation=identity.generation,
                             group=None if group_of is None else group_of(request.message))
-            for request in requests if request.refusal is not None
+            for request, identity in zip(requests, identities, strict=True)
+            if request.refusal is not None
+        ]
+        to_claim = [
+            (request.message, identity.generation)
+            for request, identity in zip(requests, identities, strict=True)
+            if request.refusal is None
         ]
         skipped = _each(cur, skips, partial(sql.insert_many, cur, d))
         owner = self._owner(cur, now)
@@ -292,20 +313,21 @@ class SQLLedger:
         )
         results: list[Decided] = []
         skip_results, claim_results = iter(skipped), iter(decisions)
-        for request, save in zip(requests, saved, strict=True):
+        for request, save, identity in zip(requests, saved, identities, strict=True):
             was_saved = not isinstance(save, Exception)
             result = next(skip_results if request.refusal is not None else claim_results)
+            conflict = identity.conflict
             if isinstance(result, Exception):
-                results.append(Decided(None, None, was_saved, describe(result)))
+                results.append(Decided(None, None, was_saved, describe(result), conflict))
             elif request.refusal is not None:
-                results.append(Decided(_refused(request), None, was_saved))
+                results.append(Decided(_refused(request), None, was_saved, conflict=conflict))
             else:
                 decision, restart_id = result
                 message = request.message
                 claim = None if restart_id is None else Claim(
                     restart_id, message.message_id, message.hostname, decision.failures
                 )
-                results.append(Decided(decision, claim, was_saved))
+                results.append(Decided(decision, claim, was_saved, conflict=conflict))
         return results, breaker, opened
 
     # -- the breaker ------------------------------------------------------------------------
@@ -349,6 +371,17 @@ class SQLLedger:
             log.warning("restart-storm breaker closed by %s: restarts resume",
                         breaker.closed_by)
             self._breaker = None
+
+    def _identify(
+        self, cur: Any, messages: Sequence[tuple[str, str | None, bytes, float]]
+    ) -> list[generations.Identity]:
+        """Each message's generation under its id (and the host of the other message the
+        ledger holds under it, if any), in order; ``messages`` as (id, host, payload,
+        publish time)."""
+        versions = generations.read_versions(
+            cur, self._d, self.subscription, {message[0] for message in messages}
+        )
+        return [generations.identify(versions, *message) for message in messages]
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -454,9 +487,16 @@ class SQLLedger:
 
     def _dead_letter(self, records: list[DeadLetterRecord], cur: Any) -> None:
         now = self.now(cur)
-        sql.write_messages(cur, self._d, [
-            sql.dead_letter_row(self.subscription, record.delivery, now, record.detail)
+        # A dead letter whose id the ledger holds for another message is kept beside it.
+        identities = self._identify(cur, [
+            (record.delivery.message_id, None, record.delivery.data,
+             record.delivery.publish_time)
             for record in records
+        ])
+        sql.write_messages(cur, self._d, [
+            sql.dead_letter_row(self.subscription, record.delivery, now, record.detail,
+                                identity.generation)
+            for record, identity in zip(records, identities, strict=True)
         ])
         self._write_finishes(
             cur, [record.finish for record in records if record.finish is not None], now
@@ -490,16 +530,38 @@ class SQLLedger:
         since: float | None = None,
         until: float | None = None,
         status: str | None = None,
+        limit: int | None = None,
     ) -> list[SavedMessage]:
         d = self._d
         return await self._tx.query(
-            lambda cur: reads.saved_messages(cur, d, hostname, since, until, status)
+            lambda cur: reads.saved_messages(cur, d, hostname, since, until, status, limit)
         )
 
     async def counts(self) -> dict[str, int]:
         return await self._tx.query(reads.counts)
 
+    async def fleet_status(self, min_interval: float, retry_unknown: bool) -> FleetStatus:
+        d = self._d
+        return await self._tx.query(
+            lambda cur: reads.fleet_status(cur, d, self.now(cur), min_interval, retry_unknown)
+        )
+
+    async def read(self, fn: Callable[[Any, sql.Dialect, float], T]) -> T:
+        """``fn(cursor, dialect, now)``, ``now`` the ledger's time, in one read-only
+        snapshot on a connection of its own (opened by the first read): neither waiting for
+        the message path's transactions nor holding them up. Raises :class:`LedgerError`."""
+        d = self._d
+
+        def with_time(cur: Any) -> T:
+            return fn(cur, d, self.now(cur))
+
+        if self._reads is None:
+            return await self._tx.query(with_time)
+        return await self._reads.run(with_time)
+
     async def aclose(self) -> None:
+        if self._reads is not None:
+            await self._reads.aclose()
         if self._tx.stuck:
             # A thread is still inside a transaction that hangs and holds the connection:
             # closing it would wait for that, or break it. The process exit closes it.

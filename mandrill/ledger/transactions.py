@@ -35,7 +35,8 @@ class Database(Protocol):
     A database whose transactions are short CPU work may also offer
     ``try_transaction_now(work) -> tuple[bool, result]``: run it now, on the event loop's
     thread, if that cannot block (no lock to wait for, no network); ``(False, None)``,
-    having changed nothing, if it could.
+    having changed nothing, if it could. And ``reader()``: a
+    :class:`~mandrill.ledger.reader.Reader` on a connection of its own, or ``None``.
     """
 
     #: Seconds a transaction may take before it counts as stalled (about twice what the

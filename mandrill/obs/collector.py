@@ -9,9 +9,12 @@ global state, so tests can run many.
 from __future__ import annotations
 
 import math
+import platform
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
+import sniffio
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,12 +23,30 @@ from prometheus_client.core import (
     Metric,
 )
 
+from mandrill.blockers import BLOCKER_NAMES
 from mandrill.obs.counters import Counters, Histogram
 from mandrill.obs.health import Health
 from mandrill.policy import DEAD_LETTER_REASONS, SKIP_REASONS
+from mandrill.version import version
 
 if TYPE_CHECKING:
     from mandrill.obs.lag import LagProbe
+
+
+class ProcessCollectorWithoutProcStat(ProcessCollector):
+    """prometheus_client's process collector, which reads the boot time from /proc/stat
+    and exports nothing when it cannot: under systemd's ``ProcSubset=pid`` (the unit's
+    hardening) /proc holds processes only. Then the boot time comes from the clocks."""
+
+    def _boot_time(self) -> float:
+        try:
+            found: float | None = super()._boot_time()  # type: ignore[no-untyped-call]
+        except OSError:
+            found = None
+        if found is None:
+            return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return found
+
 
 class CountersCollector:
     """Reads :class:`Counters` at scrape time; call ``collect`` on the loop thread."""
@@ -39,9 +60,11 @@ class CountersCollector:
         probe: LagProbe | None = None,
         health: Health | None = None,
         breaker_open: Callable[[], bool] | None = None,
+        backend: str | None = None,
     ) -> None:
         self._counters = counters
         self._breaker_open = breaker_open
+        self._backend = backend
         self._in_flight = in_flight
         self._in_flight_limit = in_flight_limit
         self._probe = probe
@@ -49,6 +72,7 @@ class CountersCollector:
 
     def collect(self) -> Iterator[Metric]:
         c = self._counters
+        yield self._build_info()
         yield _counter("messages_received", "Deliveries taken by workers.", c.received)
         yield _counter("messages_acked", "Acks queued (done, duplicate, dead-lettered).", c.acked)
         yield _counter("messages_nacked", "Nacks queued: redelivered by the source.", c.nacked)
@@ -68,7 +92,22 @@ class CountersCollector:
         )
         yield _counter_by("messages_skipped", "Messages skipped, by reason.", "reason",
                           c.skip_reasons, known=SKIP_REASONS)
+        yield _counter_by(
+            "restarts_blocked",
+            "Restarts a blocker held back just before they began (deferred), by blocker.",
+            "blocker", c.blocked, known=BLOCKER_NAMES,
+        )
+        yield _counter_by(
+            "blocker_errors",
+            "Restarts held back because a blocker could not tell (it fails closed).",
+            "blocker", c.blocker_errors, known=BLOCKER_NAMES,
+        )
         yield _counter("duplicates", "Redeliveries of already handled messages.", c.duplicates)
+        yield _counter(
+            "message_id_conflicts",
+            "Messages whose id the ledger held for another message: decided as new.",
+            c.message_id_conflicts,
+        )
         yield _counter("save_failures", "Messages the ledger failed to save.", c.save_failed)
         yield _counter("ledger_unavailable", "Decisions nacked: ledger unreachable.",
                        c.ledger_unavailable)
@@ -79,6 +118,12 @@ class CountersCollector:
                        c.leases_abandoned)
         yield _counter("source_pull_errors", "Failed pull requests (retried or not).",
                        c.pull_errors)
+        yield _counter_by(
+            "notifications",
+            "Notifications (--notify-url): delivered, given up on, dropped unsent.", "result",
+            {"sent": c.notifications_sent, "failed": c.notifications_failed,
+             "dropped": c.notifications_dropped},
+        )
         yield _gauge("messages_in_flight", "Deliveries held now.", self._in_flight())
         if self._in_flight_limit is not None:
             yield _gauge("messages_in_flight_limit", "--max-in-flight: deliveries held at most.",
@@ -111,6 +156,20 @@ class CountersCollector:
                 float(self._breaker_open()),
             )
 
+    def _build_info(self) -> Metric:
+        backend = self._backend
+        if backend is None:
+            try:
+                backend = sniffio.current_async_library()
+            except sniffio.AsyncLibraryNotFoundError:  # read outside the event loop
+                backend = "unknown"
+        family = GaugeMetricFamily(
+            _name("build_info"), "Always 1: what runs, in its labels.",
+            labels=["version", "backend", "python"],
+        )
+        family.add_metric([version(), backend, platform.python_version()], 1)
+        return family
+
 
 def build_registry(
     counters: Counters,
@@ -120,16 +179,18 @@ def build_registry(
     probe: LagProbe | None = None,
     health: Health | None = None,
     breaker_open: Callable[[], bool] | None = None,
+    backend: str | None = None,
 ) -> CollectorRegistry:
     """A fresh registry (never the global one) holding one :class:`CountersCollector` and
     prometheus_client's process (``process_*``: CPU, memory, open files), platform
-    (``python_info``) and garbage collector (``python_gc_*``) collectors."""
+    (``python_info``) and garbage collector (``python_gc_*``) collectors. ``backend`` is
+    ``mandrill_build_info``'s label (else the backend running the scrape)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CountersCollector(
         counters, in_flight=in_flight, in_flight_limit=in_flight_limit, probe=probe,
-        health=health, breaker_open=breaker_open,
+        health=health, breaker_open=breaker_open, backend=backend,
     ))
-    ProcessCollector(registry=registry)
+    ProcessCollectorWithoutProcStat(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry

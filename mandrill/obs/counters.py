@@ -70,6 +70,8 @@ class Counters:
     restart_cancelled: int = 0
     skipped: int = 0
     duplicates: int = 0
+    #: Messages whose id the ledger held for another message (a reused id): decided as new.
+    message_id_conflicts: int = 0
     dry_run: int = 0
     save_failed: int = 0
     ledger_unavailable: int = 0
@@ -80,10 +82,19 @@ class Counters:
     completed: int = 0
     #: Failed pull requests (each retry counts), whether or not the source recovered.
     pull_errors: int = 0
+    #: Notifications (``--notify-url``) delivered, given up on, and dropped unsent (the
+    #: queue full, or the daemon stopping): :class:`~mandrill.notify.Notifier` counts them.
+    notifications_sent: int = 0
+    notifications_failed: int = 0
+    notifications_dropped: int = 0
     #: By :class:`~mandrill.policy.Reason` (one of ``DEAD_LETTER_REASONS``).
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     #: By :class:`~mandrill.policy.Reason` (one of ``SKIP_REASONS``).
     skip_reasons: Counter[str] = field(default_factory=Counter)
+    #: Restarts a blocker held back (deferred), by blocker (``alerts``, ``command``).
+    blocked: Counter[str] = field(default_factory=Counter)
+    #: Of those, the ones held back because the blocker could not tell (failing closed).
+    blocker_errors: Counter[str] = field(default_factory=Counter)
     #: Publish time → final settlement (ack or dead-letter), wall-clock seconds.
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     #: Duration of each restarter call that returned or failed (not cancelled ones).
@@ -104,6 +115,8 @@ class Counters:
             f" skipped {self.skipped}, duplicates {self.duplicates},"
             f" restart failures {self.restart_failed}"
         )
+        if self.blocked:
+            line += f", restarts blocked {self.blocked.total()}"
         if self.save_failed:
             line += f", save failures {self.save_failed}"
         if self.errors:

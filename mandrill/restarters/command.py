@@ -61,40 +61,59 @@ def parse_template(template: str | Sequence[str]) -> tuple[str, ...]:
     quoting, a placeholder other than ``{hostname}`` / ``{instance_name}``, or a placeholder
     in the program name.
     """
-    return _compile(template)[0]
+    return ArgvTemplate(template).argv
 
 
-def _compile(template: str | Sequence[str]) -> tuple[tuple[str, ...], tuple[_Element, ...]]:
+class ArgvTemplate:
+    """A command line (split with :func:`shlex.split`) or argv sequence whose elements may
+    hold ``{hostname}`` and ``{instance_name}``; ``what`` names it in errors. Construction
+    raises ``ValueError`` as :func:`parse_template` says."""
+
+    def __init__(self, template: str | Sequence[str], what: str = "restart command") -> None:
+        self.what = what
+        self.argv, self._elements = _compile(template, what)
+
+    def fill(self, message: Message) -> list[str]:
+        """The argv for ``message``; raises ``ValueError`` (one line) if its hostname or
+        instance name is not safe to put on a command line."""
+        refusal = _refusal(message)
+        if refusal is not None:
+            raise ValueError(refusal)
+        values = {"hostname": message.hostname, "instance_name": message.instance_name}
+        return [_fill(element, values) for element in self._elements]
+
+
+def _compile(
+    template: str | Sequence[str], what: str
+) -> tuple[tuple[str, ...], tuple[_Element, ...]]:
     if isinstance(template, str):
         try:
             argv = tuple(shlex.split(template))
         except ValueError as exc:
-            raise ValueError(f"restart command {template!r}: {exc}") from None
+            raise ValueError(f"{what} {template!r}: {exc}") from None
     else:
         argv = tuple(template)
     if not argv or not argv[0]:
-        raise ValueError("restart command is empty")
-    elements = tuple(_parse_element(element) for element in argv)
+        raise ValueError(f"{what} is empty")
+    elements = tuple(_parse_element(element, what) for element in argv)
     if any(field for _, field in elements[0]):
         # A host name must never choose which program runs.
-        raise ValueError(f"restart command {argv[0]!r}: the program name cannot be a placeholder")
+        raise ValueError(f"{what} {argv[0]!r}: the program name cannot be a placeholder")
     return argv, elements
 
 
-def _parse_element(element: str) -> _Element:
+def _parse_element(element: str, what: str) -> _Element:
     try:
         parts = list(string.Formatter().parse(element))
     except ValueError as exc:
-        raise ValueError(f"restart command argument {element!r}: {exc}") from None
+        raise ValueError(f"{what} argument {element!r}: {exc}") from None
     parsed: list[tuple[str, str | None]] = []
     for literal, field, spec, conversion in parts:
         if field is not None and (field not in PLACEHOLDERS or spec or conversion):
             # Also refuses "{hostname.__class__}", "{hostname!r}", "{hostname:>9}": plain
             # names only, so formatting can never reach attributes or reshape a value.
             known = ", ".join(f"{{{name}}}" for name in sorted(PLACEHOLDERS))
-            raise ValueError(
-                f"restart command argument {element!r}: unknown placeholder; use {known}"
-            )
+            raise ValueError(f"{what} argument {element!r}: unknown placeholder; use {known}")
         parsed.append((literal, field))
     return tuple(parsed)
 
@@ -140,18 +159,18 @@ class CommandRestarter:
     ) -> None:
         if not timeout > 0:  # also refuses NaN
             raise ValueError(f"restart command timeout must be > 0, not {timeout}")
-        self.argv_template, self._elements = _compile(argv_template)
+        self._template = ArgvTemplate(argv_template)
+        self.argv_template = self._template.argv
         self.timeout = timeout
         self.kill_grace = kill_grace
 
     def argv_for(self, message: Message) -> list[str]:
         """The argv that :meth:`restart` runs for ``message``; raises :class:`RestartFailed`
         if the message's hostname or instance name is not safe to put on a command line."""
-        refusal = _refusal(message)
-        if refusal is not None:
-            raise RestartFailed(refusal)
-        values = {"hostname": message.hostname, "instance_name": message.instance_name}
-        return [_fill(element, values) for element in self._elements]
+        try:
+            return self._template.fill(message)
+        except ValueError as exc:
+            raise RestartFailed(str(exc)) from None
 
     async def restart(self, message: Message) -> str:
         """Run the command and wait for it (up to ``timeout``); return ``"exit 0"``.
@@ -163,51 +182,81 @@ class CommandRestarter:
         """
         argv = self.argv_for(message)
         try:
-            # No stdin: a command waiting for input would only time out. Its own session:
-            # see the module docstring.
-            process = await anyio.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
+            returncode, tail = await run_command(
+                argv, time_limit=self.timeout, kill_grace=self.kill_grace,
+                what=f"restart command for {message.hostname}",
             )
         except OSError as exc:
             raise RestartFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
-        async with process:
-            try:
-                with anyio.move_on_after(self.timeout) as scope:
-                    stderr = await _read_tail(process)
-                    returncode = await process.wait()
-            except BaseException:
-                ended = await self._end_group(process)
-                log.warning("restart command for %s cancelled; %s", message.hostname, ended)
-                raise
-            if scope.cancelled_caught:
-                ended = await self._end_group(process)
-                raise RestartFailed(f"timed out after {self.timeout:g}s; {ended}")
+        except CommandTimedOut as exc:
+            raise RestartFailed(str(exc)) from None
         if returncode == 0:
             return "exit 0"
-        tail = _one_line_tail(bytes(stderr))
         status = f"exit {returncode}"
         raise RestartFailed(f"{status}: {tail}" if tail else status)
 
-    async def _end_group(self, process: Process) -> str:
-        """SIGTERM the command's process group, SIGKILL it after ``kill_grace``, reap the
-        command; say which it took. Shielded, as it runs when the caller is cancelled, and
-        bounded by the two waits."""
-        group = process.pid  # the leader of its own session: its pid is the group's id
-        bound = anyio.current_time() + self.kill_grace + KILL_WAIT
-        with anyio.CancelScope(shield=True, deadline=bound):
-            _signal_group(group, signal.SIGTERM)
-            with anyio.move_on_after(self.kill_grace):
-                await _wait_for_group(process, group)
-                return "process group terminated (SIGTERM)"
-            _signal_group(group, signal.SIGKILL)
-            with anyio.move_on_after(KILL_WAIT):
-                await _wait_for_group(process, group)
-                return f"process group killed (SIGKILL after {self.kill_grace:g}s)"
-        return f"process group sent SIGKILL after {self.kill_grace:g}s but still running"
+
+class CommandTimedOut(Exception):
+    """A command ran into its timeout; the message says so, and how its group ended."""
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    time_limit: float,
+    kill_grace: float = KILL_GRACE,
+    env: Mapping[str, str] | None = None,
+    what: str = "command",
+) -> tuple[int, str]:
+    """Run ``argv`` in a session of its own (no stdin, stdout discarded) and wait for it,
+    up to ``time_limit`` seconds; return its exit code and the one-line tail of its stderr.
+
+    Raises ``OSError`` when it cannot start, :class:`CommandTimedOut` when it runs into
+    ``time_limit`` (its process group is terminated first: more than a cancel scope does,
+    hence not the caller's scope). Cancellation terminates the process
+    group (shielded, within ``kill_grace`` plus a few seconds), logs it as ``what``, and
+    propagates. See the module docstring for why a session and a process group.
+    """
+    # No stdin: a command waiting for input would only time out.
+    process = await anyio.open_process(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+    )
+    async with process:
+        try:
+            with anyio.move_on_after(time_limit) as scope:
+                stderr = await _read_tail(process)
+                returncode = await process.wait()
+        except BaseException:
+            ended = await _end_group(process, kill_grace)
+            log.warning("%s cancelled; %s", what, ended)
+            raise
+        if scope.cancelled_caught:
+            ended = await _end_group(process, kill_grace)
+            raise CommandTimedOut(f"timed out after {time_limit:g}s; {ended}")
+    return returncode, _one_line_tail(bytes(stderr))
+
+
+async def _end_group(process: Process, kill_grace: float) -> str:
+    """SIGTERM the command's process group, SIGKILL it after ``kill_grace``, reap the
+    command; say which it took. Shielded, as it runs when the caller is cancelled, and
+    bounded by the two waits."""
+    group = process.pid  # the leader of its own session: its pid is the group's id
+    bound = anyio.current_time() + kill_grace + KILL_WAIT
+    with anyio.CancelScope(shield=True, deadline=bound):
+        _signal_group(group, signal.SIGTERM)
+        with anyio.move_on_after(kill_grace):
+            await _wait_for_group(process, group)
+            return "process group terminated (SIGTERM)"
+        _signal_group(group, signal.SIGKILL)
+        with anyio.move_on_after(KILL_WAIT):
+            await _wait_for_group(process, group)
+            return f"process group killed (SIGKILL after {kill_grace:g}s)"
+    return f"process group sent SIGKILL after {kill_grace:g}s but still running"
 
 
 async def _read_tail(process: Process) -> bytearray:

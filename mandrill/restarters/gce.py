@@ -12,7 +12,6 @@ through the :class:`~mandrill.sources.bridge.AsyncioBridge`, so that this runs o
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from types import TracebackType
@@ -24,6 +23,7 @@ import anyio
 
 from mandrill.errors import RestartFailed
 from mandrill.google_cloud import (
+    check_project,
     describe_error,
     google_error,
     is_transient,
@@ -43,8 +43,6 @@ DEFAULT_POLL_INTERVAL = 1.0
 #: Retries of one API call on a 5xx, 429 or connection error: four tries at most, with
 #: jittered pauses from up to 0.5 s, doubling.
 DEFAULT_RETRY = RetryPolicy(initial=0.5, cap=8.0, total=60.0, attempts=4)
-#: Where a default project comes from when ``--gce-project`` is not given (gcloud's own).
-PROJECT_VARIABLES = ("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT")
 #: Per-request limits: ``operations.wait`` may hold a request for up to two minutes.
 REQUEST_SECONDS = 30.0
 WAIT_REQUEST_SECONDS = 150.0
@@ -55,8 +53,6 @@ CLOSE_SECONDS = 5.0
 # Fixed forever: changing it would let a redelivered message reset its instance again.
 _REQUEST_ID_NAMESPACE = uuid.UUID("6f1c1d0e-3b7a-5b8e-9a52-8d0f3c1e6a21")
 
-# Project ids ("my-project-123"), optionally domain-scoped ("example.com:my-project").
-_PROJECT = re.compile(r"^(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 # Compute Engine resource names (RFC 1035, lower case).
 _RESOURCE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -67,13 +63,6 @@ class GceSettingError(ValueError):
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(message)
         self.setting = setting
-
-
-def check_project(project: str) -> str:
-    """``project`` if it is a GCE project id; raises ``ValueError`` (one line) if not."""
-    if not _PROJECT.match(project):
-        raise ValueError(f"refusing project {project[:80]!r}: not a GCE project id")
-    return project
 
 
 def check_zone(zone: str) -> str:
@@ -139,25 +128,25 @@ class GceRestarter:
     """Resets the Compute Engine instance named by a message's ``instance_name``.
 
     The project and zone come from the message attributes ``project`` and ``zone``, else
-    from ``project`` / ``zone`` here. A default project is required: ``project``, else
-    ``GOOGLE_CLOUD_PROJECT`` / ``GCLOUD_PROJECT``, else the key file's ``project_id`` (a
-    restarter without one would fail every message that lacks the attribute); a default
+    from ``project`` / ``zone`` here. A default project is required (a restarter without
+    one would fail every message that lacks the attribute; where it comes from when no flag
+    names it is :func:`mandrill.google_cloud.find_default_project`'s to say); a default
     zone is not, as a fleet spans zones, but then every message must name its zone.
     Credentials are gcloud-aio-auth's (``service_file``, else the application default
     credentials); tests inject ``token`` instead.
 
-    Constructing raises :class:`GceSettingError` for a malformed project, zone or API root.
-    Use it as an async context manager: entering opens the HTTP session on the bridge's
-    asyncio loop and reads the credentials (:class:`~mandrill.errors.CredentialsError` if
-    the key file cannot be read), then raises :class:`GceSettingError` if there is no
-    default project; leaving closes the session (shielded). Leave before the bridge closes.
+    Constructing raises :class:`GceSettingError` for a missing or malformed project, a
+    malformed zone or API root. Use it as an async context manager: entering opens the
+    HTTP session on the bridge's asyncio loop and reads the credentials
+    (:class:`~mandrill.errors.CredentialsError` if the key file cannot be read); leaving
+    closes the session (shielded). Leave before the bridge closes.
     """
 
     def __init__(
         self,
         bridge: AsyncioBridge,
         *,
-        project: str | None = None,
+        project: str,
         zone: str | None = None,
         api_root: str = DEFAULT_API_ROOT,
         token: TokenSource | None = None,
@@ -167,6 +156,8 @@ class GceRestarter:
     ) -> None:
         if not api_root.startswith(("https://", "http://")):
             raise GceSettingError("api_root", f"GCE API root {api_root!r} is not an http(s) URL")
+        if not project:
+            raise GceSettingError("project", "no project")
         checks = (("project", project, check_project), ("zone", zone, check_zone))
         for setting, value, check in checks:
             try:
@@ -192,24 +183,7 @@ class GceRestarter:
             except BaseException:
                 await self.__aexit__(None, None, None)
                 raise
-        if not self.project:
-            self.project = self._default_project()
-        if not self.project:
-            await self.__aexit__(None, None, None)
-            raise GceSettingError(
-                "project",
-                "no default project: set it, or GOOGLE_CLOUD_PROJECT, or use a service"
-                " account key file (a message's 'project' attribute still overrides it)",
-            )
         return self
-
-    def _default_project(self) -> str | None:
-        for variable in PROJECT_VARIABLES:
-            if os.environ.get(variable):
-                return check_project(os.environ[variable])
-        data = getattr(self._token, "service_data", None)  # gcloud-aio-auth's parsed key file
-        project = data.get("project_id") if isinstance(data, dict) else None
-        return check_project(str(project)) if project else None
 
     async def __aexit__(
         self,

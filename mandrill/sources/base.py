@@ -21,6 +21,11 @@ class Source(Protocol):
     #: True when :meth:`dead_letter` keeps the delivery somewhere (a dead-letter topic).
     keeps_dead_letters: bool
 
+    def problem(self) -> str | None:
+        """Why the source cannot be reached now (an outage its calls are retrying through),
+        for readiness probes; ``None`` if it can."""
+        ...
+
     async def pull(self, max_messages: int) -> Sequence[Delivery]:
         """Wait for up to ``max_messages`` deliveries; may return ``[]`` after a long poll."""
         ...

@@ -99,6 +99,9 @@ class MemoryBroker:
         return ids
 
     # -- Source ------------------------------------------------------------------------
+    def problem(self) -> str | None:
+        return None  # in the process: it cannot be unreachable
+
     async def pull(self, max_messages: int) -> list[Delivery]:
         """Wait up to ``pull_wait`` for messages; leases up to ``max_messages`` of them."""
         give_up_at = anyio.current_time() + self.pull_wait

@@ -71,6 +71,9 @@ class TimedSource:
         self._published: dict[str, float] = {}
         self.samples: Samples = []
 
+    def problem(self) -> str | None:
+        return self._source.problem()
+
     async def pull(self, max_messages: int) -> Sequence[Delivery]:
         deliveries = await self._source.pull(max_messages)
         for delivery in deliveries:

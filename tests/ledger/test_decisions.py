@@ -264,5 +264,7 @@ def test_decisions_lock_the_fleet_then_their_hosts_before_anything_else() -> Non
         Verdict.RESTART, Verdict.RESTART, Verdict.BUSY
     ]
     assert statements[0] == f"LOCK {claims.FLEET_LOCK} web-1.example.net web-2.example.net"
-    # Then the message rows (their row locks), in a savepoint of their own.
-    assert statements[1:3] == ["SAVEPOINT part", "INSERT INTO messages"]
+    # Then what the ledger holds under the messages' ids (no lock), then the message rows
+    # (their row locks), in a savepoint of their own.
+    assert statements[1:4] == ["SELECT message_id, generation,", "SAVEPOINT part",
+                               "INSERT INTO messages"]

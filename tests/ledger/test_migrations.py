@@ -22,7 +22,7 @@ from mandrill.ledger.postgres import connection_params
 from mandrill.ledger.schema import MIGRATIONS
 from mandrill.ledger.sqlite import DIALECT as SQLITE
 from mandrill.policy import BreakerRule, Reason, Rules, Verdict
-from tests.ledger import T0, Clock, decide_one, message, running, verdict
+from tests.ledger import PUBLISHED, T0, Clock, decide_one, message, running, verdict
 from tests.support.daemon import run_to_end
 
 
@@ -109,7 +109,8 @@ class OldLedger:
                 "INSERT INTO messages (message_id, instance_name, hostname, data, attributes,"
                 " publish_time, first_seen, deliveries, status, reason)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mid, instance, host, data, json.dumps({"origin": "old"}), seen, seen,
+                # Each message's own publish time, which its redeliveries carry too.
+                (mid, instance, host, data, json.dumps({"origin": "old"}), PUBLISHED, seen,
                  deliveries, status, reason),
             )
         for row in OLD_RESTARTS:
@@ -169,17 +170,20 @@ async def test_an_old_ledger_is_upgraded_keeping_its_rows(old_ledger: OldLedger)
         await ledger.aclose()
 
     columns = await anyio.to_thread.run_sync(
-        old_ledger.run, "SELECT subscription, message_id FROM messages ORDER BY first_seen"
+        old_ledger.run,
+        "SELECT subscription, message_id, generation FROM messages ORDER BY first_seen",
     )
-    assert columns == [("", "m1"), ("", "m2"), ("", "bad"), ("", "m3"),
-                       ("projects/p/subscriptions/s", "m1"), ("projects/p/subscriptions/s", "m3")]
+    assert columns == [("", "m1", 0), ("", "m2", 0), ("", "bad", 0), ("", "m3", 0),
+                       ("projects/p/subscriptions/s", "m1", 0),
+                       ("projects/p/subscriptions/s", "m3", 0)]
     owners = await anyio.to_thread.run_sync(
-        old_ledger.run, "SELECT subscription, owner, outcome, reason FROM restarts ORDER BY id"
+        old_ledger.run,
+        "SELECT subscription, owner, outcome, reason, generation FROM restarts ORDER BY id",
     )
     assert owners == [
-        ("", None, "restarted", ""),
-        ("", None, "skipped", ""),
-        ("", None, "unknown", "daemon_lost"),
+        ("", None, "restarted", "", 0),
+        ("", None, "skipped", "", 0),
+        ("", None, "unknown", "daemon_lost", 0),
     ]
     assert await anyio.to_thread.run_sync(
         old_ledger.run, "SELECT version FROM schema_version"
@@ -235,17 +239,21 @@ async def test_the_cli_says_a_newer_ledger_is_refused_in_one_line(tmp_path: Path
     assert f"ledger schema version 99 is newer than this mandrill's ({SCHEMA_VERSION})" in line
 
 
-async def test_a_version_3_ledger_gains_the_breaker_and_groups(old_ledger: OldLedger) -> None:
-    """The ledger of the mandrill before the breaker: its rows kept, the breaker's table
-    added (closed), its restarts counted by the breaker from then on; the group column
-    added."""
+@pytest.mark.parametrize("version", [3, 4])
+async def test_an_older_ledger_gains_the_breaker_and_groups(
+    old_ledger: OldLedger, version: int
+) -> None:
+    """The ledger of the mandrill before the breaker (schema v3, before message
+    generations too; or v4, with them): migrated through every later version to v5, its
+    rows kept (generation 0), the breaker's table added (closed), its restarts counted by
+    the breaker from then on; the group column added."""
     dialect = POSTGRES if old_ledger.is_postgres else SQLITE
 
-    def create_v3() -> None:
-        for migration in MIGRATIONS[:3]:
+    def create_old() -> None:
+        for migration in MIGRATIONS[:version]:
             for statement in migration(dialect):
                 old_ledger.run(statement)
-        old_ledger.run("UPDATE schema_version SET version = 3")
+        old_ledger.run(f"UPDATE schema_version SET version = {version}")
         old_ledger.run(
             "INSERT INTO restarts (subscription, message_id, hostname, decided_at, finished_at,"
             " outcome, detail, owner, reason) VALUES ('s', 'm1', 'web-1.example.net', ?, ?,"
@@ -253,7 +261,8 @@ async def test_a_version_3_ledger_gains_the_breaker_and_groups(old_ledger: OldLe
             (T0, T0 + 1),
         )
 
-    await anyio.to_thread.run_sync(create_v3)
+    await anyio.to_thread.run_sync(create_old)
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 5
     rule = Rules(3600.0, breaker=BreakerRule(0, None, 3600.0))
     async with running(old_ledger.url, Clock(T0 + 2), subscription="s") as ledger:
         assert await ledger.breaker_status() is None
@@ -262,10 +271,10 @@ async def test_a_version_3_ledger_gains_the_breaker_and_groups(old_ledger: OldLe
         held = await decide_one(ledger, message("m2", "db-1"), rule)
         assert held.decision is not None
         assert held.decision.reason is Reason.BREAKER_OPEN
-    # The group column, empty on the rows from before.
+    # The generation (v4) and group (v5) columns, 0 and empty on the rows from before.
     assert await anyio.to_thread.run_sync(
-        old_ledger.run, "SELECT message_id, group_name FROM restarts"
-    ) == [("m1", None)]
+        old_ledger.run, "SELECT message_id, generation, group_name FROM restarts"
+    ) == [("m1", 0, None)]
     assert await anyio.to_thread.run_sync(
         old_ledger.run, "SELECT version FROM schema_version"
     ) == [(SCHEMA_VERSION,)]

@@ -78,7 +78,10 @@ def fill(counters: Counters) -> None:
     counters.dry_run = 1
     counters.skipped = 2
     counters.skip_reasons.update({"interval": 2})
+    counters.blocked.update({"alerts": 3, "command": 1})
+    counters.blocker_errors.update({"alerts": 2})
     counters.duplicates = 1
+    counters.message_id_conflicts = 3
     counters.save_failed = 1
     counters.lease_extensions = 30
     counters.pull_errors = 5
@@ -115,7 +118,12 @@ async def test_scrape_reports_what_was_counted():
             assert value("mandrill_restarts_total", outcome="failed") == 2
             assert value("mandrill_restarts_total", outcome="dry_run") == 1
             assert value("mandrill_messages_skipped_total", reason="interval") == 2
+            assert value("mandrill_restarts_blocked_total", blocker="alerts") == 3
+            assert value("mandrill_restarts_blocked_total", blocker="command") == 1
+            assert value("mandrill_blocker_errors_total", blocker="alerts") == 2
+            assert value("mandrill_blocker_errors_total", blocker="command") == 0
             assert value("mandrill_duplicates_total") == 1
+            assert value("mandrill_message_id_conflicts_total") == 3
             assert value("mandrill_save_failures_total") == 1
             assert value("mandrill_lease_extensions_total") == 30
             assert value("mandrill_source_pull_errors_total") == 5
@@ -188,6 +196,21 @@ async def test_readyz_until_shutdown_then_503_with_the_reason():
         # Liveness is not readiness: a stopping daemon is still alive.
         status, _, body = await get(port, "/healthz")
         assert (status, body) == (200, b"ok\n")
+
+
+async def test_while_starting_readyz_gives_the_reason_a_part_is_not_ready():
+    """A source that cannot be reached at start says so before ``starting``; the ledger's
+    check, added by set_serving, joins it."""
+    source_problem: str | None = "get subscription s: refused (failing for 3s)"
+    health = ServiceHealth()
+    health.add_checks({"source": lambda: source_problem})
+    assert health.ready() == (False, "source not ready: get subscription s: refused"
+                                     " (failing for 3s)")
+    source_problem = None
+    assert health.ready() == (False, "starting")
+    health.set_serving({"ledger": lambda: "down"})
+    assert health.ready() == (False, "ledger not ready: down")
+    assert set(health.checks) == {"source", "ledger"}
 
 
 async def test_healthz_fails_when_the_loop_stops_answering():
@@ -334,6 +357,7 @@ def test_the_labels_of_skips_are_the_codes_the_decisions_carry():
         host_skip_reason(message("m", "web-1"), only=["db-*"]),
         TimeWindow(parse_weekdays("mon-fri")).skip_reason(sunday_night),
         TimeWindow(hours=parse_hours("09:00-17:00")).skip_reason(sunday_night),
+        TimeWindow(skip_dates=frozenset({sunday_night.date()})).skip_reason(sunday_night),
     ]
     codes = [interval.reason, fleet.reason, *(r.reason for r in refusals if r is not None)]
     assert sorted(codes) == sorted(SKIP_REASONS)
@@ -350,8 +374,70 @@ async def test_a_fresh_daemon_has_every_series_and_the_process_metrics():
         assert found[("mandrill_messages_dead_lettered_total", (("reason", reason),))] == 0
     for outcome in ("restarted", "failed", "dry_run", "unknown", "cancelled"):
         assert found[("mandrill_restarts_total", (("outcome", outcome),))] == 0
+    for blocker in ("alerts", "command"):
+        assert found[("mandrill_restarts_blocked_total", (("blocker", blocker),))] == 0
+        assert found[("mandrill_blocker_errors_total", (("blocker", blocker),))] == 0
     names = {name for name, _ in found}
     assert {"process_resident_memory_bytes", "process_cpu_seconds_total",
             "process_open_fds", "python_gc_objects_collected_total"} <= names
     assert any(name == "python_info" for name, _ in found)
     assert found[("mandrill_dead_letter_failures_total", ())] == 0
+    for result in ("sent", "failed", "dropped"):
+        assert found[("mandrill_notifications_total", (("result", result),))] == 0
+
+
+async def test_build_info_names_the_version_the_backend_and_python(anyio_backend):
+    import platform
+
+    from mandrill.version import version
+
+    def build_info(**options: str) -> dict[str, str]:
+        registry = build_registry(Counters(), in_flight=lambda: 0, **options)
+        (family,) = [f for f in registry.collect() if f.name == "mandrill_build_info"]
+        (sample,) = family.samples
+        assert sample.value == 1
+        return sample.labels
+
+    running = build_info()  # not told: the backend running the scrape
+    assert running == {"version": version(), "backend": anyio_backend[0],
+                       "python": platform.python_version()}
+    assert build_info(backend="trio")["backend"] == "trio"
+
+
+def test_process_metrics_without_proc_stat(tmp_path):
+    """Under the unit's ProcSubset=pid, /proc has no stat file: prometheus_client's process
+    collector would export nothing; mandrill's takes the boot time from the clocks."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    from mandrill.obs.collector import ProcessCollectorWithoutProcStat
+
+    (tmp_path / "self").symlink_to("/proc/self")
+
+    def collected(collector_type: type[ProcessCollector], proc: str) -> dict[str, float]:
+        registry = CollectorRegistry(auto_describe=False)
+        collector_type(proc=proc, registry=registry)
+        return {s.name: s.value for family in registry.collect() for s in family.samples}
+
+    assert collected(ProcessCollector, str(tmp_path)) == {}  # why the subclass exists
+    pid_only = collected(ProcessCollectorWithoutProcStat, str(tmp_path))
+    full = collected(ProcessCollectorWithoutProcStat, "/proc")
+    assert pid_only["process_resident_memory_bytes"] > 0
+    # /proc/stat's boot time is whole seconds.
+    assert abs(pid_only["process_start_time_seconds"] - full["process_start_time_seconds"]) < 2
+
+
+async def test_probes_run_before_serve_and_read_what_it_holds_once_it_does():
+    """run() starts the probes before the parts open (Pub/Sub unreachable at start):
+    they answer then, and serve() leaves them running, pointing the gauge at its holdings."""
+    obs = Observability(Counters(), Shutdown(), metrics_addr="127.0.0.1:0")
+    async with obs.running() as port:
+        assert obs.started
+        status, _, body = await get(port, "/healthz")
+        assert (status, body) == (200, b"ok\n")
+        assert (await get(port, "/readyz"))[2] == b"starting\n"
+        found = samples((await get(port, "/metrics"))[2].decode())
+        assert (found[("mandrill_messages_in_flight", ())], found[("mandrill_ready", ())]) == (0, 0)
+        obs.count_in_flight(lambda: 5)
+        found = samples((await get(port, "/metrics"))[2].decode())
+        assert found[("mandrill_messages_in_flight", ())] == 5
+    assert not obs.started

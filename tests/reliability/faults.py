@@ -223,6 +223,9 @@ class CheckedSource:
         self.keeps_dead_letters = source.keeps_dead_letters
         self._message_ids: dict[str, str] = {}
 
+    def problem(self) -> str | None:
+        return self._source.problem()
+
     async def pull(self, max_messages: int) -> Sequence[Delivery]:
         deliveries = await self._source.pull(max_messages)
         for each in deliveries:

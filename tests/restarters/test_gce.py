@@ -15,14 +15,16 @@ import pytest
 from aiohttp import web
 
 from mandrill.errors import RestartFailed
+from mandrill.google_cloud import PROJECT_VARIABLES
 from mandrill.message import Message
 from mandrill.restarters import GceRestarter
-from mandrill.restarters.gce import PROJECT_VARIABLES, GceSettingError, request_id
+from mandrill.restarters.gce import GceSettingError, request_id
 from mandrill.retry import RetryPolicy
 from mandrill.sources.bridge import AsyncioBridge, open_asyncio_bridge
-from tests.fixtures.metadata import hide_credentials
+from tests.fixtures.metadata import hide_credentials, point_at_metadata_host
 from tests.support.daemon import run_to_end
-from tests.support.metadata import ACCESS_TOKEN
+from tests.support.metadata import ACCESS_TOKEN, PROJECT_PATH
+from tests.support.net import free_port
 
 TOKEN = "test-token"
 
@@ -339,32 +341,15 @@ async def test_a_failed_token_request_is_retried(bridge, api_root, compute, meta
     ("options", "setting", "error"),
     [
         ({"api_root": "ftp://x"}, "api_root", "not an http"),
+        ({"project": ""}, "project", "^no project$"),
         ({"project": "My_Project"}, "project", "^refusing project 'My_Project': not a GCE"),
         ({"zone": "europe west"}, "zone", "^refusing zone 'europe west': not a GCE zone"),
     ],
 )
 def test_bad_settings_are_refused_at_construction(options, setting, error):
     with pytest.raises(GceSettingError, match=error) as caught:
-        GceRestarter(None, **options)  # type: ignore[arg-type]
+        GceRestarter(None, **({"project": "my-project"} | options))  # type: ignore[arg-type]
     assert caught.value.setting == setting
-
-
-async def test_without_a_project_entering_fails(bridge, api_root, monkeypatch, tmp_path):
-    hide_credentials(monkeypatch, tmp_path)
-    for variable in PROJECT_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    with pytest.raises(GceSettingError, match=r"^no default project"):
-        async with restarter(bridge, api_root, project=None):
-            pass
-
-
-async def test_the_default_project_may_come_from_the_environment(
-    bridge, api_root, compute, monkeypatch
-):
-    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "env-project")
-    async with restarter(bridge, api_root, project=None) as gce:
-        await gce.restart(message())
-    assert compute.requests[0].path.startswith("/compute/v1/projects/env-project/zones/")
 
 
 @pytest.mark.parametrize(
@@ -372,7 +357,8 @@ async def test_the_default_project_may_come_from_the_environment(
     [
         (["--gce-project", "Bad_Project"], "--gce-project: refusing project 'Bad_Project'"),
         (["--gce-project", "my-project", "--gce-zone", "a/b"], "--gce-zone: refusing zone 'a/b'"),
-        ([], "--gce-project: no default project"),
+        ([], "--gce-project: no default project: set --gce-project, or GOOGLE_CLOUD_PROJECT,"
+             " or run on Google Cloud, where the metadata server names it"),
     ],
 )
 async def test_the_cli_checks_project_and_zone_at_start(
@@ -381,6 +367,8 @@ async def test_the_cli_checks_project_and_zone_at_start(
     hide_credentials(monkeypatch, tmp_path)
     for variable in PROJECT_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
+    # No metadata server either: nothing listens there.
+    point_at_metadata_host(monkeypatch, f"127.0.0.1:{free_port()}")
     code, _, err = await run_to_end([
         "run", "--restarter", "gce", *args, "--backend", backend_name,
         "--ledger", str(tmp_path / "l.db"),
@@ -408,3 +396,41 @@ async def test_the_daemon_restarts_live_with_metadata_credentials_after_a_failed
     assert "getting an access token from the metadata server" in err
     assert len(compute.resets_applied) == 1
     assert [r.status for r in metadata_server.token_requests][:2] == [503, 200]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "environment", "project", "said"),
+    [
+        ([], {}, "metadata-test-project", "the metadata server"),
+        ([], {"GOOGLE_CLOUD_PROJECT": "env-project"}, "env-project", "GOOGLE_CLOUD_PROJECT"),
+        (["--gce-project", "flag-project"], {"GOOGLE_CLOUD_PROJECT": "env-project"},
+         "flag-project", None),
+    ],
+    ids=["metadata", "environment", "flag"],
+)
+async def test_the_daemons_default_project_comes_from_the_environment_then_the_metadata_server(
+    args, environment, project, said, api_root, compute, metadata_server, backend_name,
+    monkeypatch, tmp_path
+):
+    # The GKE case first: Workload Identity, no key file, no GOOGLE_CLOUD_PROJECT.
+    for variable in PROJECT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    compute.access_token = ACCESS_TOKEN
+    code, _, err = await run_to_end([
+        "run", "--restarter", "gce", *args, "--gce-zone", "europe-west1-b",
+        "--gce-api-root", api_root, "--live", "--backend", backend_name, "--count", "1",
+        "--rate", "0", "--ledger", str(tmp_path / "l.db"), "--log-format", "json",
+    ], env=environment)
+    assert code == 0, err
+    assert compute.requests[0].path.startswith(f"/compute/v1/projects/{project}/zones/")
+    lines = [json.loads(line) for line in err.splitlines()]
+    chosen = [line for line in lines if "not given: project" in line["message"]]
+    asked = [r for r in metadata_server.requests if r.path == PROJECT_PATH]
+    if said is None:
+        assert (chosen, asked) == ([], [])
+        return
+    (line,) = chosen
+    assert line["level"] == "info"
+    assert line["message"].startswith(f"--gce-project not given: project {project}, from {said}")
+    assert len(asked) == (1 if said == "the metadata server" else 0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import json
 import random
 import socket
 import time
@@ -15,6 +17,7 @@ import pytest
 
 from mandrill.errors import SourceError
 from mandrill.message import Delivery, encode_payload
+from mandrill.outage import Outage
 from mandrill.sources.base import Source
 from mandrill.sources.pubsub import (
     DEAD_LETTER_MESSAGE_ID_ATTRIBUTE,
@@ -22,6 +25,7 @@ from mandrill.sources.pubsub import (
     MAX_ACK_IDS_PER_REQUEST,
     MAX_ACK_REQUEST_BYTES,
     MAX_PUBLISH_REQUEST_BYTES,
+    OUTAGE_RETRY,
     PubSubError,
     PubSubSource,
     RetryPolicy,
@@ -37,6 +41,7 @@ from mandrill.sources.pubsub import (
 )
 from tests.fixtures.emulator import PubSubEmulator, PubSubNames
 from tests.support.fakes import FakeTime
+from tests.support.holding_proxy import HoldingProxy
 from tests.support.metadata import FakeMetadataServer
 
 #: Every wait on the emulator is bounded by this; a healthy one answers in milliseconds.
@@ -556,3 +561,123 @@ async def test_each_retried_failure_is_reported() -> None:
     )
     assert result == "ok"
     assert [what for what, _ in reported] == ["pull", "pull"]
+
+
+async def test_retries_outlast_the_policy_until_the_outage_limit() -> None:
+    """With an outage, the daemon's calls retry for as long as Pub/Sub may be down: the
+    outage began with the first call's failure, so a later call has only what is left."""
+    fake = FakeTime()
+    outage = Outage("Pub/Sub", limit=100, setting="--source-outage-limit", clock=fake.clock)
+
+    async def attempt() -> None:
+        fake.now += 1  # each attempt takes time too
+        raise aiohttp.ClientConnectionError("refused")
+
+    async def one_call(what: str) -> None:
+        await call_with_retries(what, attempt, OUTAGE_RETRY, rand=lambda: 1.0,
+                                sleep=fake.sleep, clock=fake.clock, outage=outage)
+
+    with pytest.raises(PubSubError) as caught:
+        await one_call("pull from s")
+    # The outage began as the first attempt failed (at 1 s); the last wait ends at its
+    # limit (101 s), and one last attempt fails.
+    assert str(caught.value) == (
+        "pull from s: Pub/Sub unavailable for 101s (--source-outage-limit 100s):"
+        " ClientConnectionError: refused"
+    )
+    assert fake.now == 102
+    assert max(fake.sleeps) == OUTAGE_RETRY.cap
+    # The outage goes on (nothing succeeded): a call now gets one attempt, no wait.
+    waits = len(fake.sleeps)
+    with pytest.raises(PubSubError, match="unavailable for 102s"):
+        await one_call("acknowledge on s")
+    assert len(fake.sleeps) == waits
+
+
+async def test_a_success_ends_the_outage_and_its_budget_starts_anew() -> None:
+    fake = FakeTime()
+    outage = Outage("Pub/Sub", limit=5, clock=fake.clock)
+    failures = [aiohttp.ClientConnectionError("refused")] * 3
+
+    async def attempt() -> str:
+        fake.now += 1
+        if failures:
+            raise failures.pop()
+        return "ok"
+
+    assert await call_with_retries("pull", attempt, OUTAGE_RETRY, rand=lambda: 0.5,
+                                   sleep=fake.sleep, clock=fake.clock, outage=outage) == "ok"
+    assert not outage.ongoing
+    assert outage.remaining() == 5
+
+
+async def test_a_permanent_failure_is_no_outage() -> None:
+    fake = FakeTime()
+    outage = Outage("Pub/Sub", clock=fake.clock)
+
+    async def attempt() -> None:
+        raise _http_error(403, '{"error":{"code":403,"message":"no","status":"PERMISSION_DENIED"}}')
+
+    with pytest.raises(PubSubError, match="PERMISSION_DENIED"):
+        await call_with_retries("pull", attempt, OUTAGE_RETRY, sleep=fake.sleep,
+                                clock=fake.clock, outage=outage)
+    assert not outage.ongoing
+
+
+class AnswersOnceWithRetryAfter:
+    """A Pub/Sub that asks to wait: the first request whose path ends with a given suffix
+    gets ``(status, Retry-After value)`` instead of the emulator's answer."""
+
+    def __init__(self, answers: dict[str, tuple[int, str]]) -> None:
+        self.left = dict(answers)
+
+    def __call__(
+        self, method: str, path: str, body: bytes
+    ) -> tuple[int, bytes, dict[str, str]] | None:
+        for suffix in list(self.left):
+            if path.endswith(suffix):
+                status, after = self.left.pop(suffix)
+                error = {"error": {"code": status, "message": "injected: wait",
+                                   "status": "UNAVAILABLE"}}
+                return status, json.dumps(error).encode(), {"Retry-After": after}
+        return None
+
+
+@pytest.mark.emulator
+async def test_retry_after_is_honoured_by_pull_ack_modify_and_publish(
+    pubsub_emulator: PubSubEmulator, pubsub_names: PubSubNames, backend_name: str
+) -> None:
+    """Each call waits at least what Pub/Sub's 429 or 503 asked (seconds or an HTTP date),
+    up to the bound (60 s): seen through the source's sleep, so no test waits for real."""
+    n = pubsub_names
+    await setup_pubsub(project=n.project, topic=n.topic, subscription=n.subscription,
+                       backend=backend_name, dead_letter_topic=n.dead_letter_topic)
+    await publish(n, backend_name, [(b"{}", {})])
+    in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    refuse = AnswersOnceWithRetryAfter({
+        ":pull": (429, "20"), ":modifyAckDeadline": (503, in_30s),
+        ":publish": (503, "7"), ":acknowledge": (429, "3600"),
+    })
+    waits: list[float] = []
+
+    async def recorded(seconds: float) -> None:
+        waits.append(seconds)
+        await anyio.lowlevel.checkpoint()
+
+    with HoldingProxy(pubsub_emulator.host, refuse=refuse).running() as proxy:
+        async with open_pubsub_source(
+            project=n.project, subscription=n.subscription, backend=backend_name,
+            dead_letter_topic=n.dead_letter_topic, emulator_host=proxy.address, sleep=recorded,
+        ) as source:
+            with anyio.fail_after(WAIT):
+                (delivery,) = await source.pull(10)
+                await source.modify_ack_deadline([delivery.ack_id], 30)
+                await source.dead_letter(delivery, "test")
+                await source.acknowledge([delivery.ack_id])
+    assert refuse.left == {}
+    assert proxy.refused == 4
+    pulled, modified, published, acked = waits
+    assert pulled == 20
+    assert 28 < modified <= 30  # the date has whole seconds, and time went by
+    assert published == 7
+    assert acked == 60  # an hour asked: the bound

@@ -13,7 +13,7 @@ import http.client
 import http.server
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 #: How long a held request waits for the proxy to close before it gives up on its own.
@@ -21,8 +21,11 @@ HOLD_LIMIT_SECONDS = 300.0
 
 
 #: ``refuse(method, path, body)``: ``None`` to forward the request, else the
-#: ``(status, JSON body)`` to answer in the upstream's stead.
-Refusal = Callable[[str, str, bytes], tuple[int, bytes] | None]
+#: ``(status, JSON body)`` to answer in the upstream's stead, or ``(status, JSON body,
+#: headers)`` (a ``Retry-After``, say).
+Refusal = Callable[
+    [str, str, bytes], tuple[int, bytes] | tuple[int, bytes, Mapping[str, str]] | None
+]
 
 
 class HoldingProxy:
@@ -64,8 +67,10 @@ class HoldingProxy:
                 refusal = proxy.refuse and proxy.refuse(self.command, self.path, body or b"")
                 if refusal:
                     proxy.refused += 1
-                    status, answer = refusal
+                    status, answer, *headers = refusal
                     self.send_response(status)
+                    for name, value in (headers[0] if headers else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(answer)))
                     self.end_headers()

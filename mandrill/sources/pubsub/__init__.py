@@ -25,7 +25,12 @@ from mandrill.sources.pubsub.clients import (
     PUBSUB_SCOPES,
     uses_credentials,
 )
-from mandrill.sources.pubsub.errors import DEFAULT_RETRY, PubSubError, call_with_retries
+from mandrill.sources.pubsub.errors import (
+    DEFAULT_RETRY,
+    OUTAGE_RETRY,
+    PubSubError,
+    call_with_retries,
+)
 from mandrill.sources.pubsub.names import subscription_path, topic_path
 from mandrill.sources.pubsub.setup import setup_pubsub
 from mandrill.sources.pubsub.source import (
@@ -51,6 +56,7 @@ __all__ = [
     "MAX_PUBLISH_MESSAGES",
     "MAX_PUBLISH_REQUEST_BYTES",
     "MAX_PULL_MESSAGES",
+    "OUTAGE_RETRY",
     "PUBSUB_SCOPES",
     "PubSubError",
     "PubSubSource",

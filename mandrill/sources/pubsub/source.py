@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import aiohttp
 import anyio
@@ -22,6 +22,7 @@ from gcloud.aio.pubsub import SubscriberMessage
 
 from mandrill.errors import ConfigError
 from mandrill.message import Delivery
+from mandrill.outage import Outage
 from mandrill.retry import RetryPolicy
 from mandrill.sources.base import Source
 from mandrill.sources.bridge import AsyncioBridge
@@ -74,10 +75,12 @@ class PubSubSource:
     """A Pub/Sub subscription as a :class:`~mandrill.sources.base.Source`.
 
     Made by :func:`open_pubsub_source`, valid inside it only. Every method can block on
-    the network for a request timeout plus the retry policy's ``total``, raises
-    :class:`PubSubError` once a failure is permanent or retries are exhausted, and is
-    cancelled cleanly (an interrupted request is aborted; Pub/Sub settlement is idempotent,
-    so a settlement cancelled half-way can simply be sent again).
+    the network for a request timeout plus the retry policy's ``total`` (or the outage's
+    limit, whichever comes first), raises :class:`PubSubError` once a failure is permanent
+    or retries are exhausted, and is cancelled cleanly (an interrupted request is aborted;
+    Pub/Sub settlement is idempotent, so a settlement cancelled half-way can simply be sent
+    again). Every call reports to one :class:`~mandrill.outage.Outage`, which
+    :meth:`problem` reads for the readiness probe.
     """
 
     def __init__(
@@ -91,9 +94,13 @@ class PubSubSource:
         retry: RetryPolicy,
         pull_wait: float,
         request_timeout: float,
+        outage: Outage,
         on_transient_error: Callable[[str, BaseException, float], None] | None = None,
+        sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
     ) -> None:
         self.subscription = subscription
+        self.outage = outage
+        self._sleep = sleep
         self._on_transient_error = on_transient_error
         self.dead_letter_topic = dead_letter_topic
         self.keeps_dead_letters = dead_letter_topic is not None
@@ -112,8 +119,29 @@ class PubSubSource:
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         count = min(max_messages, MAX_PULL_MESSAGES)
-        messages = await self._call(f"pull from {self.subscription}", self._pull_once, count)
+        messages = await self._call(
+            f"pull from {self.subscription}", functools.partial(self._pull_attempt, count)
+        )
         return [_to_delivery(m) for m in messages]
+
+    def problem(self) -> str | None:
+        """Why Pub/Sub is unavailable (an outage under way), for readiness; else ``None``."""
+        return self.outage.problem()
+
+    async def _pull_attempt(self, count: int) -> list[SubscriberMessage]:
+        if self.outage.ongoing:
+            # A pull is a long poll, answered when messages come (the emulator: after ~90 s
+            # when none do): it would see the outage's end that late. A request answered
+            # at once sees it as it happens, and readiness comes back with it.
+            await self._bridge.call(
+                functools.partial(
+                    self._clients.subscriber.get_subscription,
+                    self.subscription,
+                    timeout=self._request_timeout,
+                )
+            )
+            self.outage.succeeded()
+        return await self._bridge.call(self._pull_once, count)
 
     async def _pull_once(self, count: int) -> list[SubscriberMessage]:
         # Runs on the asyncio loop. Our timeout is a backstop (see DEFAULT_PULL_WAIT): when
@@ -135,7 +163,7 @@ class PubSubSource:
         fails for good, the chunks before it are settled and the rest are not.
         """
         for chunk in chunk_ack_ids(ack_ids):
-            await self._call(
+            await self._call_bridged(
                 f"acknowledge on {self.subscription}",
                 functools.partial(
                     self._clients.subscriber.acknowledge,
@@ -152,7 +180,7 @@ class PubSubSource:
             raise ValueError(f"seconds must be within 0..{MAX_ACK_DEADLINE_SECONDS}, not {seconds}")
         whole = math.ceil(seconds)
         for chunk in chunk_ack_ids(ack_ids):
-            await self._call(
+            await self._call_bridged(
                 f"modifyAckDeadline on {self.subscription}",
                 functools.partial(
                     self._clients.subscriber.modify_ack_deadline,
@@ -180,14 +208,22 @@ class PubSubSource:
                                  delivery.message_id)],
             self.retry,
             self._request_timeout,
+            outage=self.outage,
+            sleep=self._sleep,
         )
 
-    async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def _call_bridged(self, what: str, fn: Callable[..., Awaitable[T]]) -> T:
+        """``fn()`` on the asyncio bridge, with retries."""
+        return await self._call(what, functools.partial(self._bridge.call, fn))
+
+    async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         return await call_with_retries(
             what,
-            functools.partial(self._bridge.call, fn, *args),
+            attempt,
             self.retry,
             on_transient_error=self._on_transient_error,
+            outage=self.outage,
+            sleep=self._sleep,
         )
 
 
@@ -205,6 +241,8 @@ async def open_pubsub_source(
     api_root: str | None = None,
     emulator_host: str | None = None,
     on_transient_error: Callable[[str, BaseException, float], None] | None = None,
+    outage: Outage | None = None,
+    sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
 ) -> AsyncIterator[PubSubSource]:
     """Open ``subscription`` (a name in ``project``, or a full path) for pulling.
 
@@ -212,12 +250,17 @@ async def open_pubsub_source(
     asyncio bridge, this one's own unless ``bridge`` is given (then it is shared, not
     closed). ``api_root`` overrides the endpoint, used with credentials (a regional one, say);
     ``emulator_host`` names an emulator, used without (else ``PUBSUB_EMULATOR_HOST`` or the
-    real service). Reads the subscription's ack deadline first: raises
-    :class:`PubSubError` (status 404) if the subscription does not exist, or as any call
-    does; and :class:`~mandrill.errors.ConfigError` if the dead-letter topic does not.
+    real service). Every call, from the first, reports to ``outage`` (one of its own if not
+    given): give one whose :meth:`~mandrill.outage.Outage.problem` the readiness probe
+    reads, and Pub/Sub unreachable at start shows there while this retries. Reads the
+    subscription's ack deadline first: raises :class:`PubSubError` (status 404) if the
+    subscription does not exist, or as any call does; and
+    :class:`~mandrill.errors.ConfigError` if the dead-letter topic does not. Retries wait
+    with ``sleep`` (a test's sees the waits).
     Closing closes the clients' aiohttp session, shielded but bounded by ``CLOSE_SECONDS``.
     """
     path = subscription_path(project, subscription)
+    outage = outage if outage is not None else Outage("Pub/Sub")
     dead_letter_path = topic_path(project, dead_letter_topic) if dead_letter_topic else None
     async with open_clients(backend, bridge, api_root, emulator_host) as (bridge, clients):
         what = f"get subscription {path}"
@@ -233,8 +276,9 @@ async def open_pubsub_source(
                     ),
                 ),
                 retry,
-                # At start too, each failure is logged as it happens, not only the last.
                 on_transient_error=on_transient_error,
+                outage=outage,
+                sleep=sleep,
             )
         except PubSubError as exc:
             if exc.status == _NOT_FOUND:
@@ -242,7 +286,7 @@ async def open_pubsub_source(
             raise
         if dead_letter_path is not None:
             exists = await topic_exists(
-                bridge, clients.publisher, dead_letter_path, retry, request_timeout
+                bridge, clients.publisher, dead_letter_path, retry, request_timeout, outage
             )
             if exists is False:
                 raise ConfigError(
@@ -262,7 +306,9 @@ async def open_pubsub_source(
             retry=retry,
             pull_wait=pull_wait,
             request_timeout=request_timeout,
+            outage=outage,
             on_transient_error=on_transient_error,
+            sleep=sleep,
         )
 
 

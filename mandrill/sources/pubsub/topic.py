@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
+import anyio
 from gcloud.aio.pubsub import PublisherClient, PubsubMessage
 
+from mandrill.outage import Outage
 from mandrill.retry import RetryPolicy
 from mandrill.sources.base import Topic
 from mandrill.sources.bridge import AsyncioBridge
@@ -26,8 +28,12 @@ async def publish_messages(
     messages: Sequence[tuple[bytes, Mapping[str, str]]],
     policy: RetryPolicy,
     request_timeout: float,
+    outage: Outage | None = None,
+    sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
 ) -> list[str]:
-    """Publish ``messages`` in request-sized chunks, one after another; their ids in order."""
+    """Publish ``messages`` in request-sized chunks, one after another; their ids in order.
+    Each request reports to ``outage``, if given, and retries wait with ``sleep`` (see
+    :func:`call_with_retries`)."""
     ids: list[str] = []
     for chunk in chunk_messages(messages):
         body = []
@@ -42,7 +48,9 @@ async def publish_messages(
                 publisher.publish, topic, body, timeout=whole_seconds(request_timeout)
             ),
         )
-        response = await call_with_retries(f"publish to {topic}", attempt, policy)
+        response = await call_with_retries(
+            f"publish to {topic}", attempt, policy, outage=outage, sleep=sleep
+        )
         chunk_ids = [str(i) for i in response.get("messageIds", [])]
         if len(chunk_ids) != len(chunk):
             raise PubSubError(
@@ -58,6 +66,7 @@ async def topic_exists(
     topic: str,
     policy: RetryPolicy,
     request_timeout: float,
+    outage: Outage | None = None,
 ) -> bool | None:
     """Whether ``topic`` exists; ``None`` if this account may not ask (HTTP 403: a
     least-privilege account holds ``roles/pubsub.publisher`` on a topic, which publishes
@@ -73,7 +82,9 @@ async def topic_exists(
         await response.read()  # released to the pool, not to the garbage collector
 
     try:
-        await call_with_retries(f"get topic {topic}", functools.partial(bridge.call, get), policy)
+        await call_with_retries(
+            f"get topic {topic}", functools.partial(bridge.call, get), policy, outage=outage
+        )
     except PubSubError as exc:
         if exc.status == _NOT_FOUND:
             return False
