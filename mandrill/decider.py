@@ -122,7 +122,8 @@ class Decider:
             self._announce(opened)
         restarts = self._restarts
         for delivery, request, result in zip(deliveries, requests, decided, strict=True):
-            if result.claim is not None and result.saved:  # the common case, kept short
+            if result.claim is not None and result.saved and not result.conflict:
+                # The common case, kept short (a reused id is said in _hand_on).
                 restarts.send_nowait(Claimed(delivery, request.message, result.claim))
             else:
                 self._hand_on(delivery, request.message, result)
