@@ -59,6 +59,7 @@ COMMANDS = {
     "replay": "republish saved messages from the ledger",
     "status": "show the daemons alive, the restarts under way and the hosts in cooldown",
     "explain": "would a message for HOST restart it now? if not, every rule that says no",
+    "resume": "close the restart-storm breaker: every daemon of the fleet restarts again",
 }
 
 
@@ -114,6 +115,9 @@ def build_parser(log_format: str = "auto") -> argparse.ArgumentParser:
             sub.add_argument("host", nargs="?", metavar="HOST",
                              help="an instance name (with --domain) or a full hostname")
             sub.add_argument("--json", action="store_true", help="one JSON object")
+        if name == "resume":
+            sub.add_argument("--by", metavar="NAME",
+                             help="who resumes, as the ledger records it (default $USER)")
         if name == "replay":
             sub.add_argument("--until", metavar="DURATION",
                              help=f"only messages older than DURATION ago"
@@ -217,6 +221,8 @@ def _dispatch(cfg: config.CommandConfig) -> int:
 
         case config.ExplainConfig():
             return _run(commands.explain, cfg)
+        case config.ResumeConfig():
+            return _run(commands.resume, cfg)
 
 
 def _run(command: Callable[[C], Awaitable[int]], cfg: C) -> int:

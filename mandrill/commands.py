@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
@@ -22,6 +22,7 @@ from mandrill.config import (
     PublishConfig,
     PubSubConfig,
     ReplayConfig,
+    ResumeConfig,
     RunConfig,
     SetupConfig,
     StatusConfig,
@@ -312,6 +313,43 @@ async def publish(cfg: PublishConfig) -> int:
             )
     log.info("published %d messages to %s", published, cfg.topic)
     return 0
+
+
+#: The longest name ``resume --by`` takes.
+MAX_RESUMED_BY = 200
+
+
+async def resume(cfg: ResumeConfig) -> int:
+    """Close the fleet's restart-storm breaker, recording who (``--by``, else ``$USER``)
+    and when (the ledger's time); says so on stdout, or that it was not open (exit 0
+    both ways: resuming twice is harmless)."""
+    by = resumed_by(cfg.flags.by, os.environ)
+    ledger = await open_existing_ledger(cfg.ledger)
+    try:
+        closed = await ledger.resume(by)
+    finally:
+        await ledger.aclose()
+    if closed is None:
+        print("the restart-storm breaker is not open: nothing to resume")
+        return 0
+    log.warning("restart-storm breaker closed by %s: restarts resume", by)
+    print(f"restart-storm breaker closed by {by} at {_iso(closed.closed_at)}; it was open"
+          f" since {_iso(closed.opened_at)} (daemon {closed.opened_by}): {closed.why}")
+    return 0
+
+
+def resumed_by(flag: str | None, environ: Mapping[str, str]) -> str:
+    """``--by``, else ``$USER``: one printable line. Raises :class:`ConfigError`."""
+    name = flag if flag is not None else environ.get("USER", "")
+    origin = "--by" if flag is not None else "$USER"
+    name = name.strip()
+    if not name:
+        raise ConfigError("--by is required: $USER is not set" if flag is None
+                          else "--by: must not be empty")
+    if not name.isprintable() or len(name) > MAX_RESUMED_BY:
+        raise ConfigError(f"{origin}: {name[:40]!r} is not a name of at most"
+                          f" {MAX_RESUMED_BY} printable characters")
+    return name
 
 
 async def replay(cfg: ReplayConfig) -> int:

@@ -5,8 +5,9 @@ made. Then each delivery goes one way on:
 
 * a claimed restart, to the restart workers' stream (the claim is held by this daemon from
   before its transaction began until its outcome is recorded);
-* a skip or a duplicate, to the settler (ack); a message whose host is being restarted, or
-  that the ledger could not decide on, to the settler (deferred: it comes back);
+* a skip or a duplicate, to the settler (ack); a message whose host is being restarted,
+  that the fleet's restart-storm breaker holds back, or that the ledger could not decide
+  on, to the settler (deferred: it comes back);
 * an invalid payload, to the dead letters.
 
 Cancelled while its transaction runs, the decider leaves its deliveries held (the final
@@ -24,6 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from mandrill.errors import InvalidMessage, LedgerError
 from mandrill.ledger.base import DeadLetterRecord, Decided, Ledger, Request
+from mandrill.ledger.breaker import Breaker
 from mandrill.message import Delivery, Message, parse_delivery
 from mandrill.obs.counters import Counters
 from mandrill.policy import Outcome, Reason, Refusal, Settlement, Verdict, settlement_for
@@ -52,7 +54,10 @@ class Decider:
         restarts: MemoryObjectSendStream[Claimed],
         dead_letters: MemoryObjectSendStream[DeadLetterRecord],
         on_decision: Callable[[Message, Outcome, str], None] | None = None,
+        on_breaker: Callable[[Breaker], None] | None = None,
     ) -> None:
+        """``on_breaker`` is told of the restart-storm breaker when one of this daemon's
+        decisions opens it (once for the fleet: no other daemon's does)."""
         self._ledger = ledger
         self.settings = settings
         self._rules = settings.rules
@@ -62,6 +67,7 @@ class Decider:
         self._restarts = restarts
         self._dead_letters = dead_letters
         self._on_decision = on_decision
+        self._on_breaker = on_breaker
 
     async def run(self, deliveries: MemoryObjectReceiveStream[Sequence[Delivery]]) -> None:
         """Decide on what ``deliveries`` brings (a pull's worth at a time; those that came
@@ -111,12 +117,22 @@ class Decider:
             for delivery in deliveries:
                 self._outbox.settle(delivery, Settlement.DEFER)
             return
+        opened = self._ledger.breaker_opened()
+        if opened is not None:
+            self._announce(opened)
         restarts = self._restarts
         for delivery, request, result in zip(deliveries, requests, decided, strict=True):
-            if result.claim is not None and result.saved:  # the common case, kept short
+            if result.claim is not None and result.saved and not result.conflict:
+                # The common case, kept short (a reused id is said in _hand_on).
                 restarts.send_nowait(Claimed(delivery, request.message, result.claim))
             else:
                 self._hand_on(delivery, request.message, result)
+
+    def _announce(self, breaker: Breaker) -> None:
+        log.error("restart-storm breaker opened: %s; every daemon defers its restarts until"
+                  " `mandrill resume`", breaker.why)
+        if self._on_breaker is not None:
+            self._on_breaker(breaker)
 
     def _refusal(self, message: Message) -> Refusal | None:
         checks = self.settings.skip_checks

@@ -24,9 +24,12 @@ from mandrill.message import Message
 
 if TYPE_CHECKING:
     from mandrill.ledger.base import DeadLetterRecord
+    from mandrill.ledger.breaker import Breaker
 
 #: The placeholders a body template may use, in the order the README lists them.
 FIELDS = ("host", "message_id", "outcome", "detail", "time")
+#: The outcome of the notification that says the restart-storm breaker opened.
+BREAKER_OPEN = "breaker_open"
 #: The outcome a dead letter's notification carries (as ``mandrill history`` names it).
 DEAD_LETTER = "dead_letter"
 #: A template file is a small document; anything larger is surely the wrong file.
@@ -52,6 +55,13 @@ class Notification:
         cls, message: Message, outcome: str, detail: str, time: datetime
     ) -> Notification:
         return cls(message.hostname, message.message_id, str(outcome), detail, time)
+
+    @classmethod
+    def for_breaker(cls, breaker: Breaker) -> Notification:
+        """The fleet's restart-storm breaker opened: no host and no message, outcome
+        ``breaker_open``, the reason as the detail."""
+        detail = f"{breaker.why}; every restart waits for `mandrill resume`"
+        return cls("", "", BREAKER_OPEN, detail, datetime.fromtimestamp(breaker.opened_at, UTC))
 
     @classmethod
     def for_dead_letter(cls, letter: DeadLetterRecord, time: datetime) -> Notification:

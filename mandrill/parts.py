@@ -23,11 +23,13 @@ from mandrill.config import (
 )
 from mandrill.controls import Controls
 from mandrill.errors import ConfigError
+from mandrill.grouping import GroupLimit
 from mandrill.ledger import open_ledger
 from mandrill.ledger.base import DeadLetterRecord, Ledger
+from mandrill.ledger.breaker import Breaker
 from mandrill.message import Message
 from mandrill.obs.counters import Counters
-from mandrill.policy import Outcome, RateLimit, Rules
+from mandrill.policy import BreakerRule, Outcome, RateLimit, Rules
 from mandrill.publisher import publish_chaos
 from mandrill.restarters.base import Restarter
 from mandrill.safety import SafetyControls, TimeWindow, parse_timezone
@@ -77,7 +79,39 @@ def worker_settings(cfg: RunConfig) -> WorkerSettings:
         max_concurrent_restarts=safety.max_concurrent_restarts,
         rate_limit=rate_limit(safety),
         skip_checks=[controls.skip_reason] if controls is not None else [],
+        breaker=breaker_rule(safety),
+        groups=group_limit(safety),
     )
+
+
+def group_limit(safety: SafetyConfig) -> GroupLimit | None:
+    """The limit per group the settings describe, or None; raises ``ConfigError`` for one
+    of the two settings without the other."""
+    by, limit = safety.group_by, safety.max_concurrent_restarts_per_group
+    if by is None and limit is None:
+        return None
+    if by is None:
+        raise ConfigError("--max-concurrent-restarts-per-group needs --group-by")
+    if limit is None:
+        raise ConfigError("--group-by needs --max-concurrent-restarts-per-group")
+    return GroupLimit(by, limit)
+
+
+#: The restart-storm breaker's window unless ``--breaker-window`` says otherwise.
+BREAKER_WINDOW = 3600.0
+
+
+def breaker_rule(safety: SafetyConfig) -> BreakerRule | None:
+    """The breaker the ``breaker_*`` settings describe, or None (off); raises
+    ``ConfigError`` for a window given without a limit (a breaker that could never open)."""
+    if safety.breaker_failures is None and safety.breaker_unknown is None:
+        if safety.breaker_window is not None:
+            raise ConfigError(
+                "--breaker-window needs --breaker-failures or --breaker-unknown"
+            )
+        return None
+    return BreakerRule(safety.breaker_failures, safety.breaker_unknown,
+                       safety.breaker_window or BREAKER_WINDOW)
 
 
 def rate_limit(safety: SafetyConfig) -> RateLimit | None:
@@ -105,7 +139,8 @@ def explain_controls(cfg: ExplainConfig) -> Controls:
     """The controls a daemon with ``cfg``'s settings decides by (``mandrill explain``)."""
     safety = cfg.safety
     return Controls(
-        rules=Rules(safety.min_restart_interval, rate_limit(safety), cfg.retry_unknown),
+        rules=Rules(safety.min_restart_interval, rate_limit(safety), cfg.retry_unknown,
+                    breaker_rule(safety), group_limit(safety)),
         safety=safety_controls(safety),
         dry_run=_dry_run(cfg.restarter, safety),
         max_concurrent_restarts=safety.max_concurrent_restarts,
@@ -379,11 +414,15 @@ def add_notifier(parts: Parts, notifier: Notifier) -> None:
     def on_decision(message: Message, outcome: Outcome, detail: str) -> None:
         notifier.notify(Notification.for_message(message, outcome, detail, datetime.now(UTC)))
 
+    def on_breaker(breaker: Breaker) -> None:
+        notifier.notify(Notification.for_breaker(breaker))
+
     def on_dead_letter(letter: DeadLetterRecord) -> None:
         notifier.notify(Notification.for_dead_letter(letter, datetime.now(UTC)))
 
     parts.companions = [*parts.companions, notifier.run]
     parts.on_decision = on_decision
+    parts.on_breaker = on_breaker
     parts.on_dead_letter = on_dead_letter
 
 

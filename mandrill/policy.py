@@ -8,8 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from mandrill.sources.limits import MAX_ACK_DEADLINE_SECONDS
+
+if TYPE_CHECKING:
+    from mandrill.grouping import GroupLimit
 
 
 class Outcome(StrEnum):
@@ -40,7 +44,9 @@ class Verdict(StrEnum):
     SKIP = "skip"  # the host must not be restarted now (interval rule, safety control)
     DUPLICATE = "duplicate"  # this message was already decided
     #: A restart of this message's host is under way (for this message or another one, in
-    #: this daemon or another): decided once that restart has an outcome.
+    #: this daemon or another), or a fleet-wide control holds restarts back (the breaker is
+    #: open, the host's group is at its limit): handed back, decided again once it comes
+    #: back.
     BUSY = "busy"
 
 
@@ -64,6 +70,10 @@ class Reason(StrEnum):
     MESSAGE_UNDER_WAY = "message_under_way"
     HOST_UNDER_WAY = "host_under_way"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
+    #: The fleet's restart-storm breaker is open: no restart until ``mandrill resume``.
+    BREAKER_OPEN = "breaker_open"
+    #: The message's group has as many restarts under way as it may have at once.
+    GROUP_LIMIT = "group_limit"
     # Dead letters: mandrill_messages_dead_lettered_total{reason}.
     INVALID = "invalid"
     MAX_ATTEMPTS = "max_attempts"
@@ -116,13 +126,46 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerRule:
+    """When the fleet's restart-storm breaker opens: more than ``failures`` restarts failed,
+    or more than ``unknown`` ended ``unknown``, within the last ``window`` seconds, across
+    every daemon (``None``: that outcome does not count)."""
+
+    failures: int | None
+    unknown: int | None
+    window: float
+
+
+def breaker_trips(rule: BreakerRule, failed: int, unknown: int) -> str | None:
+    """Why the breaker opens, given the restarts that ``failed`` and ended ``unknown``
+    within ``rule.window``; ``None`` while they are within its limits."""
+    window = format_duration(rule.window)
+    if rule.failures is not None and failed > rule.failures:
+        return f"{_restarts(failed)} failed in the last {window} (limit {rule.failures})"
+    if rule.unknown is not None and unknown > rule.unknown:
+        return (
+            f"{_restarts(unknown)} ended with an unknown outcome in the last {window}"
+            f" (limit {rule.unknown})"
+        )
+    return None
+
+
+def _restarts(count: int) -> str:
+    return f"{count} restart" + ("" if count == 1 else "s")
+
+
+@dataclass(frozen=True, slots=True)
 class Rules:
-    """What a claim is decided by: the interval rule, the fleet's rate limit, and whether a
-    restart of unknown outcome counts (the default) or is retried."""
+    """What a claim is decided by: the interval rule, the fleet's rate limit, whether a
+    restart of unknown outcome counts (the default) or is retried, when the fleet's
+    restart-storm breaker opens (never without a ``breaker``), and how many restarts each
+    group of hosts may have under way at once (``groups``)."""
 
     min_interval: float
     rate_limit: RateLimit | None = None
     retry_unknown: bool = False
+    breaker: BreakerRule | None = None
+    groups: GroupLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +263,8 @@ class Settlement(StrEnum):
 
 def settlement_for(decision: Decision) -> Settlement:
     """How a message the ledger did not give a restart is settled: a skip or a duplicate is
-    done (acked); a message whose restart is under way waits for its outcome (deferred)."""
+    done (acked); a message whose restart is under way waits for its outcome, one held back
+    by a fleet-wide control waits for it to let go (both deferred)."""
     return Settlement.DEFER if decision.verdict is Verdict.BUSY else Settlement.ACK
 
 

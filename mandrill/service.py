@@ -48,6 +48,7 @@ from mandrill.decider import Decider
 from mandrill.holdings import Holdings
 from mandrill.lease import LeaseKeeper
 from mandrill.ledger.base import DeadLetterRecord, Finish, Ledger
+from mandrill.ledger.breaker import Breaker
 from mandrill.message import Delivery, Message
 from mandrill.obs.counters import Counters
 from mandrill.obs.metrics import Observability
@@ -98,6 +99,8 @@ class Parts:
     companions: Sequence[LongLived] = field(default_factory=list)
     #: Called with (message, outcome, detail) for every restart decision (notifications).
     on_decision: Callable[[Message, Outcome, str], None] | None = None
+    #: Called when this daemon's decision opens the fleet's restart-storm breaker.
+    on_breaker: Callable[[Breaker], None] | None = None
     #: Called with each message dead-lettered for good (notifications).
     on_dead_letter: Callable[[DeadLetterRecord], None] | None = None
     #: Asked just before each restart (``--block-on-alerts``, ``--block-on-command``).
@@ -163,6 +166,10 @@ async def serve(
     shutdown = shutdown or Shutdown()
     counters = counters if counters is not None else Counters()
     holdings = Holdings(settings.max_in_flight)
+
+    def breaker_open() -> bool:
+        return parts.ledger.breaker() is not None
+
     to_settler, settling = settle_stream()
     outbox = Outbox(to_settler, holdings)
     settler = Settler(
@@ -188,9 +195,14 @@ async def serve(
                 )
                 if observability is not None:
                     observability.count_in_flight(holdings.__len__)
+                    observability.watch_breaker(breaker_open)
                 if observability is not None and not observability.started:
                     # Started first, so the lag probe and the metrics server watch start-up.
-                    for name, probe in observability.probes(in_flight=holdings.__len__):
+                    probes = observability.probes(
+                        in_flight=holdings.__len__,
+                        breaker_open=breaker_open,
+                    )
+                    for name, probe in probes:
                         await lasting.start(probe, name=name)
                 await lasting.start(parts.ledger.run, name="ledger")
                 settled = anyio.Event()
@@ -316,7 +328,7 @@ async def _process(
     decider = Decider(
         ledger=parts.ledger, settings=worker_settings, counters=counters, shutdown=shutdown,
         outbox=outbox.clone(), restarts=claimed.clone(), dead_letters=lettered.clone(),
-        on_decision=parts.on_decision,
+        on_decision=parts.on_decision, on_breaker=parts.on_breaker,
     )
     dead_letters = DeadLetters(
         source=parts.source, ledger=parts.ledger, counters=counters, outbox=outbox.clone(),

@@ -26,6 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from mandrill.blockers import Block, Blockers
 from mandrill.errors import RestartFailed
+from mandrill.grouping import GroupLimit
 from mandrill.ledger.base import Claim, DeadLetterRecord, Finish
 from mandrill.message import DEFAULT_DOMAIN, Delivery, Message
 from mandrill.obs.counters import Counters
@@ -33,6 +34,7 @@ from mandrill.policy import (
     BLOCKED_DETAIL,
     INTERRUPTED_DETAIL,
     NOT_STARTED_DETAIL,
+    BreakerRule,
     Outcome,
     RateLimit,
     Reason,
@@ -65,6 +67,10 @@ class WorkerSettings:
     dry_run: bool = False
     max_concurrent_restarts: int | None = None
     rate_limit: RateLimit | None = None
+    #: When the fleet's restart-storm breaker opens (never without one).
+    breaker: BreakerRule | None = None
+    #: Restarts under way at once in each group of hosts, fleet-wide (no limit without).
+    groups: GroupLimit | None = None
     skip_checks: list[Callable[[Message, datetime], Refusal | None]] = field(
         default_factory=list
     )
@@ -74,7 +80,8 @@ class WorkerSettings:
 
     @property
     def rules(self) -> Rules:
-        return Rules(self.min_restart_interval, self.rate_limit, self.retry_unknown)
+        return Rules(self.min_restart_interval, self.rate_limit, self.retry_unknown,
+                     self.breaker, self.groups)
 
 
 class Claimed(NamedTuple):

@@ -43,6 +43,12 @@ def test_flat_toml_with_dashes_is_accepted(tmp_path):
         ({}, {}, "not toml [", "is not valid TOML"),
         ({"rate": "-5"}, {}, "", "--rate: '-5' must be a rate"),
         ({"domain": "-bad-.com"}, {}, "", "not a valid DNS domain"),
+        ({"breaker_failures": "-1"}, {}, "", "--breaker-failures: '-1' must be 0 or more"),
+        ({}, {"MANDRILL_BREAKER_UNKNOWN": "x"}, "", "'x' is not a whole number"),
+        ({"breaker_window": "0"}, {}, "", "--breaker-window: '0' must be a duration > 0"),
+        ({"group_by": "zone"}, {}, "", "--group-by: 'zone' is not attribute:NAME or pattern"),
+        ({}, {}, "group_by = 'pattern:web'\n", "group_by: pattern 'web' has 0 capture"),
+        ({"max_concurrent_restarts_per_group": "0"}, {}, "", "'0' must be at least 1"),
         ({"block_on_alerts": "http://prom:9090"}, {}, "",
          "--block-on-alerts: 'http://prom:9090': say whose alerts"),
         ({}, {"MANDRILL_BLOCK_ALERT_FILTER": 'severity=="x"'}, "",
@@ -259,7 +265,9 @@ def conforms(value, hint) -> bool:
         {"weekdays": "mon-fri", "hours": "09:00-17:00", "exclude": "db-*,web-*", "seed": "3",
          "notify_url": "https://h/x", "notify_header": ["A=b"], "rate": "0", "count": "4",
          "notify_template": '{"text": "{host}"}', "metrics_addr": "127.0.0.1:0",
-         "max_restarts": "2", "slow_callback_ms": "50"},
+         "max_restarts": "2", "slow_callback_ms": "50", "group_by": "attribute:zone",
+         "max_concurrent_restarts_per_group": "2", "breaker_failures": "3",
+         "breaker_window": "10m"},
     ],
 )
 def test_loaded_values_have_the_fields_types(flags):

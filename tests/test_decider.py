@@ -19,13 +19,14 @@ from mandrill.decider import Decider
 from mandrill.holdings import Holdings
 from mandrill.ledger import SQLLedger, open_ledger, sqlite
 from mandrill.ledger.base import DeadLetterRecord
+from mandrill.ledger.breaker import Breaker
 from mandrill.message import Delivery, Message
 from mandrill.obs.counters import Counters
-from mandrill.policy import Outcome, Reason, Refusal, Settlement
+from mandrill.policy import BreakerRule, Outcome, Reason, Refusal, Settlement
 from mandrill.settler import Outbox, Settle, settle_stream
 from mandrill.shutdown import Shutdown
 from mandrill.worker import Claimed, WorkerSettings
-from tests.ledger import decide, delivery, finish, message
+from tests.ledger import HOUR, decide, decide_one, delivery, finish, message
 
 
 @dataclass
@@ -61,6 +62,7 @@ async def make_bench(
     ledger: SQLLedger,
     settings: WorkerSettings,
     on_decision: Callable[[Message, Outcome, str], None] | None = None,
+    on_breaker: Callable[[Breaker], None] | None = None,
 ) -> Bench:
     await ledger._beat(forget=True)  # registered and alive, as a daemon's ledger is
     send, settled = settle_stream()
@@ -69,7 +71,7 @@ async def make_bench(
     holdings, counters, shutdown = Holdings(64), Counters(), Shutdown()
     decider = Decider(ledger=ledger, settings=settings, counters=counters, shutdown=shutdown,
                       outbox=Outbox(send, holdings), restarts=claims, dead_letters=letters,
-                      on_decision=on_decision)
+                      on_decision=on_decision, on_breaker=on_breaker)
     return Bench(ledger, holdings, counters, shutdown, decider, restarts, settled, lettered)
 
 
@@ -168,6 +170,47 @@ async def test_once_shutdown_began_nothing_is_decided(bench: Bench) -> None:
     await bench.decider.decide(bench.held(delivery("m1")))
     assert bench.settlements() == {"m1": Settlement.NACK}
     assert await bench.ledger.history() == []
+
+
+async def test_an_open_breaker_defers_every_restart_and_is_announced_once(
+    tmp_path: Path,
+) -> None:
+    """Two daemons on one ledger: the restarts both would claim are deferred (they come
+    back), the breaker announced by the one whose decision opened it; once resumed, the
+    deferred messages come back and are restarted."""
+    path = str(tmp_path / "ledger.db")
+    settings = WorkerSettings(breaker=BreakerRule(0, None, HOUR))
+    announced: list[Breaker] = []
+    a, b = await open_ledger(path), await open_ledger(path)
+    one, two = (await make_bench(a, settings, on_breaker=announced.append),
+                await make_bench(b, settings, on_breaker=announced.append))
+    try:
+        failed = await decide_one(a, message("m0", "db-1"), settings.rules)
+        await finish(a, failed, Outcome.FAILED)
+
+        await one.decider.decide(one.held(
+            delivery("m1", "web-1"), delivery("m2", "web-2"), delivery("m0", "db-1")
+        ))
+        await two.decider.decide(two.held(delivery("m3", "web-3")))
+        # m0's restart failed: its retry is held back as well.
+        assert one.settlements() == {"m1": Settlement.DEFER, "m2": Settlement.DEFER,
+                                     "m0": Settlement.DEFER}
+        assert two.settlements() == {"m3": Settlement.DEFER}
+        assert _drain(one.restarts) == _drain(two.restarts) == []
+        assert [breaker.why for breaker in announced] == [
+            "1 restart failed in the last 1h (limit 0)"
+        ]
+        assert announced[0].opened_by == a.instance.instance_id
+
+        assert await b.resume("alice") is not None
+        await one.decider.decide(one.held(delivery("m1", "web-1"), delivery("m2", "web-2")))
+        assert sorted(c.message.message_id for c in _drain(one.restarts)) == ["m1", "m2"]
+        assert len(announced) == 1
+    finally:
+        for ledger, bench in ((a, one), (b, two)):
+            ledger.owned.settled(ledger.owned.claims())
+            await close(bench)
+            await ledger.aclose()
 
 
 async def test_an_unknown_outcome_met_again_is_told_as_unknown(tmp_path: Path) -> None:

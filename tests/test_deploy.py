@@ -687,7 +687,8 @@ def metric_names(expr: str) -> set[str]:
 def exported() -> dict[str, str]:
     """Every sample name a daemon's /metrics shows, with its family's name."""
     registry = build_registry(Counters(), in_flight=lambda: 0, in_flight_limit=256,
-                              probe=LagProbe(), health=ServiceHealth())
+                              probe=LagProbe(), health=ServiceHealth(),
+                              breaker_open=lambda: False)
     text = generate_latest(registry).decode()
     return {sample.name: family.name for family in text_string_to_metric_families(text)
             for sample in family.samples}

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mandrill.ledger.breaker import Breaker
 from mandrill.message import Message
 from mandrill.notification import SAMPLE, BodyTemplate, Notification, parse_header, parse_headers
 
@@ -22,6 +23,18 @@ def test_notification_from_a_message():
     made = Notification.for_message(message, "skipped", "host excluded", TIME)
     assert made == Notification("db-2.example.net", "m-9", "skipped", "host excluded", TIME)
     assert json.loads(made.to_json())["time"] == "2026-01-05T12:00:30+01:00"
+
+
+def test_notification_of_the_breaker():
+    breaker = Breaker(3, TIME.timestamp(), "host:1:ab", "4 restarts failed in the last 1h")
+    made = Notification.for_breaker(breaker)
+    assert made == Notification(
+        "", "", "breaker_open",
+        "4 restarts failed in the last 1h; every restart waits for `mandrill resume`",
+        TIME.astimezone(UTC),
+    )
+    rendered = json.loads(BodyTemplate(SLACK).render(made))
+    assert rendered == {"text": f": breaker_open ({made.detail})"}
 
 
 def test_naive_time_is_refused():

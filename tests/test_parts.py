@@ -14,6 +14,7 @@ from mandrill.blockers.command import CommandBlocker
 from mandrill.errors import ConfigError
 from mandrill.ledger import SQLLedger
 from mandrill.parts import is_dry_run, open_parts, service_settings, worker_settings
+from mandrill.policy import BreakerRule
 from mandrill.restarters.command import CommandRestarter
 from mandrill.restarters.simulated import SimulatedRestarter
 from mandrill.sources.memory import MemoryBroker
@@ -118,3 +119,28 @@ def test_settings_for_serve_and_the_worker():
     assert len(worker.skip_checks) == 1  # the host and time-window controls
     assert worker_settings(run_config()).skip_checks == []
     assert worker_settings(run_config()).rate_limit is None
+
+
+def test_a_limit_per_group_needs_both_settings():
+    assert worker_settings(run_config()).rules.groups is None
+    groups = worker_settings(run_config(
+        group_by="pattern:^[^.]+\\.([^.]+)\\.", max_concurrent_restarts_per_group="2"
+    )).rules.groups
+    assert groups is not None
+    assert (str(groups.by), groups.limit) == ("pattern:^[^.]+\\.([^.]+)\\.", 2)
+    with pytest.raises(ConfigError, match=r"^--group-by needs --max-concurrent-restarts-per"):
+        worker_settings(run_config(group_by="attribute:zone"))
+    with pytest.raises(ConfigError, match=r"^--max-concurrent-restarts-per-group needs --gr"):
+        worker_settings(run_config(max_concurrent_restarts_per_group="2"))
+
+
+def test_the_breaker_is_off_unless_a_limit_is_given():
+    assert worker_settings(run_config()).breaker is None
+    assert worker_settings(run_config()).rules.breaker is None
+    rule = worker_settings(run_config(breaker_failures="0")).rules.breaker
+    assert rule == BreakerRule(0, None, 3600.0)
+    rule = worker_settings(run_config(breaker_unknown="2", breaker_window="10m")).breaker
+    assert rule == BreakerRule(None, 2, 600.0)
+    with pytest.raises(ConfigError, match=r"^--breaker-window needs --breaker-failures or"
+                       r" --breaker-unknown$"):
+        worker_settings(run_config(breaker_window="10m"))

@@ -22,6 +22,7 @@ from mandrill.config.values import (
     domain,
     duration,
     fraction,
+    group_by,
     http_addr,
     is_duration,
     limit_or_forever,
@@ -29,8 +30,10 @@ from mandrill.config.values import (
     notify_headers,
     notify_template,
     optional,
+    optional_count,
     optional_int,
     optional_ms,
+    optional_positive_duration,
     optional_positive_int,
     optional_rate,
     optional_text,
@@ -96,7 +99,7 @@ class Setting:
             return "DURATION"
         kinds: dict[Callable[[object], Any], str] = {
             positive_int: "N", optional_positive_int: "N",
-            optional_int: "N", fraction: "FRACTION",
+            optional_int: "N", fraction: "FRACTION", optional_count: "N",
         }
         return kinds.get(self.parse, self.name.upper())
 
@@ -126,7 +129,9 @@ SUBSCRIPTION = frozenset({"run", "setup"})
 #: The topic: run pulls from the subscription and never publishes.
 TOPIC = frozenset({"publish", "setup", "replay"})
 LEDGER = frozenset({"run", "history", "replay", "status", "explain"})
-ALL = frozenset({"run", "publish", "setup", "history", "replay", "status", "explain"})
+ALL = frozenset(
+    {"run", "publish", "setup", "history", "replay", "status", "explain", "resume"}
+)
 #: What ``status`` needs to tell a live daemon and a host in cooldown, as ``run`` does.
 RUN_AND_STATUS = frozenset({"run", "status"})
 #: What ``explain`` checks a host against: the daemon's own settings of its decisions.
@@ -217,7 +222,7 @@ SETTINGS: tuple[Setting, ...] = (
        }),
     # -- ledger --
     _s("ledger", text, "mandrill.db",
-       "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER, "URL",
+       "SQLite file (or :memory:), or postgresql://… for a fleet", LEDGER | {"resume"}, "URL",
        group="ledger"),
     _s("ledger_outage_limit", duration, 60.0,
        "how long the ledger may be unreachable before the daemon stops", RUN, group="ledger"),
@@ -286,6 +291,24 @@ SETTINGS: tuple[Setting, ...] = (
        group="safety"),
     _s("max_restarts_window", duration, 3600.0, "fleet rate limit window", DECIDES,
        group="safety"),
+    _s("breaker_failures", optional_count, None,
+       "restart-storm breaker: when more than N restarts fail within --breaker-window,"
+       " across all daemons, every daemon stops restarting (messages are deferred) until"
+       " `mandrill resume` (off unless given)", DECIDES, group="safety"),
+    _s("breaker_unknown", optional_count, None,
+       "restart-storm breaker: the same when more than N restarts end with an unknown"
+       " outcome (their daemon died mid-restart)", DECIDES, group="safety"),
+    _s("breaker_window", optional_positive_duration, None,
+       "restart-storm breaker: the window the failures are counted in (1h unless given)",
+       DECIDES, group="safety"),
+    _s("group_by", group_by, None,
+       "groups of hosts for --max-concurrent-restarts-per-group: attribute:NAME (a message"
+       " attribute, e.g. attribute:zone) or pattern:REGEX (its one capture group in the host"
+       " name, e.g. 'pattern:^[^.]+\\.([^.]+)\\.')", DECIDES,
+       "attribute:NAME|pattern:REGEX", group="safety"),
+    _s("max_concurrent_restarts_per_group", optional_positive_int, None,
+       "restarts under way at once in each --group-by group, across all daemons", DECIDES,
+       "N", group="safety"),
     # -- blockers --
     _s("block_on_alerts", alerts_url, None,
        "hold restarts back while matching alerts fire: Prometheus's …/api/v1/alerts,"

@@ -18,6 +18,7 @@ from datetime import date
 from typing import Any, ClassVar, TypeVar
 
 # Imported at run time, not only for mypy: build() reads the fields' types.
+from mandrill.grouping import GroupBy
 from mandrill.notification import BodyTemplate
 from mandrill.safety import HoursWindow
 
@@ -115,6 +116,11 @@ class SafetyConfig:
     max_concurrent_restarts: int | None
     max_restarts: int | None
     max_restarts_window: float
+    breaker_failures: int | None
+    breaker_unknown: int | None
+    breaker_window: float | None
+    group_by: GroupBy | None
+    max_concurrent_restarts_per_group: int | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,9 +315,27 @@ class ExplainConfig:
     flags: ExplainFlags
 
 
+@dataclass(frozen=True, kw_only=True)
+class ResumeFlags:
+    """``resume``'s own flags, as given (the command checks them)."""
+
+    GROUP: ClassVar[str] = COMMAND_FLAGS
+    by: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeConfig:
+    """``mandrill resume``: close the fleet's restart-storm breaker."""
+
+    backend: str
+    logs: LogConfig
+    ledger: str
+    flags: ResumeFlags
+
+
 CommandConfig = (
     RunConfig | PublishConfig | SetupConfig | HistoryConfig | ReplayConfig | StatusConfig
-    | ExplainConfig
+    | ExplainConfig | ResumeConfig
 )
 
 #: Each command's configuration.
@@ -323,6 +347,7 @@ COMMANDS: dict[str, type[CommandConfig]] = {
     "replay": ReplayConfig,
     "status": StatusConfig,
     "explain": ExplainConfig,
+    "resume": ResumeConfig,
 }
 
 T = TypeVar("T")

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from mandrill import safety
 from mandrill.errors import ConfigError
+from mandrill.grouping import GroupBy, parse_group_by
 from mandrill.message import validate_domain
 from mandrill.notification import BodyTemplate, parse_headers
 from mandrill.obs.address import parse_addr
@@ -82,7 +83,7 @@ def positive_duration(value: object) -> float:
 def is_duration(parse: Callable[[object], Any]) -> bool:
     """Whether a setting parsed by ``parse`` is a duration (its help names the units, its
     default shows as ``7d``)."""
-    return parse in (duration, positive_duration, limit_or_forever)
+    return parse in (duration, positive_duration, optional_positive_duration, limit_or_forever)
 
 
 def positive_int(value: object) -> int:
@@ -94,6 +95,27 @@ def positive_int(value: object) -> int:
 
 def optional_positive_int(value: object) -> int | None:
     return None if value in (None, "", "none") else positive_int(value)
+
+
+def optional_count(value: object) -> int | None:
+    """A whole number >= 0, or none (not given)."""
+    if value in (None, "", "none"):
+        return None
+    number = _int(value)
+    if number < 0:
+        raise ValueError(f"{value!r} must be 0 or more")
+    return number
+
+
+def group_by(value: object) -> GroupBy | None:
+    """``--group-by``: ``attribute:NAME`` or ``pattern:REGEX`` (see :mod:`mandrill.grouping`)."""
+    if value in (None, ""):
+        return None
+    return parse_group_by(str(value))
+
+
+def optional_positive_duration(value: object) -> float | None:
+    return None if value in (None, "", "none") else positive_duration(value)
 
 
 def fraction(value: object) -> float:

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from anyio.abc import TaskStatus
 
+from mandrill.ledger.breaker import Breaker
 from mandrill.ledger.schema import Dialect
 from mandrill.message import Delivery, Message
 from mandrill.policy import Decision, Outcome, Reason, Refusal, Rules
@@ -190,6 +191,26 @@ class Ledger(Protocol):
         """Keep deliveries that will never be processed, with their reasons (and the last
         outcome of each one's restart), in one transaction. Raises :class:`LedgerError`
         if the database cannot take them (the outcomes are kept in the journal)."""
+        ...
+
+    def breaker(self) -> Breaker | None:
+        """The fleet's restart-storm breaker, open, as this daemon last read it (every
+        decision that claims and every heartbeat reads it); ``None`` while closed."""
+        ...
+
+    def breaker_opened(self) -> Breaker | None:
+        """The breaker the last :meth:`decide` opened (the fleet's one announcement of it:
+        only the daemon whose decision opened it sees it here), else ``None``."""
+        ...
+
+    async def breaker_status(self) -> Breaker | None:
+        """The fleet's open breaker as the ledger has it now, or ``None``."""
+        ...
+
+    async def resume(self, by: str) -> Breaker | None:
+        """Close the fleet's breaker, recording ``by`` (who) and the ledger's time (when);
+        returns it closed, or ``None`` if it was not open. Every daemon restarts again from
+        its next decision."""
         ...
 
     async def stop(self) -> None:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from mandrill.ledger import groups
+from mandrill.ledger.breaker import Breaker
 from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.ledger.sql import insert_many
 from mandrill.message import Message
@@ -32,8 +35,9 @@ from mandrill.policy import (
     format_duration,
 )
 
-#: The lock name that serialises rate-limited decisions across the fleet. It sorts before
-#: every ``host:`` and ``message:`` key, so batches always take it first (no deadlock).
+#: The lock name that serialises rate-limited decisions (and the breaker's) across the
+#: fleet. It sorts before every ``host:`` and ``message:`` key, so batches always take it
+#: first (no deadlock).
 FLEET_LOCK = "*fleet*"
 
 
@@ -92,16 +96,20 @@ def _order(row: _Row) -> int:
 
 def lock_hosts(cur: Cursor, d: Dialect, messages: Collection[Message], rules: Rules) -> None:
     """Take the locks :func:`claim_many` decides under, until the transaction ends: the
-    fleet's first (with a rate limit), then every host's, in name order. First in the
-    transaction, so that every daemon takes its locks in one order (see
-    :mod:`mandrill.ledger.postgres`)."""
-    hosts = sorted({message.hostname for message in messages})
-    d.lock_hosts(cur, [FLEET_LOCK, *hosts] if rules.rate_limit is not None else hosts)
+    fleet's first (with a rate limit or a breaker), then every group's (with a limit per
+    group), then every host's, each in name order. First in the transaction, so that every
+    daemon takes its locks in one order (see :mod:`mandrill.ledger.postgres`)."""
+    keys = sorted({message.hostname for message in messages})
+    if rules.groups is not None:
+        keys[:0] = groups.lock_keys(rules.groups, messages)
+    if rules.rate_limit is not None or rules.breaker is not None:
+        keys.insert(0, FLEET_LOCK)
+    d.lock_hosts(cur, keys)
 
 
 def claim_many(
     cur: Cursor, d: Dialect, owner: Owner, now: float, rules: Rules,
-    messages: list[tuple[Message, int]],
+    messages: list[tuple[Message, int]], *, breaker: Breaker | None = None,
 ) -> list[tuple[Decision, int | None]]:
     """Decide, for each of ``messages`` (each with the generation of its id, see
     :mod:`mandrill.ledger.generations`), whether it restarts its host, inside the caller's
@@ -113,6 +121,11 @@ def claim_many(
     The caller holds the hosts' locks (:func:`lock_hosts`), so that daemons decide on one
     host one at a time. Resolves a host's orphaned claims (their owner stopped heartbeating)
     as ``unknown`` first; they count as restarts unless ``rules.retry_unknown``.
+
+    An open ``breaker`` (read under the fleet lock: :mod:`mandrill.ledger.breaker`) holds
+    back every restart: the message is deferred (``BUSY``, ``BREAKER_OPEN``), no row written.
+    With ``rules.groups``, so does a group with as many live claims as its limit
+    (``GROUP_LIMIT``; :mod:`mandrill.ledger.groups`), and every row records its group.
 
     In a few statements however many messages there are: one read of what the ledger knows
     of all of their messages and hosts (and one of the fleet's recent restarts, with a rate
@@ -172,6 +185,13 @@ def claim_many(
             by_message.setdefault((row.message_id, row.generation), []).append(row)
         if row.hostname in host_set:
             by_host.setdefault(row.hostname, []).append(row)
+    group_of = rules.groups.by.group_of if rules.groups is not None else None
+    under_way_in: groups.UnderWay | None = None
+    if rules.groups is not None and breaker is None:
+        under_way_in = groups.UnderWay.read(
+            cur, d, rules.groups, {rules.groups.by.group_of(m) for m, _ in messages},
+            partial(_orphaned, owner),
+        )
     fleet: list[float] = []
     if rate_limit is not None:
         cur.execute(
@@ -233,8 +253,16 @@ def claim_many(
                 fleet_count += added
             prior = Prior(decisions, last, fleet_count, busy_with)
             decision = decide_restart(prior, now, rules)
-        decisions_made.append(decision)
         verdict = decision.verdict
+        group = None if group_of is None else group_of(message)
+        if verdict is _RESTART:
+            if breaker is not None:
+                decision = Decision(Verdict.BUSY, Reason.BREAKER_OPEN, breaker.held_detail(),
+                                    decision.failures)
+            elif under_way_in is not None:
+                decision = under_way_in.hold(group or "", decision)
+            verdict = decision.verdict
+        decisions_made.append(decision)
         if verdict is _RESTART:
             new = _Row(next_order, None, subscription, message_id, hostname, restarting, now,
                        instance_id, None, None, generation)
@@ -245,13 +273,13 @@ def claim_many(
             added += 1
             inserted_by.append(len(decisions_made) - 1)
             inserts.append((subscription, message_id, hostname, now, None, restarting, "",
-                            instance_id, "", generation))
+                            instance_id, "", generation, group))
         elif verdict is _SKIP:
             new = _Row(next_order, None, subscription, message_id, hostname, _SKIPPED, now,
                        None, None, None, generation)
             inserted_by.append(None)
             inserts.append((subscription, message_id, hostname, now, now, _SKIPPED,
-                            decision.detail, None, decision.reason, generation))
+                            decision.detail, None, decision.reason, generation, group))
         else:
             continue
         next_order += 1

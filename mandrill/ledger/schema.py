@@ -206,8 +206,31 @@ def _v4(d: Dialect) -> list[str]:
     ]
 
 
+def _v5(d: Dialect) -> list[str]:
+    """The fleet's restart-storm breaker: a row each time it opened (``closed_at`` NULL
+    while open), and the recent failed and unknown restarts it counts, found by their
+    end; each decision's group of hosts (``--group-by``; NULL without), and the claims
+    under way in each group, counted by every claim in it."""
+    return [
+        "ALTER TABLE restarts ADD COLUMN group_name TEXT",
+        "CREATE INDEX restarts_under_way_by_group ON restarts (group_name)"
+        " WHERE outcome = 'restarting'",
+        f"""CREATE TABLE breakers (
+            id {d.id_column},
+            opened_at DOUBLE PRECISION NOT NULL,
+            opened_by TEXT NOT NULL,
+            why TEXT NOT NULL,
+            closed_at DOUBLE PRECISION,
+            closed_by TEXT
+        )""",
+        # Literal outcomes: SQLite uses a partial index only for a query that names them so.
+        "CREATE INDEX restarts_gone_wrong ON restarts (finished_at)"
+        " WHERE outcome IN ('failed', 'unknown')",
+    ]
+
+
 #: Migration ``n`` (``MIGRATIONS[n - 1]``) takes the schema from version ``n - 1`` to ``n``.
-MIGRATIONS: tuple[Callable[[Dialect], list[str]], ...] = (_v1, _v2, _v3, _v4)
+MIGRATIONS: tuple[Callable[[Dialect], list[str]], ...] = (_v1, _v2, _v3, _v4, _v5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

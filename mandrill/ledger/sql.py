@@ -152,19 +152,22 @@ def forget_instances(cur: Cursor, d: Dialect, before: float) -> None:
 
 _INSERT_RESTART = (
     "INSERT INTO restarts (subscription, message_id, hostname, decided_at, finished_at,"
-    " outcome, detail, owner, reason, generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " outcome, detail, owner, reason, generation, group_name)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
 def restart_row(
     subscription: str, message: Message, now: float, outcome: Outcome, detail: str, *,
     finished: bool, owner: str | None, reason: Reason | None = None, generation: int = 0,
+    group: str | None = None,
 ) -> tuple[Any, ...]:
     """A row of :data:`_INSERT_RESTART`: a claim (``finished`` false, with its ``owner``)
     or a decision that is final at once (a skip), for the ``generation`` of its message's
-    id."""
+    id; ``group``, the host's group (with ``--group-by``)."""
     return (subscription, message.message_id, message.hostname, now,
-            now if finished else None, outcome, detail, owner, reason or "", generation)
+            now if finished else None, outcome, detail, owner, reason or "", generation,
+            group)
 
 
 def insert_many(cur: Cursor, d: Dialect, rows: list[tuple[Any, ...]]) -> list[int]:

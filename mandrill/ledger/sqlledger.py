@@ -24,6 +24,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from mandrill.errors import LedgerError, describe
+from mandrill.ledger import breaker as breakers
 from mandrill.ledger import claims, generations, reads, sql
 from mandrill.ledger.base import (
     Claim,
@@ -111,6 +112,10 @@ class SQLLedger:
         #: Outcomes that neither the database nor the journal could take: kept here and
         #: offered again at each heartbeat.
         self._unrecorded: list[Finish] = []
+        #: The fleet's breaker as the last decision or heartbeat read it (open), and the
+        #: one the last decision opened.
+        self._breaker: breakers.Breaker | None = None
+        self._opened: breakers.Breaker | None = None
         opener: Callable[[], Any] | None = getattr(db, "reader", None)
         reader = opener() if opener is not None else None
         #: Reads on a connection of their own (the status page, explain); none where the
@@ -165,8 +170,9 @@ class SQLLedger:
 
     async def _beat(self, *, forget: bool = False) -> None:
         """Say this instance is alive; resolve the claims of those that are not, and this
-        daemon's own claims that no task of it holds."""
-        resolved, cancelled = await self._tx.run(partial(self._sweep, forget=forget))
+        daemon's own claims that no task of it holds; read the fleet's breaker."""
+        resolved, cancelled, breaker = await self._tx.run(partial(self._sweep, forget=forget))
+        self._see_breaker(breaker)
         if resolved:
             log.warning("resolved %d restart claims of stopped daemons as unknown", resolved)
         if cancelled:
@@ -176,7 +182,9 @@ class SQLLedger:
                 " began, and their messages are decided again when they come back", cancelled,
             )
 
-    def _sweep(self, cur: Any, *, forget: bool) -> tuple[int, int]:
+    def _sweep(
+        self, cur: Any, *, forget: bool
+    ) -> tuple[int, int, breakers.Breaker | None]:
         d, instance = self._d, self.instance
         now = self.now(cur)
         # Others' orphans first, while this transaction holds no lock (see resolve_orphans);
@@ -190,7 +198,7 @@ class SQLLedger:
         sql.heartbeat(cur, d, instance, now)
         if forget:
             sql.forget_instances(cur, d, now - FORGET_INSTANCES_AFTER)
-        return resolved, cancelled
+        return resolved, cancelled, breakers.latest(cur, d)
 
     def _owner(self, cur: Any, now: float) -> claims.Owner:
         instance_id, timeout = self.instance.instance_id, self.instance_timeout
@@ -231,22 +239,32 @@ class SQLLedger:
         reserved = self.owned.reserve(
             request.message.message_id for request in requests if request.refusal is None
         )
+        self._opened = None
         try:
-            decided = await self._tx.run(partial(self._decide, list(requests), rules))
+            decided, breaker, opened = await self._tx.run(
+                partial(self._decide, list(requests), rules)
+            )
         except BaseException:
             # Committed or not: a claim left without an owner is the sweep's to resolve.
             self.owned.release(reserved)
             raise
         self.owned.hold(result.claim for result in decided if result.claim is not None)
         self.owned.release(reserved)
+        if opened:
+            self._opened = breaker
+        self._see_breaker(breaker, announced=opened)
         return decided
 
-    def _decide(self, requests: list[Request], rules: Rules, cur: Any) -> list[Decided]:
+    def _decide(
+        self, requests: list[Request], rules: Rules, cur: Any
+    ) -> tuple[list[Decided], breakers.Breaker | None, bool]:
         """Save every message and decide on it, in one transaction: locks first (one order
         for every daemon: fleet, hosts, then message rows, then restart rows), then the
-        message rows, the safety controls' skips, and the claims. One failing part fails
-        alone (a savepoint each, then item by item). A message whose id the ledger holds
-        for another message is a new one (:mod:`~mandrill.ledger.generations`)."""
+        message rows, the safety controls' skips, the breaker, and the claims. One failing
+        part fails alone (a savepoint each, then item by item). A message whose id the
+        ledger holds for another message is a new one (:mod:`~mandrill.ledger.generations`).
+        Returns the decisions, the breaker's last row (read when there was a claim to make)
+        and whether this transaction opened it."""
         d, subscription = self._d, self.subscription
         now = self.now(cur)
         to_lock = [request.message for request in requests if request.refusal is None]
@@ -261,10 +279,12 @@ class SQLLedger:
             for request, identity in zip(requests, identities, strict=True)
         ]
         saved = _each(cur, rows, partial(sql.write_messages, cur, d))
+        group_of = rules.groups.by.group_of if rules.groups is not None else None
         skips = [
             sql.restart_row(subscription, request.message, now, Outcome.SKIPPED,
                             request.refusal.detail, finished=True, owner=None,
-                            reason=request.refusal.reason, generation=identity.generation)
+                            reason=request.refusal.reason, generation=identity.generation,
+                            group=None if group_of is None else group_of(request.message))
             for request, identity in zip(requests, identities, strict=True)
             if request.refusal is not None
         ]
@@ -282,8 +302,14 @@ class SQLLedger:
                 f"this daemon has not heartbeated for over {self.instance_timeout / 2:g}s (cut"
                 " off from the ledger): it claims nothing until it has"
             )
+        breaker, opened = None, False
+        if to_claim:
+            breaker, opened = breakers.check(cur, d, rules.breaker, now,
+                                             self.instance.instance_id)
+        holding = breaker if breaker is not None and breaker.is_open else None
         decisions = _each(
-            cur, to_claim, partial(claims.claim_many, cur, d, owner, now, rules)
+            cur, to_claim,
+            partial(claims.claim_many, cur, d, owner, now, rules, breaker=holding),
         )
         results: list[Decided] = []
         skip_results, claim_results = iter(skipped), iter(decisions)
@@ -302,7 +328,49 @@ class SQLLedger:
                     restart_id, message.message_id, message.hostname, decision.failures
                 )
                 results.append(Decided(decision, claim, was_saved, conflict=conflict))
-        return results
+        return results, breaker, opened
+
+    # -- the breaker ------------------------------------------------------------------------
+
+    def breaker(self) -> breakers.Breaker | None:
+        return self._breaker
+
+    def breaker_opened(self) -> breakers.Breaker | None:
+        return self._opened
+
+    async def breaker_status(self) -> breakers.Breaker | None:
+        """The fleet's open breaker as the ledger has it now (a query), or ``None``: for
+        the status page and ``explain``. Raises :class:`LedgerError`."""
+        d = self._d
+        return await self._tx.query(lambda cur: breakers.current(cur, d))
+
+    async def resume(self, by: str) -> breakers.Breaker | None:
+        d = self._d
+
+        def close(cur: Any) -> breakers.Breaker | None:
+            d.lock_hosts(cur, [claims.FLEET_LOCK])
+            return breakers.close(cur, d, self.now(cur), by)
+
+        closed = await self._tx.run(close)
+        self._see_breaker(closed)
+        return closed
+
+    def _see_breaker(self, breaker: breakers.Breaker | None, *, announced: bool = False) -> None:
+        """Keep what a transaction read of the breaker (its last row, or ``None`` when not
+        read); say once when this daemon finds it opened by another, or closed."""
+        if breaker is None:
+            return
+        seen = self._breaker
+        if breaker.is_open:
+            if not announced and (seen is None or seen.id != breaker.id):
+                log.warning("restart-storm breaker open (daemon %s opened it): %s; every"
+                            " restart is deferred until `mandrill resume`",
+                            breaker.opened_by, breaker.why)
+            self._breaker = breaker
+        elif seen is not None:
+            log.warning("restart-storm breaker closed by %s: restarts resume",
+                        breaker.closed_by)
+            self._breaker = None
 
     def _identify(
         self, cur: Any, messages: Sequence[tuple[str, str | None, bytes, float]]

@@ -59,9 +59,11 @@ class CountersCollector:
         in_flight_limit: int | None = None,
         probe: LagProbe | None = None,
         health: Health | None = None,
+        breaker_open: Callable[[], bool] | None = None,
         backend: str | None = None,
     ) -> None:
         self._counters = counters
+        self._breaker_open = breaker_open
         self._backend = backend
         self._in_flight = in_flight
         self._in_flight_limit = in_flight_limit
@@ -146,6 +148,13 @@ class CountersCollector:
         if self._health is not None:
             ready, _ = self._health.ready()
             yield _gauge("ready", "1 when /readyz answers 200.", float(ready))
+        if self._breaker_open is not None:
+            yield _gauge(
+                "breaker_open",
+                "1 while the fleet's restart-storm breaker is open (no restart until"
+                " `mandrill resume`), as this daemon last read the ledger.",
+                float(self._breaker_open()),
+            )
 
     def _build_info(self) -> Metric:
         backend = self._backend
@@ -169,6 +178,7 @@ def build_registry(
     in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
     health: Health | None = None,
+    breaker_open: Callable[[], bool] | None = None,
     backend: str | None = None,
 ) -> CollectorRegistry:
     """A fresh registry (never the global one) holding one :class:`CountersCollector` and
@@ -178,7 +188,7 @@ def build_registry(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CountersCollector(
         counters, in_flight=in_flight, in_flight_limit=in_flight_limit, probe=probe,
-        health=health, backend=backend,
+        health=health, breaker_open=breaker_open, backend=backend,
     ))
     ProcessCollectorWithoutProcStat(registry=registry)
     PlatformCollector(registry=registry)

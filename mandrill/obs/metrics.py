@@ -39,13 +39,15 @@ def metrics_task(
     health: Health,
     in_flight_limit: int | None = None,
     probe: LagProbe | None = None,
+    breaker_open: Callable[[], bool] | None = None,
     backend: str | None = None,
     status: StatusSource | None = None,
 ) -> Callable[..., Any]:
     """A task for ``root.start``: a fresh registry over ``counters`` and its server (with
     the status page, given a ``status`` board)."""
     registry = build_registry(counters, in_flight=in_flight, in_flight_limit=in_flight_limit,
-                              probe=probe, health=health, backend=backend)
+                              probe=probe, health=health, breaker_open=breaker_open,
+                              backend=backend)
     return partial(serve_http, addr, registry, health, status=status)
 
 
@@ -55,6 +57,10 @@ METRICS_SERVER = "metrics server"
 
 def _none_in_flight() -> int:
     return 0
+
+
+def _not_open() -> bool:
+    return False
 
 
 @dataclass
@@ -92,6 +98,8 @@ class Observability:
     #: What the in-flight gauge reads when the probes run before ``serve()``, which points
     #: it at its holdings (:meth:`count_in_flight`).
     _in_flight: Callable[[], int] = field(init=False, default_factory=lambda: _none_in_flight)
+    #: What the breaker gauge reads until ``serve()`` has a ledger (:meth:`watch_breaker`).
+    _breaker_open: Callable[[], bool] = field(init=False, default_factory=lambda: _not_open)
 
     def __post_init__(self) -> None:
         self.probe = LagProbe(slow_callback_ms=self.slow_callback_ms)
@@ -101,6 +109,11 @@ class Observability:
         """Have the probes started by :meth:`running` read ``in_flight`` from now on."""
         self._in_flight = in_flight
 
+    def watch_breaker(self, breaker_open: Callable[[], bool]) -> None:
+        """Have the probes started by :meth:`running` read ``breaker_open`` (whether the
+        fleet's restart-storm breaker is open, as the ledger last read it) from now on."""
+        self._breaker_open = breaker_open
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[int | None]:
         """Run the probes around the block, which gets the metrics server's port (if any):
@@ -109,7 +122,11 @@ class Observability:
         as it starts (a port taken: ``ConfigError``)."""
         async with anyio.create_task_group() as group:
             port = None
-            for name, probe in self.probes(in_flight=lambda: self._in_flight()):
+            probes = self.probes(
+                in_flight=lambda: self._in_flight(),
+                breaker_open=lambda: self._breaker_open(),
+            )
+            for name, probe in probes:
                 started = await group.start(probe, name=name)
                 if name == METRICS_SERVER:
                     port = started
@@ -120,8 +137,12 @@ class Observability:
                 self.started = False
                 group.cancel_scope.cancel()
 
-    def probes(self, *, in_flight: Callable[[], int]) -> list[tuple[str, Callable[..., Any]]]:
-        """``(task name, task)`` pairs, each to be started with ``root.start``."""
+    def probes(
+        self, *, in_flight: Callable[[], int], breaker_open: Callable[[], bool] | None = None
+    ) -> list[tuple[str, Callable[..., Any]]]:
+        """``(task name, task)`` pairs, each to be started with ``root.start``;
+        ``breaker_open`` says whether the fleet's restart-storm breaker is open (as the
+        ledger last read it)."""
         found: list[tuple[str, Callable[..., Any]]] = [("lag probe", self.probe.run)]
         if self.task_dump:
             found.append(("task dump", dump_tasks_on_signal))
@@ -132,7 +153,7 @@ class Observability:
                 METRICS_SERVER,
                 metrics_task(self.metrics_addr, self.counters, in_flight=in_flight,
                              in_flight_limit=self.max_in_flight, health=self.health,
-                             probe=self.probe, backend=self.backend,
+                             probe=self.probe, breaker_open=breaker_open, backend=self.backend,
                              status=self._board if self.status_addr is None else None),
             ))
         if self.status_addr is not None:

@@ -255,7 +255,7 @@ def test_decisions_lock_the_fleet_then_their_hosts_before_anything_else() -> Non
     requests = [message("m1", "web-2"), message("m2", "web-1"), message("m3", "web-2")]
     try:
         db.transaction(partial(ledger._sweep, forget=False))  # its heartbeat: alive
-        decided = db.transaction(lambda cur: ledger._decide(
+        decided, _, _ = db.transaction(lambda cur: ledger._decide(
             [Request(msg) for msg in requests], Rules(WEEK, RateLimit(5, HOUR)), Recording(cur)
         ))
     finally:

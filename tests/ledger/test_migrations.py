@@ -17,9 +17,12 @@ import pytest
 
 from mandrill.errors import LedgerError
 from mandrill.ledger import SCHEMA_VERSION, open_ledger
+from mandrill.ledger.postgres import DIALECT as POSTGRES
 from mandrill.ledger.postgres import connection_params
-from mandrill.policy import Verdict
-from tests.ledger import PUBLISHED, T0, Clock, decide_one, message, verdict
+from mandrill.ledger.schema import MIGRATIONS
+from mandrill.ledger.sqlite import DIALECT as SQLITE
+from mandrill.policy import BreakerRule, Reason, Rules, Verdict
+from tests.ledger import PUBLISHED, T0, Clock, decide_one, message, running, verdict
 from tests.support.daemon import run_to_end
 
 
@@ -234,3 +237,44 @@ async def test_the_cli_says_a_newer_ledger_is_refused_in_one_line(tmp_path: Path
     assert code != 0
     (line,) = stderr.strip().splitlines()
     assert f"ledger schema version 99 is newer than this mandrill's ({SCHEMA_VERSION})" in line
+
+
+@pytest.mark.parametrize("version", [3, 4])
+async def test_an_older_ledger_gains_the_breaker_and_groups(
+    old_ledger: OldLedger, version: int
+) -> None:
+    """The ledger of the mandrill before the breaker (schema v3, before message
+    generations too; or v4, with them): migrated through every later version to v5, its
+    rows kept (generation 0), the breaker's table added (closed), its restarts counted by
+    the breaker from then on; the group column added."""
+    dialect = POSTGRES if old_ledger.is_postgres else SQLITE
+
+    def create_old() -> None:
+        for migration in MIGRATIONS[:version]:
+            for statement in migration(dialect):
+                old_ledger.run(statement)
+        old_ledger.run(f"UPDATE schema_version SET version = {version}")
+        old_ledger.run(
+            "INSERT INTO restarts (subscription, message_id, hostname, decided_at, finished_at,"
+            " outcome, detail, owner, reason) VALUES ('s', 'm1', 'web-1.example.net', ?, ?,"
+            " 'failed', 'exit 1', NULL, '')",
+            (T0, T0 + 1),
+        )
+
+    await anyio.to_thread.run_sync(create_old)
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 5
+    rule = Rules(3600.0, breaker=BreakerRule(0, None, 3600.0))
+    async with running(old_ledger.url, Clock(T0 + 2), subscription="s") as ledger:
+        assert await ledger.breaker_status() is None
+        (row,) = await ledger.history()
+        assert (row.message_id, row.outcome, row.detail) == ("m1", "failed", "exit 1")
+        held = await decide_one(ledger, message("m2", "db-1"), rule)
+        assert held.decision is not None
+        assert held.decision.reason is Reason.BREAKER_OPEN
+    # The generation (v4) and group (v5) columns, 0 and empty on the rows from before.
+    assert await anyio.to_thread.run_sync(
+        old_ledger.run, "SELECT message_id, generation, group_name FROM restarts"
+    ) == [("m1", 0, None)]
+    assert await anyio.to_thread.run_sync(
+        old_ledger.run, "SELECT version FROM schema_version"
+    ) == [(SCHEMA_VERSION,)]

@@ -151,6 +151,20 @@ async def test_scrape_reports_what_was_counted():
         tg.cancel_scope.cancel()
 
 
+def test_the_breaker_gauge_reads_the_ledgers_last_word():
+    state = {"open": False}
+
+    def gauge(registry) -> float | None:
+        return registry.get_sample_value("mandrill_breaker_open")
+
+    registry = build_registry(Counters(), in_flight=lambda: 0,
+                              breaker_open=lambda: state["open"])
+    assert gauge(registry) == 0
+    state["open"] = True
+    assert gauge(registry) == 1
+    assert gauge(build_registry(Counters(), in_flight=lambda: 0)) is None
+
+
 async def test_openmetrics_when_asked():
     registry = build_registry(Counters(), in_flight=lambda: 0)
     async with running(registry, ServiceHealth()) as port:
