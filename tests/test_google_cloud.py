@@ -65,7 +65,14 @@ def test_credentials_source_follows_gcloud_aio_auth_order(
 
 
 def _error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("mandrill: error:")]
+    """The exit-2 error lines: plain, or (under --log-format json) their JSON's message."""
+    found = []
+    for line in err.splitlines():
+        if line.startswith("mandrill: error:"):
+            found.append(line)
+        elif line.startswith("{") and '"exit_code": 2' in line:
+            found.append(json.loads(line)["message"])
+    return found
 
 
 @pytest.mark.slow
