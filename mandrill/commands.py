@@ -9,7 +9,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from rich.console import Console
@@ -38,6 +38,7 @@ from mandrill.parts import (
     check_google_credentials,
     controls,
     explain_controls,
+    open_blockers,
     open_parts,
     service_settings,
     worker_settings,
@@ -130,8 +131,18 @@ def status_board(cfg: RunConfig, ledger: Ledger) -> StatusBoard:
     instance = getattr(ledger, "instance", None)
     return StatusBoard(
         ledger, controls(cfg), instance_id=getattr(instance, "instance_id", ""),
-        backend=cfg.backend, version=version(),
+        backend=cfg.backend, version=version(), breaker=partial(breaker_state, ledger),
     )
+
+
+def breaker_state(ledger: Ledger) -> dict[str, Any]:
+    """The restart-storm breaker as this daemon last read it from the ledger (each
+    decision that claims, and each heartbeat, reads it), for the status page."""
+    found = ledger.breaker()
+    if found is None or not found.is_open:
+        return {"open": False}
+    return {"open": True, "since": _iso(found.opened_at), "why": found.why,
+            "opened_by": found.opened_by}
 
 
 async def history(cfg: HistoryConfig) -> int:
@@ -197,7 +208,8 @@ async def explain(cfg: ExplainConfig) -> int:
     controls = explain_controls(cfg)
     ledger = await open_existing_ledger(cfg.ledger)
     try:
-        explanation = await explain_host(ledger, message, controls)
+        async with open_blockers(cfg.blockers) as blockers:
+            explanation = await explain_host(ledger, message, controls, blockers=blockers)
     finally:
         await ledger.aclose()
     if args.json:

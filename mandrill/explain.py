@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
+from mandrill.blockers.base import Blockers
 from mandrill.controls import Controls
 from mandrill.errors import InvalidMessage
 from mandrill.ledger.base import Ledger
@@ -75,6 +76,8 @@ class Situation:
     now: float
     wall_time: datetime
     ledger: Ledger
+    #: The blockers the daemon asks just before each restart (``None``: none).
+    blockers: Blockers | None = None
 
 
 Check = Callable[[Situation], Awaitable[Finding | None]]
@@ -165,14 +168,37 @@ async def rate_limit(situation: Situation) -> Finding | None:
     return Finding("rate_limit", Reason.RATE_LIMIT, detail, until=until)
 
 
+async def breaker(situation: Situation) -> Finding | None:
+    """The fleet's restart-storm breaker: open in the ledger, it holds back every daemon's
+    restarts, whatever this one's settings."""
+    found = await situation.ledger.breaker_status()
+    if found is None or not found.is_open:
+        return None
+    return Finding("breaker", Reason.BREAKER_OPEN, found.held_detail(), by=found.opened_by)
+
+
+async def blockers(situation: Situation) -> Finding | None:
+    """``--block-on-alerts`` and ``--block-on-command``, asked now as the worker would just
+    before the restart (a blocker that cannot tell says no)."""
+    if not situation.blockers:
+        return None
+    blocks = await situation.blockers.every(situation.message)
+    if not blocks:
+        return None
+    return Finding("blocker", Reason.BLOCKED, "; ".join(str(block) for block in blocks))
+
+
 #: The rules, in the order the daemon applies them: the safety controls before the claim,
-#: then the claim's own (a restart under way, the interval, the fleet's rate limit).
+#: then the claim's own (the breaker, a restart under way, the interval, the fleet's rate
+#: limit), then the blockers, asked just before a restart begins.
 RULES: tuple[Rule, ...] = (
     Rule("exclusion", exclusion),
     Rule("window", window),
+    Rule("breaker", breaker),
     Rule("under_way", under_way),
     Rule("interval", interval),
     Rule("rate_limit", rate_limit),
+    Rule("blocker", blockers),
 )
 
 
@@ -242,12 +268,13 @@ async def explain(
     *,
     rules: Sequence[Rule] = RULES,
     wall_clock: Callable[[], float] = time.time,
+    blockers: Blockers | None = None,
 ) -> Explanation:
     """Check ``message``'s host against every rule. Raises
     :class:`~mandrill.errors.LedgerError` when the ledger cannot be read."""
     now, facts = await ledger.read(partial(_facts, message.hostname, controls))
     situation = Situation(message, controls, facts, now,
-                          datetime.fromtimestamp(wall_clock(), UTC), ledger)
+                          datetime.fromtimestamp(wall_clock(), UTC), ledger, blockers)
     findings = [finding for rule in rules if (finding := await rule.check(situation))]
     return Explanation(message.hostname, now, controls.dry_run,
                        tuple(rule.name for rule in rules), tuple(findings))

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from mandrill.blockers.base import Blockers
 from mandrill.controls import Controls
 from mandrill.explain import RULES, Finding, Rule, Situation, explain, host_message
 from mandrill.ledger import SQLLedger
 from mandrill.ledger.base import Ledger
 from mandrill.message import Message
-from mandrill.policy import Outcome, RateLimit, Rules
+from mandrill.policy import BreakerRule, Outcome, RateLimit, Rules
 from mandrill.safety import SafetyControls, TimeWindow, parse_hours, parse_weekdays
 from tests.ledger import HOUR, T0, WEEK, Clock, decide_one, finish, message, running
 from tests.ledger.conftest import POSTGRES, url_for
@@ -270,3 +271,41 @@ async def test_explain_command_bad_input_exits_2(tmp_path: Path, args: list[str]
     code, out, err = await run_to_end(["explain", "--ledger", str(tmp_path / "l.db"), *args])
     assert (code, out) == (2, "")
     assert err.startswith(expected)
+
+
+async def test_an_open_breaker_says_no_and_who_opened_it(ledger: SQLLedger,
+                                                         clock: Clock) -> None:
+    rules = Rules(WEEK, breaker=BreakerRule(0, None, HOUR))  # the first failure trips it
+    failed = await decide_one(ledger, message("m1", "db-1"), rules)
+    await finish(ledger, failed, Outcome.FAILED)
+    assert (await decide_one(ledger, message("m2", "db-2"), rules)).claim is None  # opens it
+    found = await why_not(ledger, "web-1", clock)  # whatever this daemon's own settings
+    assert found["breaker"].reason == "breaker_open"
+    assert "mandrill resume" in found["breaker"].detail
+    assert found["breaker"].by == ledger.instance.instance_id
+    await ledger.resume("operator")
+    assert "breaker" not in await why_not(ledger, "web-1", clock)
+
+
+class Saying:
+    """A blocker that says ``reason`` (or nothing), as a real one does."""
+
+    def __init__(self, name: str, reason: str | None) -> None:
+        self.name, self.reason = name, reason
+
+    async def check(self, message: Message) -> str | None:
+        return self.reason
+
+
+async def test_every_blocker_that_says_no_is_named(ledger: SQLLedger, clock: Clock) -> None:
+    explanation = await explain(
+        ledger, host_message("web-1", "example.net"), controls(), wall_clock=clock,
+        blockers=Blockers([Saying("alerts", "NodeDown firing"), Saying("command", None),
+                           Saying("script", "exit 1")]),
+    )
+    (finding,) = explanation.findings
+    assert (finding.rule, finding.reason) == ("blocker", "blocked")
+    assert finding.detail == "alerts: NodeDown firing; script: exit 1"
+    quiet = await explain(ledger, host_message("web-1", "example.net"), controls(),
+                          wall_clock=clock, blockers=Blockers([Saying("command", None)]))
+    assert quiet.would_restart

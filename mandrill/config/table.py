@@ -313,18 +313,18 @@ SETTINGS: tuple[Setting, ...] = (
     _s("block_on_alerts", alerts_url, None,
        "hold restarts back while matching alerts fire: Prometheus's …/api/v1/alerts,"
        " Alertmanager's …/api/v2/alerts, or prometheus+http://HOST:PORT,"
-       " alertmanager+http://HOST:PORT", RUN, "URL", group="blockers"),
+       " alertmanager+http://HOST:PORT", DECIDES, "URL", group="blockers"),
     _s("block_alert_filter", alert_filter, None,
        "the alerts that block, as label matchers, e.g."
        " 'alertname=~\"Node.*\",severity=\"critical\"' ({hostname} and {instance_name}"
-       " stand for the host; default: every firing alert)", RUN, "MATCHERS",
+       " stand for the host; default: every firing alert)", DECIDES, "MATCHERS",
        group="blockers"),
     _s("block_on_command", blocker_command, None,
        "run this before each restart (argv template with {hostname} {instance_name}; also"
-       " MANDRILL_HOSTNAME in its environment); a non-zero exit holds the restart back", RUN,
+       " MANDRILL_HOSTNAME in its environment); a non-zero exit holds the restart back", DECIDES,
        "COMMAND", group="blockers"),
     _s("block_timeout", positive_duration, 10.0,
-       "a blocker that does not answer within this blocks", RUN, "DURATION",
+       "a blocker that does not answer within this blocks", DECIDES, "DURATION",
        group="blockers"),
     # -- shutdown --
     _s("grace", duration, 10.0, "time in-flight work gets to finish at shutdown", RUN,

@@ -312,6 +312,7 @@ class ExplainConfig:
     retry_unknown: bool
     instance_timeout: float
     safety: SafetyConfig
+    blockers: BlockersConfig
     flags: ExplainFlags
 
 
