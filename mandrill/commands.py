@@ -256,13 +256,23 @@ def _flag(parse: Callable[[object], T], value: object, flag: str) -> T:
 
 
 def _project(cfg: PubSubConfig) -> str:
-    """The project publish, setup and replay need (they have no --source to mention)."""
-    if not cfg.project:
-        raise ConfigError(
-            "--project is required: the Google Cloud project (or set MANDRILL_PROJECT,"
-            " or project in the --config file)"
-        )
-    return str(cfg.project)
+    """The project publish, setup and replay need (they have no --source to mention): the
+    flag (or MANDRILL_PROJECT, or the config file), else GOOGLE_CLOUD_PROJECT (or
+    GCLOUD_PROJECT), said in one line; ``run`` also asks the key file and the metadata
+    server (``parts.with_default_projects``)."""
+    if cfg.project:
+        return str(cfg.project)
+    from mandrill.google_cloud import PROJECT_VARIABLES
+
+    for variable in PROJECT_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            log.info("--project not given: project %s, from %s", value, variable)
+            return value
+    raise ConfigError(
+        "--project is required: the Google Cloud project (or set MANDRILL_PROJECT or"
+        " GOOGLE_CLOUD_PROJECT, or project in the --config file)"
+    )
 
 
 async def setup(cfg: SetupConfig) -> int:

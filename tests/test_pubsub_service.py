@@ -239,3 +239,18 @@ async def test_pubsub_and_the_gce_restarter_share_one_bridge(
     async with open_parts(cfg) as parts:
         assert parts.source._bridge is parts.restarter._bridge
     assert len(threads) == (1 if backend_name == "trio" else 0)
+
+
+async def test_setup_and_publish_take_the_project_from_google_cloud_project(
+    pubsub_names, backend_name
+):
+    names = pubsub_names
+    env = {"GOOGLE_CLOUD_PROJECT": names.project, "MANDRILL_PROJECT": ""}
+    common = ["--topic", names.topic, "--backend", backend_name, "--log-format", "text"]
+    code, _, err = await run_to_end(["setup", *common, "--subscription", names.subscription],
+                                    env=env)
+    assert code == 0, err
+    assert f"--project not given: project {names.project}, from GOOGLE_CLOUD_PROJECT" in err
+    code, _, err = await run_to_end(["publish", *common, "--count", "3", "--rate", "0"],
+                                    env=env)
+    assert code == 0, err
