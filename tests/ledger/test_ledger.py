@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from mandrill.ledger import SQLLedger, open_ledger
 from mandrill.ledger.base import DeadLetterRecord, Finish, Request
 from mandrill.message import encode_payload
@@ -24,17 +20,6 @@ from tests.ledger import (
     running,
     verdict,
 )
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def ledger(ledger_url: str, clock: Clock) -> AsyncIterator[SQLLedger]:
-    async with running(ledger_url, clock) as opened:
-        yield opened
 
 
 async def test_decided_messages_are_kept_for_replay(ledger: SQLLedger, clock: Clock) -> None:

@@ -2,23 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from mandrill.ledger import SQLLedger
-from tests.ledger import T0, Clock, decide, message, running
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def ledger(ledger_url: str, clock: Clock) -> AsyncIterator[SQLLedger]:
-    async with running(ledger_url, clock) as opened:
-        yield opened
+from tests.ledger import T0, Clock, decide, message
 
 
 async def test_saved_messages_up_to_a_limit_are_the_oldest(ledger: SQLLedger, clock: Clock):

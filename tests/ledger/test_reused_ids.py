@@ -4,10 +4,6 @@ its messages from 1 again): decided as a new message, saved beside the first, an
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from mandrill.ledger import SQLLedger
 from mandrill.ledger.base import DeadLetterRecord
 from mandrill.message import Delivery, parse_delivery
@@ -21,21 +17,9 @@ from tests.ledger import (
     decide_one,
     delivery,
     finish,
-    running,
     verdict,
 )
 from tests.ledger import message as message_for
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def ledger(ledger_url: str, clock: Clock) -> AsyncIterator[SQLLedger]:
-    async with running(ledger_url, clock) as opened:
-        yield opened
 
 
 def published_at(message_id: str, instance: str, when: float) -> Delivery:
