@@ -233,6 +233,10 @@ def _run(command: Callable[[C], Awaitable[int]], cfg: C) -> int:
     debugging = run is not None and run.observability.debug
     options = debug.backend_options(cfg.backend, debugging)
     profile = run.observability.profile if run is not None else None
+    if run is not None:
+        from mandrill.parts import import_adapters
+
+        import_adapters(run)
     try:
         with profiled(profile):
             return anyio.run(command, cfg, backend=cfg.backend, backend_options=options)

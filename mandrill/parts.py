@@ -24,7 +24,7 @@ from mandrill.config import (
 from mandrill.controls import Controls
 from mandrill.errors import ConfigError
 from mandrill.grouping import GroupLimit
-from mandrill.ledger import open_ledger
+from mandrill.ledger import open_ledger, sqlite_path
 from mandrill.ledger.base import DeadLetterRecord, Ledger
 from mandrill.ledger.breaker import Breaker
 from mandrill.message import Message
@@ -208,6 +208,23 @@ async def open_source(
         outage=outage,
     ) as source:
         yield source, None
+
+
+def import_adapters(cfg: RunConfig) -> None:
+    """Import the modules of the adapters ``cfg`` names, before the event loop starts.
+    The heavy ones (psycopg, aiohttp, gcloud-aio) take 100 ms and more on a cold cache:
+    imported on the loop, that is a stall the lag monitor reports and start-up signals wait
+    behind. The opening functions below import them again, from the module cache."""
+    if sqlite_path(cfg.ledger.url) is None:
+        import mandrill.ledger.postgres
+    else:
+        import mandrill.ledger.sqlite
+    if cfg.source.kind == "pubsub":
+        import mandrill.sources.pubsub
+    if cfg.restarter.kind == "gce":
+        import mandrill.restarters.gce
+    elif cfg.restarter.kind == "command":
+        import mandrill.restarters.command  # noqa: F401
 
 
 @contextlib.asynccontextmanager

@@ -5,10 +5,13 @@ variables, and bad usage or configuration (exit 2) as one line, JSON under
 from __future__ import annotations
 
 import json
+import sys
 
+import anyio
 import pytest
 
 from tests.support.daemon import run_to_end
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +103,35 @@ async def test_exit_2_is_one_plain_line_otherwise(args):
     assert code == 2
     assert err.count("\n") == 1
     assert err.startswith("mandrill: error: ")
+
+
+#: Run in a fresh interpreter: ``mandrill`` with an audit hook that names every module of a
+#: heavy adapter library imported while an event loop runs (there, an import is a stall).
+IMPORTS_ON_THE_LOOP = """
+import json, sys, sniffio
+on_loop = set()
+def hook(event, args):
+    if event == "import" and args[0].partition(".")[0] in {"psycopg", "aiohttp", "gcloud"}:
+        try:
+            sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            return
+        on_loop.add(args[0])
+sys.addaudithook(hook)
+from mandrill.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "on_loop": sorted(on_loop)}))
+"""
+
+
+async def test_the_ledger_driver_is_imported_before_the_loop_starts(backend_name):
+    """psycopg's import took 105 ms on a cold cache: on the loop, the lag monitor logged it
+    as a stall at every start, and a signal at start-up waited behind it."""
+    done = await anyio.run_process(
+        [sys.executable, "-c", IMPORTS_ON_THE_LOOP, "run", "--backend", backend_name,
+         "--ledger", f"postgresql://mandrill@127.0.0.1:{free_port()}/db"],
+        check=False,
+    )
+    result = json.loads(done.stdout.decode().splitlines()[-1])
+    assert result["code"] == 1  # nothing listens there
+    assert result["on_loop"] == []
