@@ -93,7 +93,7 @@ def ledger_path(kind: str) -> Iterator[str]:
 
 
 class PerMessageStore:
-    """The naive ledger: mandrill's schema and ``save`` statement, one transaction each."""
+    """The naive ledger: mandrill's schema and message-row statement, one transaction each."""
 
     def __init__(self, path: str) -> None:
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -105,7 +105,8 @@ class PerMessageStore:
 
     def save(self, message: Message) -> None:
         """Runs in a worker thread, one call at a time."""
-        sql.save(self._conn.cursor(), DIALECT, "", message, time.time())
+        row = sql.message_row("", message, time.time())
+        sql.write_messages(self._conn.cursor(), DIALECT, [row])
 
     def close(self) -> None:
         self._conn.close()

@@ -76,8 +76,8 @@ async def database_bytes(ledger: SQLLedger) -> int:
         (page_size,) = cur.execute("PRAGMA page_size").fetchone()
         return int(pages) * int(page_size)
 
-    # The ledger has no public size; a read through its batcher is safe next to the writer.
-    return await ledger._batcher.query(size)
+    # The ledger has no public size; a read-only snapshot is safe next to the writer.
+    return await ledger.read(lambda cur, _dialect, _now: size(cur))
 
 
 def profile(backend: str, ledger: str, messages: int) -> dict[str, Any]:
