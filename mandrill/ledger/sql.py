@@ -22,7 +22,10 @@ from mandrill.policy import Outcome, Reason
 #: Every message row a batch writes, saves and dead letters alike, is one execution of this
 #: upsert (``executemany``). A save inserts ``received`` and, for a message already there,
 #: only counts the delivery; a dead letter inserts or turns the message into
-#: ``dead_letter`` with its reason.
+#: ``dead_letter`` with its reason. A row whose id and generation the ledger holds for
+#: another message (another payload or publish time, as
+#: :func:`mandrill.ledger.generations.identify` compares them) is not written: the rows
+#: written are the statement's row count.
 _WRITE_MESSAGE = (
     "INSERT INTO messages (subscription, message_id, generation, instance_name, hostname,"
     " data, attributes, publish_time, first_seen, status, reason)"
@@ -33,6 +36,8 @@ _WRITE_MESSAGE = (
     " ELSE messages.status END,"
     " reason = CASE WHEN excluded.status = 'dead_letter' THEN excluded.reason"
     " ELSE messages.reason END"
+    " WHERE messages.data = excluded.data AND (messages.publish_time IS NULL"
+    " OR excluded.publish_time IS NULL OR messages.publish_time = excluded.publish_time)"
 )
 
 #: A row of :data:`_WRITE_MESSAGE`'s parameters (:func:`message_row`, :func:`dead_letter_row`).
@@ -78,14 +83,16 @@ def dead_letter_row(
     )
 
 
-def write_messages(cur: Cursor, d: Dialect, rows: list[MessageRow]) -> list[None]:
+def write_messages(cur: Cursor, d: Dialect, rows: list[MessageRow]) -> list[bool]:
     """Write message rows (saves and dead letters) with one ``executemany``, in message id
     order: the row locks a PostgreSQL upsert takes are then taken in one global order by
-    every daemon (two rows of one message keep the order they came in)."""
+    every daemon (two rows of one message keep the order they came in). Each result is
+    true when every row was written: false for all when one was not (its id and
+    generation hold another message), since a batch's row count does not say which."""
     if len(rows) > 1:
         rows = sorted(rows, key=_message_key)
     cur.executemany(d.sql(_WRITE_MESSAGE), rows)
-    return [None] * len(rows)
+    return [cur.rowcount == len(rows)] * len(rows)
 
 
 def _message_key(row: MessageRow) -> tuple[str, int]:

@@ -40,9 +40,13 @@ from mandrill.ledger.journal import KeptOutcome, OutcomeJournal
 from mandrill.ledger.owned import OwnedClaims
 from mandrill.ledger.reader import Reads
 from mandrill.ledger.transactions import Database, Transactions
+from mandrill.message import Message
 from mandrill.policy import Decision, Outcome, Rules, Verdict
 
 T = TypeVar("T")
+
+#: The identity of a message saved as the first of its id (new, or a redelivery of it).
+_FIRST = generations.Identity(0)
 log = logging.getLogger(__name__)
 
 #: Default bound on a daemon's silence: past it, its restart claims are resolved by others.
@@ -270,15 +274,7 @@ class SQLLedger:
         to_lock = [request.message for request in requests if request.refusal is None]
         if to_lock:
             claims.lock_hosts(cur, d, to_lock, rules)
-        identities = self._identify(cur, [
-            (message.message_id, message.hostname, message.data, message.publish_time)
-            for message in (request.message for request in requests)
-        ])
-        rows = [
-            sql.message_row(subscription, request.message, now, identity.generation)
-            for request, identity in zip(requests, identities, strict=True)
-        ]
-        saved = _each(cur, rows, partial(sql.write_messages, cur, d))
+        saved, identities = self._save(cur, [request.message for request in requests], now)
         group_of = rules.groups.by.group_of if rules.groups is not None else None
         skips = [
             sql.restart_row(subscription, request.message, now, Outcome.SKIPPED,
@@ -371,6 +367,32 @@ class SQLLedger:
             log.warning("restart-storm breaker closed by %s: restarts resume",
                         breaker.closed_by)
             self._breaker = None
+
+    def _save(
+        self, cur: Any, messages: list[Message], now: float
+    ) -> tuple[list[Any], list[generations.Identity]]:
+        """Save ``messages`` (their rows, in the caller's transaction): each one's result (an
+        exception for a row that failed) and identity. Written as generation 0 first, the
+        common case (a new message, or a redelivery): only when a row was not written, an
+        id the ledger holds for another message, are the ids read and each such message
+        saved as its generation (:mod:`~mandrill.ledger.generations`)."""
+        subscription, d = self.subscription, self._d
+        rows = [sql.message_row(subscription, message, now) for message in messages]
+        saved = _each(cur, rows, partial(sql.write_messages, cur, d))
+        if all(result is True for result in saved):
+            return saved, [_FIRST] * len(messages)
+        identities = self._identify(cur, [
+            (message.message_id, message.hostname, message.data, message.publish_time)
+            for message in messages
+        ])
+        later = [index for index, identity in enumerate(identities) if identity.generation]
+        again = _each(cur, [
+            sql.message_row(subscription, messages[index], now, identities[index].generation)
+            for index in later
+        ], partial(sql.write_messages, cur, d))
+        for index, result in zip(later, again, strict=True):
+            saved[index] = result
+        return saved, identities
 
     def _identify(
         self, cur: Any, messages: Sequence[tuple[str, str | None, bytes, float]]

@@ -5,7 +5,9 @@ with two daemons on one SQLite file or one PostgreSQL schema."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mandrill.grouping import GroupLimit, parse_group_by
-from mandrill.ledger import SQLLedger, sql
+from mandrill.ledger import SQLLedger, groups, open_ledger, sql
 from mandrill.ledger.base import Decided, Request
+from mandrill.ledger.sqlite import DIALECT as SQLITE
 from mandrill.message import Message
 from mandrill.policy import Outcome, Reason, Refusal, Rules, Settlement, Verdict, settlement_for
 from tests.ledger import HOUR, WEEK, Clock, decide, finish, message, running, verdict
@@ -93,6 +96,36 @@ async def test_without_groups_no_group_is_recorded(ledger_url: str) -> None:
         assert await live_claims_by_group(ledger) == {None: 3}
         for decided in results:
             await finish(ledger, decided, Outcome.RESTARTED)
+
+
+async def test_the_count_of_a_groups_claims_reads_an_index_of_grouped_claims_only(
+    tmp_path: Path,
+) -> None:
+    """Claims without a group (no ``--group-by``, the common case) are not in the index
+    (writing it cost every claim and every outcome), and the count still reads it."""
+    path = tmp_path / "ledger.db"
+    await (await open_ledger(str(path))).aclose()
+    plans: list[str] = []
+    with sqlite3.connect(path) as conn:
+
+        class Explaining:
+            def __init__(self) -> None:
+                self._cur = conn.cursor()
+
+            def execute(self, text: str, params: Any = ()) -> Any:
+                plans.extend(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + text, params))
+                return self._cur.execute(text, params)
+
+            def fetchall(self) -> list[Any]:
+                return self._cur.fetchall()
+
+        groups.UnderWay.read(Explaining(), SQLITE, ZONES.groups,  # type: ignore[arg-type]
+                             {"a", "b"}, lambda *owner: False)
+        (index,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'restarts_under_way_by_group'"
+        ).fetchone()
+    assert any("USING INDEX restarts_under_way_by_group" in plan for plan in plans), plans
+    assert "group_name IS NOT NULL" in index
 
 
 async def test_a_dead_daemons_claim_holds_no_place(ledger_url: str) -> None:

@@ -239,12 +239,13 @@ async def test_the_cli_says_a_newer_ledger_is_refused_in_one_line(tmp_path: Path
     assert f"ledger schema version 99 is newer than this mandrill's ({SCHEMA_VERSION})" in line
 
 
-@pytest.mark.parametrize("version", [3, 4])
+@pytest.mark.parametrize("version", [3, 4, 5])
 async def test_an_older_ledger_gains_the_breaker_and_groups(
     old_ledger: OldLedger, version: int
 ) -> None:
     """The ledger of the mandrill before the breaker (schema v3, before message
-    generations too; or v4, with them): migrated through every later version to v5, its
+    generations too; or v4, with them; or v5, whose index of claims by group held every
+    claim): migrated through every later version to the latest, its
     rows kept (generation 0), the breaker's table added (closed), its restarts counted by
     the breaker from then on; the group column added."""
     dialect = POSTGRES if old_ledger.is_postgres else SQLITE
@@ -262,7 +263,7 @@ async def test_an_older_ledger_gains_the_breaker_and_groups(
         )
 
     await anyio.to_thread.run_sync(create_old)
-    assert SCHEMA_VERSION == len(MIGRATIONS) == 5
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 6
     rule = Rules(3600.0, breaker=BreakerRule(0, None, 3600.0))
     async with running(old_ledger.url, Clock(T0 + 2), subscription="s") as ledger:
         assert await ledger.breaker_status() is None

@@ -99,3 +99,15 @@ async def test_a_dead_letter_with_a_reused_id_keeps_the_saved_message(ledger: SQ
     assert [(s.message_id, s.hostname, s.status) for s in saved] == [
         ("7", "web-1.example.net", "received"), ("7", None, "dead_letter")
     ]
+
+
+async def test_two_messages_under_one_new_id_in_one_transaction(ledger: SQLLedger) -> None:
+    """Both saved, each once: the first as the id's first message, the second beside it
+    (the rows written first as generation 0 are not written twice)."""
+    first, second = await decide(ledger, message_for("7", "web-1"), message_for("7", "web-2"))
+    assert verdict(first)[0] is Verdict.RESTART
+    assert first.conflict == ""
+    assert verdict(second)[0] is Verdict.RESTART
+    assert second.conflict == "web-1.example.net"
+    counts = await ledger.counts()
+    assert (counts["messages_received"], counts["deliveries_received"]) == (2, 2)
