@@ -476,17 +476,6 @@ def allowed_syscalls() -> set[str]:
     return allowed
 
 
-SYSTEM_PYTHON = Path("/usr/bin/python3")
-
-
-def has_system_seccomp() -> bool:
-    if not SYSTEM_PYTHON.exists():
-        return False
-    found = subprocess.run([str(SYSTEM_PYTHON), "-c", "import seccomp"], capture_output=True,
-                           check=False, timeout=60)
-    return found.returncode == 0
-
-
 @pytest.mark.slow
 async def test_mandrill_and_its_restart_commands_run_under_the_units_sandbox(
     tmp_path, backend_name
@@ -500,14 +489,13 @@ async def test_mandrill_and_its_restart_commands_run_under_the_units_sandbox(
     allowed = allowed_syscalls()
     assert "setuid" not in allowed
     assert "execve" in allowed
-    if not has_system_seccomp():
-        pytest.skip("the system's python3 has no seccomp module (Debian package python3-seccomp)")
+    system_python = tools.require("seccomp")  # the system's python3, which imports it
     syscalls = tmp_path / "allowed"
     syscalls.write_text("\n".join(sorted(allowed)))
     restarted = tmp_path / "restarted"
     command = f"sh -c 'echo {{hostname}} >> {restarted}'"
     argv = [
-        str(SYSTEM_PYTHON), str(Path(__file__).parent / "support" / "sandbox.py"),
+        system_python, str(Path(__file__).parent / "support" / "sandbox.py"),
         str(syscalls), "--", sys.executable, "-m", "mandrill",
         "run", "--backend", backend_name, "--count", "5", "--rate", "0",
         "--restarter", "command", "--restart-command", command, "--live",

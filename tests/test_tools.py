@@ -17,8 +17,18 @@ def path_with(tmp_path, monkeypatch):
             binary.write_text("#!/bin/sh\n")
             binary.chmod(0o755)
         monkeypatch.setenv("PATH", str(tmp_path))
+        # The system's Python, as "python3" here: it imports any module (exit 0).
+        monkeypatch.setattr(tools, "SYSTEM_PYTHON", tmp_path / "python3")
 
     return make
+
+
+@pytest.fixture
+def python_importing_nothing(tmp_path, monkeypatch):
+    python = tmp_path / "python3"
+    python.write_text("#!/bin/sh\nexit 1\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(tools, "SYSTEM_PYTHON", python)
 
 
 def test_require_gives_the_path(path_with, tmp_path, monkeypatch):
@@ -49,7 +59,7 @@ def test_every_tool_a_test_runs_is_listed():
 
 
 def test_nothing_to_do_when_nothing_is_missing(path_with, capsys):
-    path_with(*(tool.binary for tool in tools.TOOLS))
+    path_with("python3", *(tool.binary for tool in tools.TOOLS if not tool.module))
     assert tools.main() == 0
     assert capsys.readouterr().out == ""
 
@@ -59,7 +69,22 @@ def test_check_names_the_missing_tools_and_their_packages(path_with, capsys):
     assert tools.main(["--check"]) == 0
     out = capsys.readouterr().out
     assert "missing promtool (prometheus), systemd-analyze (systemd)" in out
-    assert "apt-get install --no-install-recommends chromium prometheus systemd" in out
+    assert ("apt-get install --no-install-recommends chromium prometheus python3-seccomp"
+            " systemd") in out
+
+
+def test_a_module_is_found_by_the_system_python_importing_it(path_with, tmp_path):
+    path_with("python3")
+    assert tools.require("seccomp") == str(tmp_path / "python3")
+
+
+def test_a_module_the_system_python_cannot_import_is_missing(
+    path_with, python_importing_nothing, monkeypatch
+):
+    path_with()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"seccomp missing \(Debian package python3-s"):
+        tools.require("seccomp")
 
 
 def test_services_are_held_while_installing_and_the_policy_removed_after(tmp_path, monkeypatch):

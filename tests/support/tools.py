@@ -27,8 +27,11 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Tool:
     package: str  # the Debian package
-    binary: str  # what the tests run, found on PATH
+    binary: str  # what the tests run, found on PATH (or, with a module, the name asked for)
     used_for: str
+    #: A module the system's own Python (:data:`SYSTEM_PYTHON`) must import, for a package
+    #: that brings a Python module rather than a program; the tool's path is that Python.
+    module: str = ""
 
 
 TOOLS: tuple[Tool, ...] = (
@@ -39,7 +42,12 @@ TOOLS: tuple[Tool, ...] = (
          " (tests/blockers/)"),
     Tool("chromium", "chromium", "loads the status page in a headless browser"
          " (test_status_fleet.py)"),
+    Tool("python3-seccomp", "seccomp", "applies the unit's system-call filter without systemd"
+         " (test_deploy.py)", module="seccomp"),
 )
+
+#: The system's Python, which Debian's Python modules are for (not the tests' venv).
+SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 #: Answers "do not start services" to the packages' install scripts (the prometheus
 #: package would start a server): see Debian's invoke-rc.d(8).
@@ -61,12 +69,12 @@ def in_ci() -> bool:
 
 
 def require(binary: str) -> str:
-    """The path of ``binary``; skips the calling test where it is missing (fails it under
-    CI=true)."""
+    """The path of ``binary`` (for a module's tool, the Python that imports it); skips the
+    calling test where it is missing (fails it under CI=true)."""
     import pytest
 
     entry = tool(binary)
-    path = shutil.which(binary)
+    path = found(entry)
     if path is not None:
         return path
     why = (f"{binary} missing (Debian package {entry.package}; `python -m tests.support.tools`"
@@ -76,8 +84,20 @@ def require(binary: str) -> str:
     pytest.skip(why)
 
 
+def found(entry: Tool) -> str | None:
+    """The path of ``entry`` on this machine, or ``None``."""
+    if not entry.module:
+        return shutil.which(entry.binary)
+    python = shutil.which(str(SYSTEM_PYTHON))
+    if python is None:
+        return None
+    imported = subprocess.run([python, "-c", f"import {entry.module}"], capture_output=True,
+                              check=False, timeout=60)
+    return python if imported.returncode == 0 else None
+
+
 def missing(tools: Sequence[Tool] = TOOLS) -> list[Tool]:
-    return [entry for entry in tools if shutil.which(entry.binary) is None]
+    return [entry for entry in tools if found(entry) is None]
 
 
 @contextlib.contextmanager
