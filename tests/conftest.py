@@ -3,11 +3,22 @@ MockClock when the test or its module is marked ``@pytest.mark.autojump``)."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
 
 pytest_plugins = ["tests.fixtures.emulator", "tests.fixtures.metadata", "tests.fixtures.postgres"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A shell runs a background job (``cmd &``) with SIGINT and SIGQUIT ignored, and every
+    process it starts inherits that: the daemons the tests signal would ignore them too.
+    Give them the dispositions a daemon normally starts with, however the suite was run."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(
