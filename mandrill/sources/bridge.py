@@ -3,7 +3,8 @@
 On asyncio the coroutine is simply awaited. On trio, an asyncio event loop runs in one
 thread of its own (started and joined by anyio's blocking portal); each call is handed to
 it with ``asyncio.run_coroutine_threadsafe`` and trio is woken through its token when the
-call finishes: one hop each way, no worker thread per call.
+call has ended: one hop each way, no worker thread per call. A cancelled caller cancels the
+call and waits for it to end (bounded), as it would await a task of its own.
 
 Measured against the emulator (pull(1000) + ack, medians, tests/benchmarks/
 bridge_candidates.py), relative to plain asyncio: this design ~0.83x; the same loop thread
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: How long stopping the asyncio thread may take at exit.
 CLOSE_SECONDS = 5.0
+#: How long a cancelled caller waits for its call to end on the asyncio thread.
+CANCEL_SECONDS = 5.0
 
 BACKENDS = ("asyncio", "trio")
 
@@ -53,35 +56,63 @@ class AsyncioBridge:
         return self._loop is not None
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Await ``fn(*args)`` on the asyncio loop; cancelling the caller cancels the call."""
+        """Await ``fn(*args)`` on the asyncio loop; cancelling the caller cancels the call,
+        and the caller returns once the call has ended (at most :data:`CANCEL_SECONDS`)."""
         if self._loop is None:
             return await fn(*args)
         import trio
 
+        loop, token = self._loop, self._token
         coroutine = cast(Coroutine[Any, Any, T], fn(*args))
+        ended = trio.Event()
+        outcome: list[tuple[bool, Any]] = []  # (returned, value or exception)
+        # Touched on the asyncio thread only: the call's task once it runs, and whether
+        # the caller gave up before it did.
+        running: list[asyncio.Task[Any]] = []
+        abandoned: list[bool] = []
+
+        async def tracked() -> None:
+            try:
+                if abandoned:
+                    coroutine.close()
+                    raise asyncio.CancelledError
+                running.append(cast("asyncio.Task[Any]", asyncio.current_task()))
+                outcome.append((True, await coroutine))
+            except BaseException as exc:
+                outcome.append((False, exc))
+            finally:
+                # trio may already have finished (a caller that waited no longer).
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(ended.set)
+
+        def cancel() -> None:  # on the asyncio thread
+            if running:
+                running[0].cancel()
+            else:
+                abandoned.append(True)  # tracked() ends at its first step
+
         # run_coroutine_threadsafe starts the task in a copy of the caller's context, and
         # trio's context says "trio" to sniffio (anyio.run sets its context variable): then
         # tenacity (gcloud-aio-auth's token retries) and anyio would call trio's functions
         # on the asyncio thread. Scheduled from an empty context, the task's copy is empty
         # too, and sniffio finds the asyncio task that runs it. (Not a task of our own
-        # making: run_coroutine_threadsafe is the one way in that the project allows.)
-        future = contextvars.Context().run(
-            asyncio.run_coroutine_threadsafe, coroutine, self._loop
-        )
-        done = trio.Event()
-
-        def wake(_: object) -> None:
-            # Runs in the asyncio thread; trio may already have finished (cancelled caller).
-            with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(done.set)
-
-        future.add_done_callback(wake)
+        # making: run_coroutine_threadsafe is the one way in that the project allows; the
+        # caller awaits what it starts, cancelled too.)
+        contextvars.Context().run(asyncio.run_coroutine_threadsafe, tracked(), loop)
         try:
-            await done.wait()
+            await ended.wait()
         except BaseException:
-            future.cancel()
+            loop.call_soon_threadsafe(cancel)
+            with anyio.move_on_after(CANCEL_SECONDS, shield=True) as scope:
+                await ended.wait()
+            if scope.cancelled_caught:
+                log.warning("a cancelled asyncio call did not end within %.0fs; left to"
+                            " the asyncio thread's shutdown", CANCEL_SECONDS)
             raise
-        return future.result()
+        ((returned, value),) = outcome
+        if returned:
+            return cast(T, value)
+        raise value
 
 
 @contextlib.asynccontextmanager
