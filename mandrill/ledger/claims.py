@@ -20,7 +20,7 @@ from typing import Any
 from mandrill.ledger import groups
 from mandrill.ledger.breaker import Breaker
 from mandrill.ledger.schema import Cursor, Dialect
-from mandrill.ledger.sql import insert_many
+from mandrill.ledger.sql import RESTARTING, UNKNOWN, insert_many
 from mandrill.message import Message
 from mandrill.policy import (
     INTERRUPTED_DETAIL,
@@ -161,8 +161,8 @@ def claim_many(
             subscription,
             listed_hosts,
             listed_hosts,
-            Outcome.RESTARTED,
-            Outcome.UNKNOWN,
+            _RESTARTED_CODE,
+            _UNKNOWN_CODE,
         ),
     )
     last_restarted: dict[str, float] = {}
@@ -196,7 +196,7 @@ def claim_many(
     if rate_limit is not None:
         cur.execute(
             d.sql("SELECT decided_at FROM restarts WHERE decided_at > ? AND outcome IN (?, ?, ?)"),
-            (now - rate_limit.window, Outcome.RESTARTED, Outcome.RESTARTING, Outcome.UNKNOWN),
+            (now - rate_limit.window, _RESTARTED_CODE, _RESTARTING_CODE, _UNKNOWN_CODE),
         )
         fleet = sorted(decided_at for (decided_at,) in cur.fetchall())
     #: Claims under way that this transaction adds (for the fleet's count).
@@ -272,14 +272,15 @@ def claim_many(
                 on_host.append(new)
             added += 1
             inserted_by.append(len(decisions_made) - 1)
-            inserts.append((subscription, message_id, hostname, now, None, restarting, "",
-                            instance_id, "", generation, group))
+            inserts.append((subscription, message_id, hostname, now, None, _RESTARTING_CODE,
+                            "", instance_id, "", generation, group))
         elif verdict is _SKIP:
             new = _Row(next_order, None, subscription, message_id, hostname, _SKIPPED, now,
                        None, None, None, generation)
             inserted_by.append(None)
-            inserts.append((subscription, message_id, hostname, now, now, _SKIPPED,
-                            decision.detail, None, decision.reason, generation, group))
+            inserts.append((subscription, message_id, hostname, now, now, _SKIPPED_CODE,
+                            decision.detail, None, str(decision.reason or ""), generation,
+                            group))
         else:
             continue
         next_order += 1
@@ -300,6 +301,9 @@ def claim_many(
 # (about 0.15 us in Python 3.11), and a batch's claims look them up often.
 _RESTARTING, _UNKNOWN, _SKIPPED = Outcome.RESTARTING, Outcome.UNKNOWN, Outcome.SKIPPED
 _RESTART, _SKIP = Verdict.RESTART, Verdict.SKIP
+# What the statements bind: plain strings (see mandrill.ledger.sql.RESTARTING).
+_RESTARTING_CODE, _UNKNOWN_CODE = RESTARTING, UNKNOWN
+_RESTARTED_CODE, _SKIPPED_CODE = Outcome.RESTARTED.value, Outcome.SKIPPED.value
 _FIRST_RESTART = Decision(Verdict.RESTART)
 
 
@@ -348,7 +352,7 @@ def resolve_orphans(cur: Cursor, d: Dialect, owner: Owner, now: float) -> int:
             " FROM restarts r LEFT JOIN instances i ON i.instance_id = r.owner"
             " WHERE r.outcome = ? ORDER BY r.id"
         ),
-        (Outcome.RESTARTING,),
+        (_RESTARTING_CODE,),
     )
     resolved = 0
     for row_id, hostname, decided_at, claimant, last_seen, stopped_at in cur.fetchall():
@@ -377,7 +381,7 @@ def _resolution(
     else:
         whose = f"daemon {claimant} (last seen {format_duration(max(0.0, now - last_seen))} ago)"
     detail = f"{whose} stopped mid-restart; the restart may or may not have happened"
-    return (Outcome.UNKNOWN, now, detail, Reason.DAEMON_LOST, row_id, Outcome.RESTARTING)
+    return (_UNKNOWN_CODE, now, detail, Reason.DAEMON_LOST.value, row_id, _RESTARTING_CODE)
 
 
 def reconcile_own(
@@ -412,11 +416,11 @@ def reconcile_own(
         if message_id in held:
             continue
         if message_id in began:
-            unknown.append((Outcome.UNKNOWN, now, INTERRUPTED_DETAIL.format(why=why),
-                            Reason.INTERRUPTED, row_id, Outcome.RESTARTING))
+            unknown.append((_UNKNOWN_CODE, now, INTERRUPTED_DETAIL.format(why=why),
+                            Reason.INTERRUPTED.value, row_id, _RESTARTING_CODE))
         else:
-            cancelled.append((Outcome.CANCELLED, now, NOT_STARTED_DETAIL.format(why=why),
-                              Reason.NOT_STARTED, row_id, Outcome.RESTARTING))
+            cancelled.append((Outcome.CANCELLED.value, now, NOT_STARTED_DETAIL.format(why=why),
+                              Reason.NOT_STARTED.value, row_id, _RESTARTING_CODE))
     rows = sorted(cancelled + unknown, key=_resolved_id)
     if rows:
         cur.executemany(d.sql(_RESOLVE_ORPHAN), rows)

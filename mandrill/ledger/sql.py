@@ -16,6 +16,12 @@ from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.message import Delivery, Message
 from mandrill.policy import Outcome, Reason
 
+#: Outcomes as the ledger stores them. Parameters are plain ``str``, never the enum: the
+#: sqlite3 module binds an exact ``int``, ``float`` or ``str`` directly and anything else
+#: (an enum member, ``None``, ``bytes``) through its adaptation protocol, about 3.5k
+#: instructions a parameter (callgrind), several times a message.
+RESTARTING, UNKNOWN = Outcome.RESTARTING.value, Outcome.UNKNOWN.value
+
 # -- messages ------------------------------------------------------------------------------
 
 
@@ -150,7 +156,7 @@ def forget_instances(cur: Cursor, d: Dialect, before: float) -> None:
             "DELETE FROM instances WHERE last_seen < ? AND instance_id NOT IN"
             " (SELECT owner FROM restarts WHERE outcome = ? AND owner IS NOT NULL)"
         ),
-        (before, Outcome.RESTARTING),
+        (before, RESTARTING),
     )
 
 
@@ -173,8 +179,8 @@ def restart_row(
     or a decision that is final at once (a skip), for the ``generation`` of its message's
     id; ``group``, the host's group (with ``--group-by``)."""
     return (subscription, message.message_id, message.hostname, now,
-            now if finished else None, outcome, detail, owner, reason or "", generation,
-            group)
+            now if finished else None, str(outcome), detail, owner, _code(reason),
+            generation, group)
 
 
 def insert_many(cur: Cursor, d: Dialect, rows: list[tuple[Any, ...]]) -> list[int]:
@@ -208,15 +214,14 @@ _FINISH = (
 )
 
 #: A row of :data:`_FINISH`'s parameters (:func:`finish_row`).
-FinishRow = tuple[float, Outcome, str, str, int, Outcome, Outcome]
+FinishRow = tuple[float, str, str, str, int, str, str]
 
 
 def finish_row(
     restart_id: int, now: float, outcome: Outcome, detail: str, reason: str | None = None
 ) -> FinishRow:
     """``reason``: a :class:`~mandrill.policy.Reason` code, or none."""
-    return (now, outcome, detail, reason or "", restart_id, Outcome.RESTARTING,
-            Outcome.UNKNOWN)
+    return (now, str(outcome), detail, _code(reason), restart_id, RESTARTING, UNKNOWN)
 
 
 def finish_many(cur: Cursor, d: Dialect, rows: list[FinishRow]) -> list[None]:
@@ -232,4 +237,9 @@ def _restart_id(row: FinishRow) -> int:
     return row[4]
 
 
-__all__ = ["Cursor", "Dialect", "Instance"]
+def _code(reason: str | None) -> str:
+    """A reason code as a plain ``str`` (see :data:`RESTARTING`), ``""`` for none."""
+    return str(reason) if reason else ""
+
+
+__all__ = ["RESTARTING", "UNKNOWN", "Cursor", "Dialect", "Instance"]
