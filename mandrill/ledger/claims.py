@@ -20,7 +20,7 @@ from typing import Any
 from mandrill.ledger import groups
 from mandrill.ledger.breaker import Breaker
 from mandrill.ledger.schema import Cursor, Dialect
-from mandrill.ledger.sql import RESTARTING, UNKNOWN, insert_many
+from mandrill.ledger.sql import RESTARTING, UNKNOWN, insert_claims, insert_many
 from mandrill.message import Message
 from mandrill.policy import (
     INTERRUPTED_DETAIL,
@@ -132,7 +132,7 @@ def claim_many(
     limit), then the decisions, message by message in the order given, each seeing the
     effects of those before it as if they had been written (a claim under way, a skip, an
     orphan resolved), and last the writes: one ``executemany`` each for the orphans resolved
-    (in id order: row locks in one global order) and the rows inserted.
+    (in id order: row locks in one global order), the skips and the claims inserted.
     """
     subscription, instance_id = owner.subscription, owner.instance_id
     rate_limit, retry_unknown = rules.rate_limit, rules.retry_unknown
@@ -203,8 +203,9 @@ def claim_many(
     added = 0
     next_order = (loaded[-1].order if loaded else 0) + 1
     resolutions: list[tuple[Any, ...]] = []
-    inserts: list[tuple[Any, ...]] = []
-    inserted_by: list[int | None] = []  # per insert, the message whose claim it is
+    claimed: list[tuple[Any, ...]] = []
+    claimed_by: list[int] = []  # per claim, the index of its message
+    skips: list[tuple[Any, ...]] = []
     restarting, unknown = _RESTARTING, _UNKNOWN
     decisions_made: list[Decision] = []
     for message, generation in messages:
@@ -271,16 +272,15 @@ def claim_many(
             else:
                 on_host.append(new)
             added += 1
-            inserted_by.append(len(decisions_made) - 1)
-            inserts.append((subscription, message_id, hostname, now, None, _RESTARTING_CODE,
-                            "", instance_id, "", generation, group))
+            claimed_by.append(len(decisions_made) - 1)
+            claim = (subscription, message_id, hostname, now, instance_id, generation)
+            claimed.append(claim if group_of is None else (*claim, group))
         elif verdict is _SKIP:
             new = _Row(next_order, None, subscription, message_id, hostname, _SKIPPED, now,
                        None, None, None, generation)
-            inserted_by.append(None)
-            inserts.append((subscription, message_id, hostname, now, now, _SKIPPED_CODE,
-                            decision.detail, None, str(decision.reason or ""), generation,
-                            group))
+            skips.append((subscription, message_id, hostname, now, now, _SKIPPED_CODE,
+                          decision.detail, None, str(decision.reason or ""), generation,
+                          group))
         else:
             continue
         next_order += 1
@@ -290,10 +290,11 @@ def claim_many(
             own.append(new)
     if resolutions:
         cur.executemany(d.sql(_RESOLVE_ORPHAN), sorted(resolutions, key=_resolved_id))
+    insert_many(cur, d, skips)
     row_ids: list[int | None] = [None] * len(messages)
-    for index, row_id in zip(inserted_by, insert_many(cur, d, inserts), strict=True):
-        if index is not None:
-            row_ids[index] = row_id
+    claim_ids = insert_claims(cur, d, claimed, grouped=group_of is not None)
+    for index, row_id in zip(claimed_by, claim_ids, strict=True):
+        row_ids[index] = row_id
     return list(zip(decisions_made, row_ids, strict=True))
 
 

@@ -185,18 +185,40 @@ def restart_row(
 
 def insert_many(cur: Cursor, d: Dialect, rows: list[tuple[Any, ...]]) -> list[int]:
     """Insert restart rows (:func:`restart_row`); returns their ids, in order."""
+    return _insert(cur, d, _INSERT_RESTART, rows)
+
+
+#: A claim: ``restarting`` as a literal and no ``NULL`` parameters (``finished_at``, and
+#: ``group_name`` without groups), which sqlite3 would adapt (see :data:`RESTARTING`).
+_INSERT_CLAIM = (
+    "INSERT INTO restarts (subscription, message_id, hostname, decided_at, owner, generation,"
+    " outcome{group_column}) VALUES (?, ?, ?, ?, ?, ?, '" + RESTARTING + "'{group_value})"
+)
+_INSERT_CLAIM_UNGROUPED = _INSERT_CLAIM.format(group_column="", group_value="")
+_INSERT_CLAIM_GROUPED = _INSERT_CLAIM.format(group_column=", group_name", group_value=", ?")
+
+
+def insert_claims(
+    cur: Cursor, d: Dialect, rows: list[tuple[Any, ...]], *, grouped: bool
+) -> list[int]:
+    """Insert claims, rows of ``(subscription, message_id, hostname, decided_at, owner,
+    generation)`` and, when ``grouped``, ``group_name``; returns their ids, in order."""
+    return _insert(cur, d, _INSERT_CLAIM_GROUPED if grouped else _INSERT_CLAIM_UNGROUPED, rows)
+
+
+def _insert(cur: Cursor, d: Dialect, statement: str, rows: list[tuple[Any, ...]]) -> list[int]:
     if not rows:
         return []
     if d.has_lastrowid:
         if len(rows) == 1:
-            cur.execute(d.sql(_INSERT_RESTART), rows[0])
+            cur.execute(d.sql(statement), rows[0])
             return [int(cast(Any, cur).lastrowid)]  # SQLite's cursor: not in the protocol
         # Consecutive ids (see Dialect.has_lastrowid): the last one tells them all.
-        cur.executemany(d.sql(_INSERT_RESTART), rows)
+        cur.executemany(d.sql(statement), rows)
         cur.execute("SELECT last_insert_rowid()")
         (last,) = cur.fetchone()
         return list(range(int(last) - len(rows) + 1, int(last) + 1))
-    cast(Any, cur).executemany(d.sql(_INSERT_RESTART + " RETURNING id"), rows, returning=True)
+    cast(Any, cur).executemany(d.sql(statement + " RETURNING id"), rows, returning=True)
     ids = []
     while True:
         (row_id,) = cur.fetchone()
