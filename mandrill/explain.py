@@ -29,11 +29,14 @@ from typing import Any
 from mandrill.blockers.base import Blockers
 from mandrill.controls import Controls
 from mandrill.errors import InvalidMessage
+from mandrill.grouping import ATTRIBUTE
 from mandrill.ledger.base import Ledger
 from mandrill.ledger.fleet import HostFacts, host_facts
+from mandrill.ledger.groups import UnderWay
 from mandrill.ledger.schema import Dialect
 from mandrill.message import Delivery, Message, encode_payload, parse_delivery
 from mandrill.policy import (
+    Decision,
     Prior,
     Reason,
     Rules,
@@ -168,6 +171,23 @@ async def rate_limit(situation: Situation) -> Finding | None:
     return Finding("rate_limit", Reason.RATE_LIMIT, detail, until=until)
 
 
+async def group_limit(situation: Situation) -> Finding | None:
+    """``--max-concurrent-restarts-per-group``: the live claims in the host's group, across
+    the fleet. Under ``--group-by attribute:NAME`` a message's attribute names its group,
+    which a host name does not carry: judged as a message without it (the detail says so)."""
+    limit, host = situation.controls.rules.groups, situation.host
+    if limit is None or host.group is None:
+        return None
+    counted = UnderWay(limit, {host.group: host.group_under_way})
+    decision = counted.hold(host.group, Decision(Verdict.RESTART))
+    if decision.verdict is not Verdict.BUSY:
+        return None
+    detail = decision.detail
+    if limit.by.kind == ATTRIBUTE:
+        detail += f" (a message without attribute {limit.by.key!r}; one with it is in its group)"
+    return Finding("group_limit", Reason.GROUP_LIMIT, detail)
+
+
 async def breaker(situation: Situation) -> Finding | None:
     """The fleet's restart-storm breaker: open in the ledger, it holds back every daemon's
     restarts, whatever this one's settings."""
@@ -190,7 +210,7 @@ async def blockers(situation: Situation) -> Finding | None:
 
 #: The rules, in the order the daemon applies them: the safety controls before the claim,
 #: then the claim's own (the breaker, a restart under way, the interval, the fleet's rate
-#: limit), then the blockers, asked just before a restart begins.
+#: limit, the host's group's limit), then the blockers, asked just before a restart begins.
 RULES: tuple[Rule, ...] = (
     Rule("exclusion", exclusion),
     Rule("window", window),
@@ -198,6 +218,7 @@ RULES: tuple[Rule, ...] = (
     Rule("under_way", under_way),
     Rule("interval", interval),
     Rule("rate_limit", rate_limit),
+    Rule("group_limit", group_limit),
     Rule("blocker", blockers),
 )
 
@@ -272,7 +293,7 @@ async def explain(
 ) -> Explanation:
     """Check ``message``'s host against every rule. Raises
     :class:`~mandrill.errors.LedgerError` when the ledger cannot be read."""
-    now, facts = await ledger.read(partial(_facts, message.hostname, controls))
+    now, facts = await ledger.read(partial(_facts, message, controls))
     situation = Situation(message, controls, facts, now,
                           datetime.fromtimestamp(wall_clock(), UTC), ledger, blockers)
     findings = [finding for rule in rules if (finding := await rule.check(situation))]
@@ -280,9 +301,12 @@ async def explain(
                        tuple(rule.name for rule in rules), tuple(findings))
 
 
-def _facts(hostname: str, controls: Controls, cur: Any, d: Dialect,
+def _facts(message: Message, controls: Controls, cur: Any, d: Dialect,
            now: float) -> tuple[float, HostFacts]:
-    return now, host_facts(cur, d, now, hostname, controls.rules, controls.instance_timeout)
+    groups = controls.rules.groups
+    group = None if groups is None else groups.by.group_of(message)
+    return now, host_facts(cur, d, now, message.hostname, controls.rules,
+                           controls.instance_timeout, group=group)
 
 
 def next_opening(window: TimeWindow, after: datetime) -> datetime | None:

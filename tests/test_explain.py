@@ -13,6 +13,7 @@ import pytest
 from mandrill.blockers.base import Blockers
 from mandrill.controls import Controls
 from mandrill.explain import RULES, Finding, Rule, Situation, explain, host_message
+from mandrill.grouping import GroupLimit, parse_group_by
 from mandrill.ledger import SQLLedger
 from mandrill.ledger.base import Ledger
 from mandrill.message import Message
@@ -309,3 +310,35 @@ async def test_every_blocker_that_says_no_is_named(ledger: SQLLedger, clock: Clo
     quiet = await explain(ledger, host_message("web-1", "example.net"), controls(),
                           wall_clock=clock, blockers=Blockers([Saying("command", None)]))
     assert quiet.would_restart
+
+
+async def test_a_group_at_its_limit_says_no(ledger: SQLLedger, clock: Clock) -> None:
+    """``--max-concurrent-restarts-per-group``, by host name: the live claims in the host's
+    group count, another group's do not, nor a claim whose daemon is gone."""
+    by_zone = GroupLimit(parse_group_by(r"pattern:^[^-]+-([a-z])\d"), 2)
+    rules = Rules(WEEK, groups=by_zone)
+    for message_id, host in (("m1", "web-a1"), ("m2", "web-a2"), ("m3", "web-b1")):
+        assert (await decide_one(ledger, message(message_id, host), rules)).claim is not None
+    found = await why_not(ledger, "web-a3", clock, rules=rules)
+    assert set(found) == {"group_limit"}
+    assert found["group_limit"].reason == "group_limit"
+    assert found["group_limit"].detail == (
+        "group 'a' at its limit: 2 restarts under way (limit 2 per group)"
+    )
+    assert await why_not(ledger, "web-b2", clock, rules=rules) == {}
+    assert await why_not(ledger, "web-a3", clock) == {}  # no limit per group configured
+    clock.now = T0 + HOUR  # this daemon silent for an hour: its claims are orphans
+    assert "group_limit" not in await why_not(ledger, "web-a3", clock, rules=rules)
+
+
+async def test_a_group_by_attribute_is_judged_as_a_message_without_it(
+    ledger: SQLLedger, clock: Clock
+) -> None:
+    rules = Rules(WEEK, groups=GroupLimit(parse_group_by("attribute:zone"), 1))
+    assert (await decide_one(ledger, message("m1", "web-1"), rules)).claim is not None
+    found = await why_not(ledger, "web-2", clock, rules=rules)
+    assert found["group_limit"].detail == (
+        "the hosts of no group (by attribute:zone) at its limit: 1 restarts under way"
+        " (limit 1 per group) (a message without attribute 'zone'; one with it is in its"
+        " group)"
+    )

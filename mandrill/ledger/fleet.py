@@ -10,8 +10,9 @@ PostgreSQL), as in the decisions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
-from mandrill.ledger import claims
+from mandrill.ledger import claims, groups
 from mandrill.ledger.schema import Cursor, Dialect
 from mandrill.policy import Outcome, RateLimit, Rules
 
@@ -133,6 +134,9 @@ class HostFacts:
     last_restart: float | None
     under_way: list[UnderWayRow] = field(default_factory=list)
     fleet_restarts: FleetRestarts | None = None
+    #: With a limit per group: the host's group (as ``group`` named it) and its live claims.
+    group: str | None = None
+    group_under_way: int = 0
 
 
 def counted_outcomes(rules: Rules) -> tuple[Outcome, ...]:
@@ -268,10 +272,11 @@ def fleet_restarts(
 
 
 def host_facts(cur: Cursor, d: Dialect, now: float, hostname: str, rules: Rules,
-               instance_timeout: float) -> HostFacts:
+               instance_timeout: float, *, group: str | None = None) -> HostFacts:
     """What a claim on ``hostname`` would find now (see :func:`claims.claim_many
     <mandrill.ledger.claims.claim_many>`): its last counted restart, its claims under way,
-    and the fleet's count under a rate limit."""
+    the fleet's count under a rate limit, and with ``rules.groups`` the live claims of
+    ``group`` (the host's)."""
     outcomes = counted_outcomes(rules)
     cur.execute(
         d.sql(
@@ -287,7 +292,12 @@ def host_facts(cur: Cursor, d: Dialect, now: float, hostname: str, rules: Rules,
         for row in claimed:
             if row.orphaned(now, instance_timeout):
                 last = row.since if last is None else max(last, row.since)
-    return HostFacts(hostname, last, claimed, fleet_restarts(cur, d, now, rules.rate_limit))
+    fleet = fleet_restarts(cur, d, now, rules.rate_limit)
+    if rules.groups is None or group is None:
+        return HostFacts(hostname, last, claimed, fleet)
+    judge = claims.Owner("", "", now - instance_timeout)
+    live = groups.UnderWay.read(cur, d, rules.groups, [group], partial(claims._orphaned, judge))
+    return HostFacts(hostname, last, claimed, fleet, group, live.count(group))
 
 
 __all__ = [

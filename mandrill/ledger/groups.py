@@ -61,6 +61,10 @@ class UnderWay:
                 counts[group] = counts.get(group, 0) + 1
         return cls(limit, counts)
 
+    def count(self, group: str) -> int:
+        """The live claims in ``group`` (one of those read), as counted so far."""
+        return self._counts.get(group, 0)
+
     def hold(self, group: str, decision: Decision) -> Decision:
         """``decision`` (a restart) if ``group`` has room, counted in it; else the deferral
         that holds it back."""
