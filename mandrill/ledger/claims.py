@@ -20,7 +20,7 @@ from typing import Any
 from mandrill.ledger import groups
 from mandrill.ledger.breaker import Breaker
 from mandrill.ledger.schema import Cursor, Dialect
-from mandrill.ledger.sql import RESTARTING, UNKNOWN, insert_claims, insert_many
+from mandrill.ledger.sql import RESTARTING, UNKNOWN, insert_claims, insert_many, restart_row
 from mandrill.message import Message
 from mandrill.policy import (
     INTERRUPTED_DETAIL,
@@ -278,9 +278,9 @@ def claim_many(
         elif verdict is _SKIP:
             new = _Row(next_order, None, subscription, message_id, hostname, _SKIPPED, now,
                        None, None, None, generation)
-            skips.append((subscription, message_id, hostname, now, now, _SKIPPED_CODE,
-                          decision.detail, None, str(decision.reason or ""), generation,
-                          group))
+            skips.append(restart_row(subscription, message, now, _SKIPPED, decision.detail,
+                                     finished=True, owner=None, reason=decision.reason,
+                                     generation=generation, group=group))
         else:
             continue
         next_order += 1
@@ -304,7 +304,7 @@ _RESTARTING, _UNKNOWN, _SKIPPED = Outcome.RESTARTING, Outcome.UNKNOWN, Outcome.S
 _RESTART, _SKIP = Verdict.RESTART, Verdict.SKIP
 # What the statements bind: plain strings (see mandrill.ledger.sql.RESTARTING).
 _RESTARTING_CODE, _UNKNOWN_CODE = RESTARTING, UNKNOWN
-_RESTARTED_CODE, _SKIPPED_CODE = Outcome.RESTARTED.value, Outcome.SKIPPED.value
+_RESTARTED_CODE = Outcome.RESTARTED.value
 _FIRST_RESTART = Decision(Verdict.RESTART)
 
 

@@ -59,10 +59,15 @@ class UnderWayRow:
     def orphaned(self, now: float, instance_timeout: float) -> bool:
         """Whether its owner is gone (the claim path's own test): the next claim on the
         host, or any daemon's sweep, resolves it as ``unknown``."""
-        judge = claims.Owner("", "", now - instance_timeout)
-        return claims._orphaned(
-            judge, self.owner, self.since, self.owner_last_seen, self.owner_stopped_at
+        return orphaned_at(now, instance_timeout)(
+            self.owner, self.since, self.owner_last_seen, self.owner_stopped_at
         )
+
+
+def orphaned_at(now: float, instance_timeout: float) -> groups.Orphaned:
+    """The claim path's test of a claim whose owner is gone, as a reader judges it at
+    ``now`` (no daemon of its own: every owner is someone else's)."""
+    return partial(claims._orphaned, claims.Owner("", "", now - instance_timeout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,8 +300,8 @@ def host_facts(cur: Cursor, d: Dialect, now: float, hostname: str, rules: Rules,
     fleet = fleet_restarts(cur, d, now, rules.rate_limit)
     if rules.groups is None or group is None:
         return HostFacts(hostname, last, claimed, fleet)
-    judge = claims.Owner("", "", now - instance_timeout)
-    live = groups.UnderWay.read(cur, d, rules.groups, [group], partial(claims._orphaned, judge))
+    orphaned = orphaned_at(now, instance_timeout)
+    live = groups.UnderWay.read(cur, d, rules.groups, [group], orphaned)
     return HostFacts(hostname, last, claimed, fleet, group, live.count(group))
 
 
